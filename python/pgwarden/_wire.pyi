@@ -1,0 +1,149 @@
+"""Typed surface of the compiled wire codec (``rust/py`` over ``rust/wire``).
+
+The hot path is :class:`SessionCodec`: one call per received chunk, in each
+direction.  Everything else is used during the startup phase only.
+"""
+
+from typing import Final, Literal, TypeAlias
+
+# --- constants -----------------------------------------------------------------
+
+SSL_REQUEST_CODE: Final[int]  # 80877103
+GSSENC_REQUEST_CODE: Final[int]  # 80877104
+CANCEL_REQUEST_CODE: Final[int]  # 80877102
+DEFAULT_MAX_STARTUP_LEN: Final[int]  # 10000, as PostgreSQL's MAX_STARTUP_PACKET_LENGTH
+DEFAULT_MAX_MESSAGE_LEN: Final[int]  # 1 GiB - 1, as PostgreSQL's PQ_LARGE_MESSAGE_LIMIT
+
+# Client -> server event kinds (first element of a ClientEvent tuple).
+EV_QUERY: Final[int]  # (EV_QUERY, sql, start, end)
+EV_PARSE: Final[int]  # (EV_PARSE, statement_name, sql, start, end)
+EV_EXECUTE: Final[int]  # (EV_EXECUTE, portal_name, sql, start, end)
+EV_FUNCTION_CALL: Final[int]  # (EV_FUNCTION_CALL, function_oid, start, end)
+EV_TERMINATE: Final[int]  # (EV_TERMINATE, start, end)
+# Server -> client event kinds.
+EV_READY: Final[int]  # (EV_READY, status) status is "I", "T" or "E"
+EV_ERROR: Final[int]  # (EV_ERROR, severity, sqlstate, message)
+
+ClientEvent: TypeAlias = tuple[int | str, ...]
+ServerEvent: TypeAlias = tuple[int | str, ...]
+
+class WireError(Exception):
+    """A malformed or oversized message.  ``str(err)`` is a human-readable reason.
+
+    The gateway answers it with an ErrorResponse, SQLSTATE 08P01 (protocol_violation).
+    """
+
+# --- startup phase ---------------------------------------------------------------
+
+class StartupPacket:
+    """One untyped startup-phase packet sent by a client."""
+
+    @property
+    def kind(self) -> Literal["ssl", "gssenc", "cancel", "startup"]: ...
+    @property
+    def major(self) -> int: ...
+    @property
+    def minor(self) -> int: ...
+    @property
+    def params(self) -> list[tuple[str, str]]:
+        """StartupMessage parameters, in wire order (``_pq_.*`` options included)."""
+    @property
+    def process_id(self) -> int:
+        """CancelRequest process id (0 for other kinds)."""
+    @property
+    def secret_key(self) -> bytes:
+        """CancelRequest secret key: 4 bytes in protocol 3.0, up to 256 in 3.2."""
+
+def read_startup(
+    buf: bytes, max_len: int = ...
+) -> tuple[StartupPacket, int] | None:
+    """Decode one startup packet from the front of ``buf``.
+
+    Returns ``(packet, consumed_bytes)``, or ``None`` when more bytes are needed.
+    Raises :class:`WireError` for a length below 8 or above ``max_len``, an unknown
+    request code, a protocol major version other than 3, or malformed parameters.
+    """
+
+class MessageFramer:
+    """Incremental framer for typed messages (tag byte + int32 length + body)."""
+
+    def __init__(self, max_message_len: int = ...) -> None: ...
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Append ``data``; return every complete message as ``(tag, body)``."""
+    def take_pending(self) -> bytes:
+        """Return and clear the bytes of a not-yet-complete message."""
+
+# Decoders for the startup/authentication phase.
+def decode_fields(body: bytes) -> dict[str, str]:
+    """ErrorResponse / NoticeResponse body -> {field code: value}, e.g. {"C": "42P01"}."""
+
+def decode_authentication(body: bytes) -> tuple[int, bytes]:
+    """Authentication* body -> (auth code, remaining payload)."""
+
+def decode_parameter_status(body: bytes) -> tuple[str, str]: ...
+def decode_backend_key_data(body: bytes) -> tuple[int, bytes]: ...
+def decode_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]: ...
+def decode_sasl_mechanisms(body: bytes) -> list[str]:
+    """AuthenticationSASL payload (after the auth code) -> mechanism names."""
+
+# Encoders: each returns a whole message, tag and length included.
+def encode_message(tag: int, body: bytes) -> bytes: ...
+def encode_error(
+    severity: str,
+    sqlstate: str,
+    message: str,
+    detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    """ErrorResponse with S, V, C, M (and D, H when given)."""
+
+def encode_notice(severity: str, sqlstate: str, message: str) -> bytes: ...
+def encode_startup(params: list[tuple[str, str]], major: int = 3, minor: int = 0) -> bytes: ...
+def encode_ssl_request() -> bytes: ...
+def encode_cancel_request(process_id: int, secret_key: bytes) -> bytes: ...
+def encode_authentication(code: int, payload: bytes = b"") -> bytes: ...
+def encode_password(password: bytes) -> bytes:
+    """PasswordMessage ('p'); ``password`` is sent as a C string."""
+
+def encode_sasl_initial_response(mechanism: str, data: bytes) -> bytes: ...
+def encode_sasl_response(data: bytes) -> bytes: ...
+def encode_parameter_status(name: str, value: str) -> bytes: ...
+def encode_backend_key_data(process_id: int, secret_key: bytes) -> bytes: ...
+def encode_ready_for_query(status: str) -> bytes: ...
+def encode_negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes: ...
+
+# --- relay phase (hot path) --------------------------------------------------------
+
+class SessionCodec:
+    """Both directions of one relayed session after authentication.
+
+    ``feed_client`` / ``feed_server`` take one received chunk each and return
+    ``(bytes_to_forward, events_or_None)``.  When nothing is rewritten the returned
+    bytes object *is* the input object (no copy).  Client messages are forwarded only
+    once complete (so a statement can still be refused); large CopyData is streamed.
+    Server messages are streamed: a DataRow or CopyData larger than a chunk is never
+    buffered whole.  Event offsets ``start``/``end`` index into the returned bytes.
+
+    ``context_json`` is a pre-encoded JSON object body (without braces), e.g.
+    ``'"session":"a1","user":"alice"'``, spliced into every statement record.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message_len: int = ...,
+        context_json: str = "",
+        record_statements: bool = False,
+        client_events: bool = False,
+        max_param_bytes: int = 1024,
+    ) -> None: ...
+    def feed_client(self, data: bytes) -> tuple[bytes, list[ClientEvent] | None]: ...
+    def feed_server(self, data: bytes) -> tuple[bytes, list[ServerEvent] | None]: ...
+    def take_records(self) -> bytes:
+        """JSON lines, one per finished statement since the last call (may be empty)."""
+    @property
+    def transaction_status(self) -> str:
+        """Last ReadyForQuery status: "I", "T" or "E"."""
+    @property
+    def in_flight(self) -> int:
+        """Statements sent to the server and not yet finished."""
