@@ -4,7 +4,47 @@ The hot path is :class:`SessionCodec`: one call per received chunk, in each
 direction.  Everything else is used during the startup phase only.
 """
 
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, final
+
+__all__ = [
+    "CANCEL_REQUEST_CODE",
+    "DEFAULT_MAX_MESSAGE_LEN",
+    "DEFAULT_MAX_STARTUP_LEN",
+    "EV_ERROR",
+    "EV_EXECUTE",
+    "EV_FUNCTION_CALL",
+    "EV_PARSE",
+    "EV_QUERY",
+    "EV_READY",
+    "EV_TERMINATE",
+    "GSSENC_REQUEST_CODE",
+    "SSL_REQUEST_CODE",
+    "MessageFramer",
+    "SessionCodec",
+    "StartupPacket",
+    "WireError",
+    "decode_authentication",
+    "decode_backend_key_data",
+    "decode_fields",
+    "decode_negotiate_protocol_version",
+    "decode_parameter_status",
+    "decode_sasl_mechanisms",
+    "encode_authentication",
+    "encode_backend_key_data",
+    "encode_cancel_request",
+    "encode_error",
+    "encode_message",
+    "encode_negotiate_protocol_version",
+    "encode_notice",
+    "encode_parameter_status",
+    "encode_password",
+    "encode_ready_for_query",
+    "encode_sasl_initial_response",
+    "encode_sasl_response",
+    "encode_ssl_request",
+    "encode_startup",
+    "read_startup",
+]
 
 # --- constants -----------------------------------------------------------------
 
@@ -35,6 +75,7 @@ class WireError(Exception):
 
 # --- startup phase ---------------------------------------------------------------
 
+@final
 class StartupPacket:
     """One untyped startup-phase packet sent by a client."""
 
@@ -64,10 +105,11 @@ def read_startup(
     request code, a protocol major version other than 3, or malformed parameters.
     """
 
+@final
 class MessageFramer:
     """Incremental framer for typed messages (tag byte + int32 length + body)."""
 
-    def __init__(self, max_message_len: int = ...) -> None: ...
+    def __new__(cls, max_message_len: int = ...) -> MessageFramer: ...
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Append ``data``; return every complete message as ``(tag, body)``."""
     def take_pending(self) -> bytes:
@@ -114,6 +156,7 @@ def encode_negotiate_protocol_version(newest_minor: int, unsupported: list[str])
 
 # --- relay phase (hot path) --------------------------------------------------------
 
+@final
 class SessionCodec:
     """Both directions of one relayed session after authentication.
 
@@ -128,15 +171,15 @@ class SessionCodec:
     ``'"session":"a1","user":"alice"'``, spliced into every statement record.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         max_message_len: int = ...,
         context_json: str = "",
         record_statements: bool = False,
         client_events: bool = False,
         max_param_bytes: int = 1024,
-    ) -> None: ...
+    ) -> SessionCodec: ...
     def feed_client(self, data: bytes) -> tuple[bytes, list[ClientEvent] | None]: ...
     def feed_server(self, data: bytes) -> tuple[bytes, list[ServerEvent] | None]: ...
     def take_records(self) -> bytes:

@@ -34,30 +34,34 @@ class StaticUser(BaseModel):
 class UpstreamSettings(BaseModel):
     """Where and as whom the gateway connects to PostgreSQL."""
 
-    host: str = Field("127.0.0.1", description="PostgreSQL host name, address or unix socket dir.")
-    port: int = Field(5432, ge=1, le=65535, description="PostgreSQL port.")
+    host: str = Field(
+        default="127.0.0.1", description="PostgreSQL host name, address or unix socket dir."
+    )
+    port: int = Field(default=5432, ge=1, le=65535, description="PostgreSQL port.")
     database: str | None = Field(
-        None, description="Database to open upstream; default: the one the client asked for."
+        default=None,
+        description="Database to open upstream; default: the one the client asked for.",
     )
     user: str = Field(
-        "postgres",
+        default="postgres",
         description="Role the gateway logs in as. The client never sees this credential.",
     )
     password: SecretStr | None = Field(
-        None, description="Password for `user` (SCRAM-SHA-256, md5 or cleartext, as asked)."
+        default=None, description="Password for `user` (SCRAM-SHA-256, md5 or cleartext, as asked)."
     )
     password_file: Path | None = Field(
-        None, description="File holding the password for `user` (first line); wins over `password`."
+        default=None,
+        description="File holding the password for `user` (first line); wins over `password`.",
     )
     tls: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = Field(
-        "prefer",
+        default="prefer",
         description="TLS to PostgreSQL, with libpq's sslmode meanings.",
     )
     tls_ca_file: Path | None = Field(
-        None, description="CA bundle for verify-ca / verify-full (default: system store)."
+        default=None, description="CA bundle for verify-ca / verify-full (default: system store)."
     )
     connect_timeout_seconds: float = Field(
-        10.0, gt=0, description="Time allowed to connect and authenticate upstream."
+        default=10.0, gt=0, description="Time allowed to connect and authenticate upstream."
     )
 
     def resolved_password(self) -> str | None:
@@ -75,16 +79,18 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    listen_host: str = Field("127.0.0.1", description="Address the gateway listens on.")
-    listen_port: int = Field(6432, ge=0, le=65535, description="Port the gateway listens on.")
+    listen_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    listen_port: int = Field(
+        default=6432, ge=0, le=65535, description="Port the gateway listens on."
+    )
     workers: int = Field(
-        1,
+        default=1,
         ge=1,
         le=256,
         description="Worker processes sharing the port (SO_REUSEPORT); one core each.",
     )
     upstream: UpstreamSettings = Field(
-        default_factory=UpstreamSettings,  # type: ignore[arg-type]
+        default_factory=UpstreamSettings,
         description="The PostgreSQL server behind the gateway.",
     )
     users: list[StaticUser] = Field(
@@ -92,38 +98,48 @@ class Settings(BaseSettings):
         description="Static client logins (replaced by OIDC identity later). Empty: refuse all.",
     )
     tls_cert_file: Path | None = Field(
-        None, description="PEM certificate chain offered to clients (SSLRequest and direct TLS)."
+        default=None,
+        description="PEM certificate chain offered to clients (SSLRequest and direct TLS).",
     )
-    tls_key_file: Path | None = Field(None, description="PEM private key for `tls_cert_file`.")
+    tls_key_file: Path | None = Field(
+        default=None, description="PEM private key for `tls_cert_file`."
+    )
     require_client_tls: bool = Field(
-        False, description="Refuse clients that do not use TLS (FATAL 28000)."
+        default=False, description="Refuse clients that do not use TLS (FATAL 28000)."
     )
     max_startup_bytes: int = Field(
-        10000, ge=64, description="Largest startup packet accepted from a client."
+        default=10000, ge=64, description="Largest startup packet accepted from a client."
     )
     max_message_bytes: int = Field(
-        DEFAULT_MAX_MESSAGE_BYTES,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
         ge=1024,
         description="Largest protocol message accepted in either direction (bytes).",
     )
     statement_log: str | None = Field(
-        None,
+        default=None,
         description="JSON-lines sink for per-statement events: a file path, '-' for stdout, "
         "or unset for none.",
     )
     statement_log_max_param_bytes: int = Field(
-        1024, ge=0, description="Bind parameter values longer than this are truncated in the log."
+        default=1024,
+        ge=0,
+        description="Bind parameter values longer than this are truncated in the log.",
     )
     drain_timeout_seconds: float = Field(
-        30.0,
+        default=30.0,
         ge=0,
         description="On SIGTERM: stop accepting, let sessions finish for this long, then close.",
     )
     startup_timeout_seconds: float = Field(
-        30.0, gt=0, description="Time a client has to complete startup and authentication."
+        default=30.0, gt=0, description="Time a client has to complete startup and authentication."
+    )
+    runtime_dir: Path | None = Field(
+        default=None,
+        description="Private directory for the workers' cancel-forwarding unix sockets "
+        "(workers > 1); default: /tmp/pgwarden-<uid>-<port>.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Gateway log verbosity (logs go to stderr)."
+        default="info", description="Gateway log verbosity (logs go to stderr)."
     )
 
     @model_validator(mode="after")

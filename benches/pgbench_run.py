@@ -1,0 +1,174 @@
+"""Run ``pgbench -S`` against one endpoint and turn its output into figures.
+
+TPS and the average latency come from pgbench's own summary.  Percentiles come from
+pgbench's per-transaction log (``-l``): one line per transaction whose third field is
+the transaction's latency in microseconds, so p50/p99 are exact order statistics over
+every transaction of the run, not an average of per-interval figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from endpoints import Endpoint
+
+QueryMode = Literal["simple", "prepared"]
+
+_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
+_LATENCY_AVG = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
+_PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
+_FAILED = re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE)
+
+
+class PgbenchError(RuntimeError):
+    """pgbench failed or printed something this module cannot read."""
+
+
+@dataclass(frozen=True)
+class PgbenchScenario:
+    """One ``pgbench -S`` configuration."""
+
+    clients: int
+    threads: int
+    mode: QueryMode
+    tls: bool
+
+    @property
+    def key(self) -> str:
+        """Stable name used in tables, JSON and the chart, e.g. ``S c=16 prepared TLS``."""
+        return f"S c={self.clients} {self.mode}" + (" TLS" if self.tls else "")
+
+
+@dataclass(frozen=True)
+class PgbenchResult:
+    """Figures of one measured pgbench run."""
+
+    tps: float
+    latency_avg_ms: float
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    transactions: int
+    failed: int
+    logged_transactions: int
+
+
+def pgbench_binary() -> str:
+    """The pgbench executable: ``PGBENCH`` if set, else the one on ``PATH``."""
+    found = os.environ.get("PGBENCH") or shutil.which("pgbench")
+    if not found:
+        raise PgbenchError("pgbench not found; install postgresql-client or set PGBENCH")
+    return found
+
+
+def run_pgbench(
+    endpoint: Endpoint,
+    scenario: PgbenchScenario,
+    *,
+    duration_s: int,
+    log_latencies: bool,
+    sampling_rate: float = 1.0,
+    transactions_per_client: int | None = None,
+) -> PgbenchResult:
+    """Run ``pgbench -n -S`` for ``duration_s`` seconds (or a fixed transaction count).
+
+    ``transactions_per_client`` replaces the duration (used for short warm-ups).
+    """
+    command = [
+        pgbench_binary(),
+        "--no-vacuum",
+        "--select-only",
+        f"--protocol={scenario.mode}",
+        f"--client={scenario.clients}",
+        f"--jobs={scenario.threads}",
+    ]
+    if transactions_per_client is not None:
+        command.append(f"--transactions={transactions_per_client}")
+    else:
+        command.append(f"--time={duration_s}")
+    with tempfile.TemporaryDirectory(prefix="pgwarden-bench-log-") as log_dir:
+        prefix = Path(log_dir) / "txn"
+        if log_latencies:
+            command += ["--log", f"--log-prefix={prefix}"]
+            if sampling_rate < 1.0:
+                command.append(f"--sampling-rate={sampling_rate}")
+        command.append(endpoint.dbname)
+        timeout = (duration_s if transactions_per_client is None else 60) + 120
+        try:
+            result = subprocess.run(
+                command,
+                env=endpoint.libpq_env(tls=scenario.tls),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise PgbenchError(f"pgbench against {endpoint.name} timed out") from exc
+        if result.returncode != 0:
+            raise PgbenchError(
+                f"pgbench against {endpoint.name} ({scenario.key}) exited with "
+                f"{result.returncode}:\n{_tail(result.stderr or result.stdout)}"
+            )
+        latencies = _read_latency_logs(Path(log_dir)) if log_latencies else []
+    return _parse_summary(result.stdout, latencies, endpoint.name, scenario)
+
+
+def _parse_summary(
+    output: str, latencies_us: list[int], target: str, scenario: PgbenchScenario
+) -> PgbenchResult:
+    tps = _TPS.search(output)
+    latency = _LATENCY_AVG.search(output)
+    processed = _PROCESSED.search(output)
+    if tps is None or latency is None or processed is None:
+        raise PgbenchError(
+            f"cannot read pgbench output for {target} ({scenario.key}):\n{_tail(output)}"
+        )
+    failed = _FAILED.search(output)
+    latencies_us.sort()
+    return PgbenchResult(
+        tps=float(tps.group(1)),
+        latency_avg_ms=float(latency.group(1)),
+        latency_p50_ms=_percentile_ms(latencies_us, 0.50),
+        latency_p99_ms=_percentile_ms(latencies_us, 0.99),
+        transactions=int(processed.group(1)),
+        failed=int(failed.group(1)) if failed else 0,
+        logged_transactions=len(latencies_us),
+    )
+
+
+def _read_latency_logs(log_dir: Path) -> list[int]:
+    """Latencies (µs) from every per-thread log file pgbench wrote in ``log_dir``.
+
+    Line format (pgbench docs, "Per-Transaction Logging"):
+    ``client_id transaction_no time script_no time_epoch time_us [schedule_lag] [retries]``
+    where ``time`` is the latency in µs.  A skipped transaction logs ``skipped`` there
+    (only with ``--rate``, which this harness never uses) and is ignored.
+    """
+    latencies: list[int] = []
+    for path in sorted(log_dir.iterdir()):
+        with path.open("rb") as handle:
+            for line in handle:
+                fields = line.split(maxsplit=3)
+                if len(fields) >= 3 and fields[2].isdigit():
+                    latencies.append(int(fields[2]))
+    return latencies
+
+
+def _percentile_ms(sorted_us: list[int], fraction: float) -> float | None:
+    """Nearest-rank percentile of sorted microsecond values, in milliseconds."""
+    if not sorted_us:
+        return None
+    rank = max(1, math.ceil(len(sorted_us) * fraction))
+    return sorted_us[rank - 1] / 1000.0
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])

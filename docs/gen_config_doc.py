@@ -1,0 +1,328 @@
+"""Generate docs/configuration.md and deploy/pgwarden.example.toml from the settings model.
+
+    python docs/gen_config_doc.py            # rewrite both files
+    python docs/gen_config_doc.py --check    # exit 1 if either file is out of date
+
+The field descriptions in ``pgwarden.config`` are the single source of the settings'
+documentation; this script only lays them out (one table per section for the reference,
+every setting commented out at its default for the example file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "python"))
+
+from pgwarden.config import Settings, StaticUser, UpstreamSettings  # noqa: E402
+
+CONFIG_DOC = REPO_ROOT / "docs" / "configuration.md"
+EXAMPLE_TOML = REPO_ROOT / "deploy" / "pgwarden.example.toml"
+ENV_PREFIX = "PGWARDEN_"
+#: Values shown for settings that are unset by default (TOML has no null).
+UNSET_EXAMPLES = {
+    "tls_cert_file": '"/etc/pgwarden/tls/tls.crt"',
+    "tls_key_file": '"/etc/pgwarden/tls/tls.key"',
+    "statement_log": '"/var/log/pgwarden/statements.jsonl"',
+    "runtime_dir": '"/run/pgwarden"',
+    "upstream.database": '"app"',
+    "upstream.password": '"change-me"',
+    "upstream.password_file": '"/run/secrets/pgwarden-upstream-password"',
+    "upstream.tls_ca_file": '"/etc/pgwarden/upstream-ca.crt"',
+}
+NESTED = "__"
+GENERATE_COMMAND = "python docs/gen_config_doc.py"
+
+
+@dataclass(frozen=True)
+class Setting:
+    path: tuple[str, ...]
+    field: FieldInfo
+
+    @property
+    def toml_key(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + NESTED.join(part.upper() for part in self.path)
+
+
+def settings_of(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[Setting]:
+    """Every leaf setting; nested models (``upstream``) are walked, lists are leaves."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from settings_of(annotation, (*prefix, name))
+        else:
+            yield Setting((*prefix, name), field)
+
+
+def type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " | ".join(json.dumps(arg) for arg in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(arg) for arg in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return f"list of {type_name(item)}"
+    if annotation is type(None):
+        return "unset"
+    if annotation is SecretStr:
+        return "secret string"
+    if annotation is Path:
+        return "path"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"`{annotation.__name__}` table"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def default_of(field: FieldInfo) -> Any:
+    if field.default_factory is not None:
+        return field.default_factory()  # type: ignore[call-arg]
+    if field.default is PydanticUndefined:
+        return PydanticUndefined
+    return field.default
+
+
+def constraints(field: FieldInfo) -> str:
+    words = []
+    for item in field.metadata:
+        for attribute, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            value = getattr(item, attribute, None)
+            if value is not None:
+                shown = f"{value:,}" if isinstance(value, int) else str(value)
+                words.append(f"{symbol} {shown}")
+    return ", ".join(words)
+
+
+def markdown_default(value: Any) -> str:
+    if value is PydanticUndefined:
+        return "required"
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, list) and not value:
+        return "`[]`"
+    if isinstance(value, int) and value >= 100_000:
+        return f"`{value}` ({value:,})"
+    return f"`{value}`"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    return json.dumps(value)
+
+
+def escape_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by docs/gen_config_doc.py from python/pgwarden/config.py; "
+        "edit the field descriptions there, then run the script. -->",
+        "",
+        "pgwarden reads one settings model from, highest precedence first:",
+        "",
+        "1. environment variables `PGWARDEN_<NAME>`; nested settings use `__`, as in",
+        "   `PGWARDEN_UPSTREAM__HOST`; lists and tables are JSON, as in",
+        '   `PGWARDEN_USERS=\'[{"name": "alice", "password": "..."}]\'`;',
+        "2. the TOML file given by `pgwarden serve --config FILE` (or `PGWARDEN_CONFIG`);",
+        "3. the defaults below.",
+        "",
+        "Unknown keys are an error, so a misspelt setting stops the gateway at start-up instead",
+        "of being ignored. `deploy/pgwarden.example.toml` lists every setting at its default.",
+        "Secrets (`upstream.password`, `users[].password`) are better kept out of the TOML file:",
+        "use `upstream.password_file` or the environment.",
+        "",
+    ]
+    sections: list[tuple[str, str, list[Setting]]] = [
+        ("Gateway", "Top-level keys of the TOML file.", []),
+        (
+            "Upstream (`[upstream]`)",
+            UpstreamSettings.__doc__ or "",
+            [],
+        ),
+    ]
+    for setting in settings_of(Settings):
+        sections[1 if len(setting.path) > 1 else 0][2].append(setting)
+    for title, intro, settings in sections:
+        lines += [f"## {title}", "", intro.strip(), ""]
+        lines += [
+            "| Setting | Environment variable | Type | Default | Description |",
+            "|---|---|---|---|---|",
+        ]
+        for setting in settings:
+            kind = type_name(setting.field.annotation)
+            limit = constraints(setting.field)
+            if limit:
+                kind += f" ({limit})"
+            lines.append(
+                f"| `{setting.toml_key}` | `{setting.env_var}` | {escape_cell(kind)} | "
+                f"{escape_cell(markdown_default(default_of(setting.field)))} | "
+                f"{escape_cell(setting.field.description or '')} |"
+            )
+        lines.append("")
+    lines += [
+        "## Static users (`[[users]]`)",
+        "",
+        (StaticUser.__doc__ or "").strip()
+        + " Each entry of the `users` list is a table with these keys:",
+        "",
+        "| Key | Type | Description |",
+        "|---|---|---|",
+    ]
+    for name, field in StaticUser.model_fields.items():
+        lines.append(
+            f"| `{name}` | {escape_cell(type_name(field.annotation))} | "
+            f"{escape_cell(field.description or '')} |"
+        )
+    lines += [
+        "",
+        "## Example",
+        "",
+        "```toml",
+        'listen_host = "0.0.0.0"',
+        "listen_port = 6432",
+        "workers = 2",
+        'tls_cert_file = "/etc/pgwarden/tls/tls.crt"',
+        'tls_key_file = "/etc/pgwarden/tls/tls.key"',
+        "require_client_tls = true",
+        'statement_log = "-"',
+        "",
+        "[upstream]",
+        'host = "db.internal"',
+        'user = "pgwarden"',
+        'password_file = "/run/secrets/pgwarden-upstream-password"',
+        'tls = "verify-full"',
+        "",
+        "[[users]]",
+        'name = "ci"',
+        'password = "change-me"',
+        "```",
+        "",
+        "The same with environment variables only:",
+        "",
+        "```sh",
+        "PGWARDEN_LISTEN_HOST=0.0.0.0 PGWARDEN_WORKERS=2 \\",
+        "PGWARDEN_TLS_CERT_FILE=/etc/pgwarden/tls/tls.crt "
+        "PGWARDEN_TLS_KEY_FILE=/etc/pgwarden/tls/tls.key \\",
+        "PGWARDEN_UPSTREAM__HOST=db.internal PGWARDEN_UPSTREAM__USER=pgwarden \\",
+        "PGWARDEN_UPSTREAM__PASSWORD_FILE=/run/secrets/pgwarden-upstream-password \\",
+        'PGWARDEN_USERS=\'[{"name": "ci", "password": "change-me"}]\' \\',
+        "pgwarden serve",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _comment_block(text: str, width: int = 92) -> list[str]:
+    words = text.split()
+    lines: list[str] = []
+    current = "#"
+    for word in words:
+        if len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = "#"
+        current += " " + word
+    lines.append(current)
+    return lines
+
+
+def render_example_toml() -> str:
+    lines = [
+        "# pgwarden configuration: every setting, at its default, with its description.",
+        "# Generated by docs/gen_config_doc.py from python/pgwarden/config.py.",
+        "#",
+        "#   pgwarden serve --config pgwarden.toml",
+        "#",
+        "# Environment variables override this file: PGWARDEN_<NAME>, nested with __",
+        "# (PGWARDEN_UPSTREAM__HOST). Uncomment what you change; see docs/configuration.md.",
+        "",
+    ]
+    top = [s for s in settings_of(Settings) if len(s.path) == 1]
+    upstream = [s for s in settings_of(Settings) if len(s.path) > 1]
+
+    def entry(setting: Setting, key: str) -> list[str]:
+        out = _comment_block(setting.field.description or "")
+        out.append(f"#   env: {setting.env_var}")
+        value = default_of(setting.field)
+        if key == "users":
+            out += [
+                "# [[users]]",
+                '# name = "alice"',
+                '# password = "change-me"',
+            ]
+        elif value is None or value is PydanticUndefined:
+            example = UNSET_EXAMPLES.get(setting.toml_key, '"..."')
+            out.append(f"# {key} = {example}  # unset by default")
+        else:
+            out.append(f"# {key} = {toml_value(value)}")
+        out.append("")
+        return out
+
+    # TOML needs plain keys before any table, so the `users` array of tables and the
+    # [upstream] table come last.
+    for setting in top:
+        if setting.toml_key != "users":
+            lines += entry(setting, setting.toml_key)
+    lines += ["[upstream]", *_comment_block(UpstreamSettings.__doc__ or ""), ""]
+    for setting in upstream:
+        lines += entry(setting, setting.path[-1])
+    for setting in top:
+        if setting.toml_key == "users":
+            lines += entry(setting, "users")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def check_example_loads(example: str) -> None:
+    """The example with every setting uncommented must be a valid configuration."""
+    uncommented = re.sub(r"(?m)^# ([a-z_]+ = |\[\[users\]\])", r"\1", example)
+    Settings.model_validate(tomllib.loads(uncommented))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--check", action="store_true", help="fail if a file is out of date")
+    args = parser.parse_args()
+    outputs = {CONFIG_DOC: render_markdown(), EXAMPLE_TOML: render_example_toml()}
+    stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(REPO_ROOT)} is out of date: run {GENERATE_COMMAND}")
+        check_example_loads(outputs[EXAMPLE_TOML])
+        return 1 if stale else 0
+    for path, text in outputs.items():
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The state one gateway process shares between its sessions.
+
+Settings, the client TLS context, the authenticator, cancel keys, the statement log, the event
+hook, and the set of live sessions that shutdown drains.  The server (``pgwarden.server``)
+builds one per worker process and hands it every accepted connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+
+import anyio
+
+from pgwarden import errors, tls
+from pgwarden.cancel import CancelForwarder, CancelRegistry
+from pgwarden.client_auth import ClientAuthenticator, StaticPasswordAuthenticator
+from pgwarden.config import Settings
+from pgwarden.hooks import ClientEventHook
+from pgwarden.session import Session
+from pgwarden.statement_log import StatementLog
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Per-process registry of sessions and the services they use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker_index: int = 0,
+        cancel_forwarder: CancelForwarder | None = None,
+        authenticator: ClientAuthenticator | None = None,
+        client_event_hook: ClientEventHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_index = worker_index
+        self.server_tls: ssl.SSLContext | None = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            self.server_tls = tls.server_context(settings.tls_cert_file, settings.tls_key_file)
+        self.authenticator: ClientAuthenticator = authenticator or StaticPasswordAuthenticator(
+            settings.users
+        )
+        self.cancel_forwarder = cancel_forwarder
+        self.cancels = CancelRegistry(worker_index, cancel_forwarder)
+        self.statement_log = (
+            StatementLog(settings.statement_log) if settings.statement_log is not None else None
+        )
+        self.client_event_hook = client_event_hook
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self._sessions_changed = anyio.Event()
+
+    async def handle_connection(self, sock: socket.socket, client_address: str) -> None:
+        """Run one session to its end; never raises (one session cannot hurt another)."""
+        session = Session(self, sock, client_address)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        except Exception:
+            log.exception("session %s: unhandled error", session.id)
+        finally:
+            self.sessions.discard(session)
+            self._sessions_changed.set()
+
+    def begin_drain(self) -> None:
+        """Stop taking new work: idle sessions end now, busy ones when they become idle."""
+        self.draining = True
+        for session in list(self.sessions):
+            session.request_drain()
+
+    def terminate_all(self) -> None:
+        for session in list(self.sessions):
+            session.terminate(errors.ADMIN_SHUTDOWN, errors.ADMIN_SHUTDOWN_MESSAGE)
+
+    async def wait_sessions_closed(self) -> None:
+        while self.sessions:
+            self._sessions_changed = anyio.Event()
+            await self._sessions_changed.wait()

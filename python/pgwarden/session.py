@@ -1,0 +1,313 @@
+"""One client session: startup, authentication, upstream login, then the relay until the end.
+
+The session is the only place that turns typed errors into what the client sees: a
+:class:`~pgwarden.errors.GatewayError` becomes its ErrorResponse, a client that went away is
+closed quietly, and anything unexpected is logged and answered FATAL XX000, without touching
+any other session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import socket
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from pgwarden import _wire, errors, upstream
+from pgwarden.cancel import UpstreamBackend
+from pgwarden.client_auth import AuthError, AuthRequest, Identity
+from pgwarden.client_startup import (
+    CancelRequest,
+    StartupRequest,
+    open_client_stream,
+    read_startup,
+)
+from pgwarden.errors import ConnectionClosed, GatewayError
+from pgwarden.relay import Relay
+from pgwarden.startup_params import upstream_startup_params
+from pgwarden.transport import PgStream
+
+if TYPE_CHECKING:
+    from pgwarden.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+_PASSWORD_MESSAGE: Final = ord("p")
+_AUTH_OK: Final = 0
+_AUTH_CLEARTEXT: Final = 3
+_UPSTREAM_STARTUP_MESSAGE_LIMIT: Final = 1024 * 1024
+# How long a closing client gets to read its final ErrorResponse.
+_FINAL_MESSAGE_GRACE_SECONDS: Final = 2.0
+
+
+class Session:
+    """A client connection and, once authenticated, its upstream connection."""
+
+    def __init__(self, gateway: Gateway, sock: socket.socket, client_address: str) -> None:
+        self.id = secrets.token_hex(8)
+        self.gateway = gateway
+        self.client_address = client_address
+        self.identity: Identity | None = None
+        self.startup: StartupRequest | None = None
+        self.upstream_user: str | None = None
+        self.database: str | None = None
+        self._sock = sock
+        self._client: PgStream | None = None
+        self._upstream: upstream.UpstreamConnection | None = None
+        self._relay: Relay | None = None
+        self._startup_scope: anyio.CancelScope | None = None
+        self._pending_end: tuple[str, str] | None = None
+        self._cancel_process_id: int | None = None
+        self._backend: UpstreamBackend | None = None
+
+    def __repr__(self) -> str:
+        who = self.identity.name if self.identity is not None else "?"
+        return f"<Session {self.id} {who}@{self.client_address}>"
+
+    # --- control from outside ---------------------------------------------------------
+
+    def terminate(self, sqlstate: str, message: str) -> None:
+        """End the session now: the client gets FATAL ``sqlstate`` ``message``, both sides close.
+
+        Used for shutdown and by identity checks (token or grant expired).
+        """
+        if self._relay is not None:
+            self._relay.terminate(sqlstate, message)
+        elif self._startup_scope is not None:
+            self._pending_end = (sqlstate, message)
+            self._startup_scope.cancel()
+
+    def request_drain(self) -> None:
+        """Shutdown has begun: end now if idle or still starting, else when next idle."""
+        if self._relay is not None:
+            self._relay.request_drain()
+        else:
+            self.terminate(errors.ADMIN_SHUTDOWN, errors.ADMIN_SHUTDOWN_MESSAGE)
+
+    def send_to_client(self, data: bytes) -> None:
+        """Write protocol messages to the client during the relay (for event hooks)."""
+        if self._relay is not None:
+            self._relay.send_to_client(data)
+
+    @property
+    def protocol_minor(self) -> int:
+        return self.startup.minor if self.startup is not None else 0
+
+    # --- the session --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except ConnectionClosed as exc:
+            log.debug("session %s: %s", self.id, exc)
+        except Exception:
+            log.exception("session %s: internal error", self.id)
+            await self._close_client(
+                errors.fatal(errors.INTERNAL_ERROR, "internal error in pgwarden")
+            )
+        finally:
+            await self._cleanup()
+
+    async def _run(self) -> None:
+        settings = self.gateway.settings
+        request: StartupRequest | None = None
+        with anyio.CancelScope() as scope:
+            self._startup_scope = scope
+            try:
+                try:
+                    with anyio.fail_after(settings.startup_timeout_seconds):
+                        request = await self._client_phase()
+                except TimeoutError:
+                    log.info("session %s: startup timeout", self.id)
+                    await self._close_client(None)
+                    return
+                if request is None:
+                    return
+                try:
+                    with anyio.fail_after(settings.upstream.connect_timeout_seconds):
+                        await self._upstream_phase(request)
+                except TimeoutError:
+                    log.warning("session %s: timeout connecting to the upstream server", self.id)
+                    raise GatewayError(
+                        errors.CONNECTION_FAILURE,
+                        "timeout while connecting to the upstream PostgreSQL server",
+                    ) from None
+            except GatewayError as exc:
+                log.info("session %s: refused: %s", self.id, exc)
+                await self._close_client(exc.to_wire())
+                return
+        self._startup_scope = None
+        if scope.cancelled_caught or request is None:
+            sqlstate, message = self._pending_end or (
+                errors.ADMIN_SHUTDOWN,
+                errors.ADMIN_SHUTDOWN_MESSAGE,
+            )
+            await self._close_client(errors.fatal(sqlstate, message))
+            return
+        await self._relay_phase(request)
+
+    async def _client_phase(self) -> StartupRequest | None:
+        """TLS, StartupMessage and client authentication; None for a CancelRequest."""
+        gateway = self.gateway
+        settings = gateway.settings
+        self._client = await open_client_stream(
+            self._sock,
+            server_context=gateway.server_tls,
+            max_startup_len=settings.max_startup_bytes,
+            handshake_timeout=settings.startup_timeout_seconds,
+        )
+        request = await read_startup(
+            self._client,
+            server_context=gateway.server_tls,
+            require_tls=settings.require_client_tls,
+            handshake_timeout=settings.startup_timeout_seconds,
+        )
+        if isinstance(request, CancelRequest):
+            await gateway.cancels.cancel(request.process_id, request.secret_key)
+            await self._close_client(None)
+            return None
+        self.startup = request
+        auth_request = AuthRequest(
+            user=request.user,
+            database=request.database,
+            client_address=self.client_address,
+            tls=request.tls,
+            params=dict(request.params),
+            ask_password=self._ask_password,
+        )
+        try:
+            self.identity = await gateway.authenticator.authenticate(auth_request)
+        except AuthError as exc:
+            raise GatewayError(exc.sqlstate, exc.message) from exc
+        return request
+
+    async def _ask_password(self) -> str:
+        """AuthenticationCleartextPassword, then the client's PasswordMessage."""
+        assert self._client is not None
+        self._client.write(_wire.encode_authentication(_AUTH_CLEARTEXT))
+        tag, body = await self._client.read_message()
+        if tag != _PASSWORD_MESSAGE:
+            raise GatewayError(
+                errors.PROTOCOL_VIOLATION,
+                f"expected password response, got message type {chr(tag)!r}",
+            )
+        if not body.endswith(b"\0"):
+            raise GatewayError(errors.PROTOCOL_VIOLATION, "invalid password packet")
+        return body[:-1].decode("utf-8", "replace")
+
+    async def _upstream_phase(self, request: StartupRequest) -> None:
+        settings = self.gateway.settings.upstream
+        identity = self.identity
+        assert identity is not None
+        decision = upstream_startup_params(request.params)
+        self.upstream_user = identity.upstream_user or settings.user
+        self.database = identity.upstream_database or settings.database or request.database
+        login = upstream.UpstreamLogin(
+            user=self.upstream_user,
+            database=self.database,
+            password=settings.resolved_password(),
+            params=decision.forwarded,
+        )
+        self._upstream = await upstream.login(
+            settings, login, max_message_len=_UPSTREAM_STARTUP_MESSAGE_LIMIT
+        )
+
+    def _greeting(self, request: StartupRequest, conn: upstream.UpstreamConnection) -> bytes:
+        """AuthenticationOk, ParameterStatus*, the gateway's BackendKeyData, ReadyForQuery."""
+        self._backend = UpstreamBackend(
+            self.gateway.settings.upstream, conn.process_id, conn.secret_key
+        )
+        key_length = 32 if request.minor >= 2 else 4
+        process_id, secret_key = self.gateway.cancels.register(self._backend, key_length)
+        self._cancel_process_id = process_id
+        parts = [_wire.encode_authentication(_AUTH_OK), *conn.notices]
+        parts.extend(_wire.encode_parameter_status(name, value) for name, value in conn.parameters)
+        parts.append(_wire.encode_backend_key_data(process_id, secret_key))
+        parts.append(_wire.encode_ready_for_query(conn.transaction_status))
+        return b"".join(parts)
+
+    def _context_json(self) -> str:
+        fields = {
+            "session": self.id,
+            "user": self.identity.name if self.identity is not None else None,
+            "database": self.database,
+            "upstream_user": self.upstream_user,
+            "client_addr": self.client_address,
+        }
+        return ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in fields.items())
+
+    async def _relay_phase(self, request: StartupRequest) -> None:
+        gateway = self.gateway
+        settings = gateway.settings
+        conn = self._upstream
+        assert self._client is not None and conn is not None
+        greeting = self._greeting(request, conn)
+        client_transport, client_leftover = self._client.detach()
+        server_transport, server_leftover = conn.stream.detach()
+        codec = _wire.SessionCodec(
+            max_message_len=settings.max_message_bytes,
+            context_json=self._context_json(),
+            record_statements=gateway.statement_log is not None,
+            client_events=gateway.client_event_hook is not None,
+            max_param_bytes=settings.statement_log_max_param_bytes,
+        )
+        relay = Relay(
+            self,
+            codec,
+            client_transport,
+            server_transport,
+            statement_log=gateway.statement_log,
+            client_event_hook=gateway.client_event_hook,
+        )
+        client_transport.write(greeting)
+        self._relay = relay
+        relay.start(client_leftover, server_leftover)
+        log.debug("session %s: relaying for %s", self.id, self.identity)
+        if gateway.draining:
+            relay.request_drain()
+        await relay.wait()
+
+    # --- endings ------------------------------------------------------------------------
+
+    async def _close_client(self, final_message: bytes | None) -> None:
+        """Send a last message (if any), close, and give the client a moment to read it."""
+        client = self._client
+        if client is None:
+            self._sock.close()
+            return
+        if client.transport is None or client.transport.is_closing():
+            return
+        if final_message is not None:
+            client.transport.write(final_message)
+        client.close()
+        with anyio.move_on_after(_FINAL_MESSAGE_GRACE_SECONDS, shield=True):
+            await client.wait_closed()
+        client.abort()
+
+    async def _cleanup(self) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.flush_records()  # Relay.wait() already closed or aborted both transports
+        else:
+            if self._upstream is not None:
+                self._upstream.stream.abort()
+            if self._client is not None:
+                self._client.abort()
+            else:
+                # No transport owns the socket yet (uvloop keeps an io-ref if one does).
+                self._sock.close()
+        if self._cancel_process_id is not None:
+            self.gateway.cancels.unregister(self._cancel_process_id)
+        if relay is not None and relay.busy_when_terminated and self._backend is not None:
+            # The backend may still be running the statement: ask it to stop.
+            backend = self._backend
+            with anyio.CancelScope(shield=True):
+                try:
+                    await upstream.send_cancel(
+                        backend.settings, backend.process_id, backend.secret_key, time_limit=5.0
+                    )
+                except Exception as exc:
+                    log.debug("session %s: cancel after termination failed: %s", self.id, exc)

@@ -1,0 +1,37 @@
+//! PostgreSQL wire protocol (v3.0 to v3.2) codec for the pgwarden gateway.
+//!
+//! - [`startup`]: untyped startup-phase packets (SSLRequest, GSSENCRequest,
+//!   CancelRequest, StartupMessage).
+//! - [`framer`]: typed message framing with length limits.
+//! - [`frontend`] / [`backend`]: every message of each direction, decode and encode.
+//! - [`session`]: the relay hot path, [`SessionCodec`], one call per received chunk.
+//!
+//! Nothing here panics on wire input: malformed or oversized input is a [`WireError`].
+
+pub mod arrays;
+pub mod backend;
+mod client_stream;
+pub mod error;
+pub mod events;
+pub mod forward;
+pub mod framer;
+pub mod frontend;
+pub mod limits;
+pub mod masker;
+mod names;
+pub mod reader;
+mod record;
+mod server_stream;
+pub mod session;
+pub mod startup;
+mod statements;
+pub mod writer;
+
+pub use error::{Direction, Result, WireError};
+pub use events::{ClientEvent, ServerEvent};
+pub use forward::Forward;
+pub use framer::{Frame, FrameIter, MessageFramer};
+pub use limits::{Limits, DEFAULT_MAX_MESSAGE_LEN, DEFAULT_MAX_STARTUP_LEN};
+pub use masker::DataRowMasker;
+pub use session::{SessionCodec, SessionConfig};
+pub use startup::{read_startup, StartupMessage, StartupPacket};

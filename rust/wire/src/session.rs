@@ -1,0 +1,547 @@
+//! [`SessionCodec`]: both directions of one relayed session after authentication.
+//! One call per received chunk and direction; it frames, tracks statements, reports
+//! events and hands back the bytes to forward (the input itself when unchanged).
+
+use std::sync::Arc;
+
+use crate::backend::{
+    self, decode_command_complete, field, Fields, RowDescription, TransactionStatus,
+};
+use crate::client_stream::ClientStream;
+use crate::error::{Direction, Result, WireError};
+use crate::events::{ClientEvent, ServerEvent};
+use crate::forward::{Forward, OutBuf};
+use crate::frontend::{self, Bind, Execute, FrontendMessage, FunctionCall, Parse, Target};
+use crate::limits::DEFAULT_MAX_MESSAGE_LEN;
+use crate::masker::DataRowMasker;
+use crate::names::{Portal, PreparedNames};
+use crate::record::json_param;
+use crate::server_stream::{BodyUse, ServerSink, ServerStream};
+use crate::statements::{FeedClock, Kind, StatementTracker};
+
+/// Options of a [`SessionCodec`].
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Largest message accepted in either direction (length field included).
+    pub max_message_len: usize,
+    /// JSON object members (without braces) spliced into every record.
+    pub context_json: String,
+    /// Produce one JSON line per finished statement (see [`SessionCodec::take_records`]).
+    pub record_statements: bool,
+    /// Report Query / Parse / Execute / FunctionCall events (Terminate is always reported).
+    pub client_events: bool,
+    /// Parameter values longer than this are cut in records.
+    pub max_param_bytes: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_message_len: DEFAULT_MAX_MESSAGE_LEN,
+            context_json: String::new(),
+            record_statements: false,
+            client_events: false,
+            max_param_bytes: 1024,
+        }
+    }
+}
+
+/// The relay-phase state machine of one session.
+pub struct SessionCodec {
+    client: ClientStream,
+    server: ServerStream,
+    client_out: OutBuf,
+    server_out: OutBuf,
+    client_events: Vec<ClientEvent>,
+    server_events: Vec<ServerEvent>,
+    tracker: StatementTracker,
+    names: PreparedNames,
+    clock: FeedClock,
+    status: TransactionStatus,
+    masker: Option<Box<dyn DataRowMasker>>,
+    client_failed: Option<WireError>,
+    server_failed: Option<WireError>,
+    emit_client_events: bool,
+    max_param_bytes: usize,
+}
+
+impl SessionCodec {
+    pub fn new(config: SessionConfig) -> Self {
+        SessionCodec {
+            client: ClientStream::new(config.max_message_len),
+            server: ServerStream::new(config.max_message_len),
+            client_out: OutBuf::default(),
+            server_out: OutBuf::default(),
+            client_events: Vec::new(),
+            server_events: Vec::new(),
+            tracker: StatementTracker::new(config.record_statements, &config.context_json),
+            names: PreparedNames::default(),
+            clock: FeedClock::default(),
+            status: TransactionStatus::Idle,
+            masker: None,
+            client_failed: None,
+            server_failed: None,
+            emit_client_events: config.client_events,
+            max_param_bytes: config.max_param_bytes,
+        }
+    }
+
+    /// Installs (or removes) the DataRow rewrite hook.
+    pub fn set_masker(&mut self, masker: Option<Box<dyn DataRowMasker>>) {
+        self.masker = masker;
+    }
+
+    /// Frames one chunk from the client.  Complete messages are forwarded; an incomplete
+    /// one is held until it is whole, except CopyData which streams.  Events are in
+    /// [`client_events`](Self::client_events) until the next call.
+    ///
+    /// After an error the session cannot be resynchronised: every later call fails too.
+    pub fn feed_client(&mut self, input: &[u8]) -> Result<Forward> {
+        if let Some(e) = &self.client_failed {
+            return Err(e.clone());
+        }
+        self.client_out.reset();
+        self.client_events.clear();
+        self.clock.reset();
+        let mut handler = ClientHandler {
+            tracker: &mut self.tracker,
+            names: &mut self.names,
+            events: &mut self.client_events,
+            clock: &mut self.clock,
+            emit_events: self.emit_client_events,
+            max_param_bytes: self.max_param_bytes,
+        };
+        let r = self
+            .client
+            .feed(input, &mut self.client_out, |tag, body, start, end| {
+                handler.message(tag, body, start, end)
+            });
+        match r {
+            Ok(()) => Ok(self.client_out.result(input.len())),
+            Err(e) => {
+                self.client_failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Scans one chunk from the server.  Every byte is forwarded as received unless a
+    /// masker rewrites rows.  Events are in [`server_events`](Self::server_events).
+    pub fn feed_server(&mut self, input: &[u8]) -> Result<Forward> {
+        if let Some(e) = &self.server_failed {
+            return Err(e.clone());
+        }
+        self.server_out.reset();
+        self.server_events.clear();
+        self.clock.reset();
+        let masking = self.masker.is_some();
+        let mut sink = ServerHandler {
+            tracker: &mut self.tracker,
+            names: &mut self.names,
+            events: &mut self.server_events,
+            clock: &mut self.clock,
+            status: &mut self.status,
+            masker: self.masker.as_deref_mut(),
+        };
+        match self
+            .server
+            .feed(input, &mut self.server_out, &mut sink, masking)
+        {
+            Ok(()) => Ok(self.server_out.result(input.len())),
+            Err(e) => {
+                self.server_failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// The buffer a [`Forward::Buffered`] result of `feed_client` refers to.
+    pub fn client_buffer(&self) -> &[u8] {
+        self.client_out.buffered()
+    }
+
+    /// The buffer a [`Forward::Buffered`] result of `feed_server` refers to.
+    pub fn server_buffer(&self) -> &[u8] {
+        self.server_out.buffered()
+    }
+
+    pub fn client_events(&self) -> &[ClientEvent] {
+        &self.client_events
+    }
+
+    pub fn server_events(&self) -> &[ServerEvent] {
+        &self.server_events
+    }
+
+    /// JSON lines of the statements finished since the last call.
+    pub fn take_records(&mut self) -> Vec<u8> {
+        self.tracker.take_records()
+    }
+
+    /// Status of the last ReadyForQuery (Idle before the first one).
+    pub fn transaction_status(&self) -> TransactionStatus {
+        self.status
+    }
+
+    /// Statements (Query, Execute, FunctionCall) sent upstream and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.tracker.in_flight()
+    }
+
+    /// Client bytes held back because their message is not complete yet.
+    pub fn held_client_bytes(&self) -> usize {
+        self.client.held_len()
+    }
+}
+
+/// Handles each complete client message.
+struct ClientHandler<'a> {
+    tracker: &'a mut StatementTracker,
+    names: &'a mut PreparedNames,
+    events: &'a mut Vec<ClientEvent>,
+    clock: &'a mut FeedClock,
+    emit_events: bool,
+    max_param_bytes: usize,
+}
+
+impl ClientHandler<'_> {
+    fn wants_text(&self) -> bool {
+        self.emit_events || self.tracker.recording()
+    }
+
+    fn message(&mut self, tag: u8, body: &[u8], start: usize, end: usize) -> Result<()> {
+        let recording = self.tracker.recording();
+        match tag {
+            frontend::tag::QUERY => {
+                let FrontendMessage::Query(q) = FrontendMessage::decode(tag, body)? else {
+                    unreachable!("decoded by tag")
+                };
+                let sql = self.wants_text().then(|| Arc::<str>::from(q.sql));
+                if self.emit_events {
+                    self.events.push(ClientEvent::Query {
+                        sql: sql.clone().unwrap_or_default(),
+                        start,
+                        end,
+                    });
+                }
+                self.tracker.sent(Kind::Query, self.clock, sql, None, None);
+            }
+            frontend::tag::PARSE => {
+                let p = Parse::decode(body)?;
+                let sql = self.wants_text().then(|| Arc::<str>::from(p.sql));
+                if let Some(sql) = &sql {
+                    self.names.define_statement(p.name, sql.clone());
+                }
+                if self.emit_events {
+                    self.events.push(ClientEvent::Parse {
+                        name: p.name.into(),
+                        sql: sql.clone().unwrap_or_default(),
+                        start,
+                        end,
+                    });
+                }
+                self.tracker.sent(Kind::Parse, self.clock, sql, None, None);
+            }
+            frontend::tag::BIND => {
+                let b = Bind::decode(body)?;
+                let mut sql = None;
+                let mut params = None;
+                if self.wants_text() {
+                    let text = self
+                        .names
+                        .statement(b.statement)
+                        .cloned()
+                        .unwrap_or_default();
+                    params = recording.then(|| self.render_bind_params(&b));
+                    self.names.bind_portal(
+                        b.portal,
+                        Portal {
+                            sql: text.clone(),
+                            params: params.clone(),
+                        },
+                    );
+                    sql = Some(text);
+                }
+                self.tracker.sent(Kind::Bind, self.clock, sql, params, None);
+            }
+            frontend::tag::EXECUTE => {
+                let e = Execute::decode(body)?;
+                let (sql, params) = if self.wants_text() {
+                    match self.names.portal(e.portal) {
+                        Some(p) => (Some(p.sql.clone()), p.params.clone()),
+                        // Unknown portal: the server will refuse it.
+                        None => (Some(Arc::<str>::from("")), None),
+                    }
+                } else {
+                    (None, None)
+                };
+                if self.emit_events {
+                    self.events.push(ClientEvent::Execute {
+                        portal: e.portal.into(),
+                        sql: sql.clone().unwrap_or_default(),
+                        start,
+                        end,
+                    });
+                }
+                self.tracker.sent(
+                    Kind::Execute,
+                    self.clock,
+                    sql.filter(|_| recording),
+                    params,
+                    None,
+                );
+            }
+            frontend::tag::DESCRIBE => {
+                let FrontendMessage::Describe(d) = FrontendMessage::decode(tag, body)? else {
+                    unreachable!("decoded by tag")
+                };
+                let sql = if recording {
+                    match d.target {
+                        Target::Statement => self.names.statement(d.name).cloned(),
+                        Target::Portal => self.names.portal(d.name).map(|p| p.sql.clone()),
+                    }
+                } else {
+                    None
+                };
+                self.tracker
+                    .sent(Kind::Describe, self.clock, sql, None, None);
+            }
+            frontend::tag::CLOSE => {
+                let FrontendMessage::Close(c) = FrontendMessage::decode(tag, body)? else {
+                    unreachable!("decoded by tag")
+                };
+                match c.target {
+                    Target::Statement => self.names.close_statement(c.name),
+                    Target::Portal => self.names.close_portal(c.name),
+                }
+                self.tracker.sent(Kind::Close, self.clock, None, None, None);
+            }
+            frontend::tag::SYNC => {
+                FrontendMessage::decode(tag, body)?;
+                self.tracker.sent(Kind::Sync, self.clock, None, None, None);
+            }
+            frontend::tag::FUNCTION_CALL => {
+                let f = FunctionCall::decode(body)?;
+                if self.emit_events {
+                    self.events.push(ClientEvent::FunctionCall {
+                        function_oid: f.function_oid,
+                        start,
+                        end,
+                    });
+                }
+                let params = recording.then(|| self.render_function_args(&f));
+                self.tracker.sent(
+                    Kind::FunctionCall,
+                    self.clock,
+                    None,
+                    params,
+                    Some(f.function_oid),
+                );
+            }
+            frontend::tag::TERMINATE => {
+                FrontendMessage::decode(tag, body)?;
+                self.events.push(ClientEvent::Terminate { start, end });
+            }
+            frontend::tag::FLUSH | frontend::tag::COPY_DONE | frontend::tag::COPY_FAIL => {
+                FrontendMessage::decode(tag, body)?;
+            }
+            // Authentication responses have no place after startup; anything else is
+            // not a frontend message at all.
+            _ => {
+                return Err(WireError::UnknownTag {
+                    tag,
+                    direction: Direction::Frontend,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn render_bind_params(&self, b: &Bind<'_>) -> Arc<str> {
+        let mut buf = Vec::with_capacity(64);
+        buf.push(b'[');
+        for (i, v) in b.params.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            json_param(&mut buf, v, b.param_format(i) == 1, self.max_param_bytes);
+        }
+        buf.push(b']');
+        Arc::from(String::from_utf8(buf).unwrap_or_default())
+    }
+
+    fn render_function_args(&self, f: &FunctionCall<'_>) -> Arc<str> {
+        let mut buf = Vec::with_capacity(64);
+        buf.push(b'[');
+        for (i, v) in f.args.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            let format = match f.arg_formats.len() {
+                0 => 0,
+                1 => f.arg_formats.get(0).unwrap_or(0),
+                _ => f.arg_formats.get(i).unwrap_or(0),
+            };
+            json_param(&mut buf, v, format == 1, self.max_param_bytes);
+        }
+        buf.push(b']');
+        Arc::from(String::from_utf8(buf).unwrap_or_default())
+    }
+}
+
+/// Handles server message headers and the control messages the session reads.
+struct ServerHandler<'a> {
+    tracker: &'a mut StatementTracker,
+    names: &'a mut PreparedNames,
+    events: &'a mut Vec<ServerEvent>,
+    clock: &'a mut FeedClock,
+    status: &'a mut TransactionStatus,
+    masker: Option<&'a mut (dyn DataRowMasker + 'static)>,
+}
+
+/// Fixed body sizes of backend messages, checked from the header alone.
+fn check_fixed_len(tag: u8, body_len: usize) -> Result<()> {
+    use backend::tag as t;
+    let expected = match tag {
+        t::EMPTY_QUERY_RESPONSE
+        | t::NO_DATA
+        | t::PARSE_COMPLETE
+        | t::BIND_COMPLETE
+        | t::CLOSE_COMPLETE
+        | t::PORTAL_SUSPENDED
+        | t::COPY_DONE => 0,
+        t::READY_FOR_QUERY => 1,
+        _ => return Ok(()),
+    };
+    if body_len == expected {
+        Ok(())
+    } else {
+        Err(WireError::Malformed {
+            what: "fixed-size server message",
+        })
+    }
+}
+
+impl ServerSink for ServerHandler<'_> {
+    #[inline]
+    fn on_header(&mut self, tag: u8, body_len: usize) -> Result<BodyUse> {
+        use backend::tag as t;
+        Ok(match tag {
+            t::DATA_ROW => {
+                self.tracker.data_row();
+                match &self.masker {
+                    Some(m) if m.wants_rows() => BodyUse::HoldRow,
+                    _ => BodyUse::Skip,
+                }
+            }
+            t::COMMAND_COMPLETE | t::ERROR_RESPONSE => BodyUse::Assemble,
+            t::READY_FOR_QUERY => {
+                check_fixed_len(tag, body_len)?;
+                BodyUse::Assemble
+            }
+            t::ROW_DESCRIPTION => {
+                self.tracker.row_description();
+                if self.masker.is_some() {
+                    BodyUse::Assemble
+                } else {
+                    BodyUse::Skip
+                }
+            }
+            t::EMPTY_QUERY_RESPONSE => {
+                check_fixed_len(tag, body_len)?;
+                self.tracker.command_complete(None, self.clock);
+                BodyUse::Skip
+            }
+            t::PORTAL_SUSPENDED => {
+                check_fixed_len(tag, body_len)?;
+                self.tracker.portal_suspended(self.clock);
+                BodyUse::Skip
+            }
+            t::PARSE_COMPLETE | t::BIND_COMPLETE | t::CLOSE_COMPLETE | t::NO_DATA => {
+                check_fixed_len(tag, body_len)?;
+                self.tracker.answered(match tag {
+                    t::PARSE_COMPLETE => Kind::Parse,
+                    t::BIND_COMPLETE => Kind::Bind,
+                    t::CLOSE_COMPLETE => Kind::Close,
+                    _ => Kind::Describe,
+                });
+                BodyUse::Skip
+            }
+            t::COPY_DONE => {
+                check_fixed_len(tag, body_len)?;
+                BodyUse::Skip
+            }
+            t::PARAMETER_DESCRIPTION
+            | t::PARAMETER_STATUS
+            | t::BACKEND_KEY_DATA
+            | t::NOTICE_RESPONSE
+            | t::NOTIFICATION_RESPONSE
+            | t::COPY_IN_RESPONSE
+            | t::COPY_OUT_RESPONSE
+            | t::COPY_BOTH_RESPONSE
+            | t::COPY_DATA
+            | t::FUNCTION_CALL_RESPONSE
+            | t::NEGOTIATE_PROTOCOL_VERSION
+            | t::AUTHENTICATION => BodyUse::Skip,
+            _ => {
+                return Err(WireError::UnknownTag {
+                    tag,
+                    direction: Direction::Backend,
+                })
+            }
+        })
+    }
+
+    fn on_message(&mut self, tag: u8, body: &[u8]) -> Result<()> {
+        use backend::tag as t;
+        match tag {
+            t::COMMAND_COMPLETE => {
+                let command = decode_command_complete(body)?;
+                self.tracker.command_complete(Some(command), self.clock);
+            }
+            t::ERROR_RESPONSE => {
+                let fields = Fields::decode(body, "ErrorResponse")?;
+                let text = |code| {
+                    String::from_utf8_lossy(fields.get(code).unwrap_or_default()).into_owned()
+                };
+                let severity =
+                    String::from_utf8_lossy(fields.severity().unwrap_or_default()).into_owned();
+                let sqlstate = text(field::SQLSTATE);
+                let message = text(field::MESSAGE);
+                self.tracker.error(&sqlstate, &message, self.clock);
+                self.events.push(ServerEvent::Error {
+                    severity,
+                    sqlstate,
+                    message,
+                });
+            }
+            t::READY_FOR_QUERY => {
+                let status = TransactionStatus::from_byte(body[0])?;
+                *self.status = status;
+                self.tracker.ready(self.clock);
+                if status == TransactionStatus::Idle && self.tracker.idle() {
+                    self.names.end_transaction();
+                }
+                if let Some(m) = self.masker.as_deref_mut() {
+                    m.reset();
+                }
+                self.events.push(ServerEvent::Ready(status));
+            }
+            t::ROW_DESCRIPTION => {
+                let rd = RowDescription::decode(body)?;
+                if let Some(m) = self.masker.as_deref_mut() {
+                    m.describe(&rd);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn rewrite_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool {
+        match self.masker.as_deref_mut() {
+            Some(m) => m.mask_row(row, out),
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! Relay behaviour of `SessionCodec` on realistic exchanges.
+
+mod common;
+
+use common::*;
+use pgwarden_wire::backend::TransactionStatus;
+use pgwarden_wire::masker::DataRowMasker;
+use pgwarden_wire::{
+    backend::RowDescription, ClientEvent, Forward, ServerEvent, SessionCodec, SessionConfig,
+    WireError,
+};
+use serde_json::json;
+
+fn run(codec: &mut SessionCodec, client: &[u8], server: &[u8]) -> (Outcome, Outcome) {
+    let mut c = Outcome::default();
+    let mut s = Outcome::default();
+    feed_client_chunks(codec, &[client], &mut c);
+    feed_server_chunks(codec, &[server], &mut s);
+    assert_eq!(c.forwarded, client);
+    assert_eq!(s.forwarded, server);
+    (c, s)
+}
+
+#[test]
+fn simple_query_record_and_events() {
+    let mut codec = SessionCodec::new(recording());
+    let client = query("SELECT * FROM t");
+    let (c, s) = run(
+        &mut codec,
+        &client,
+        &cat(&[
+            row_description(&["a"]),
+            data_row(&[Some(b"1")]),
+            data_row(&[Some(b"2")]),
+            command_complete("SELECT 2"),
+            ready(b'I'),
+        ]),
+    );
+    assert_eq!(
+        c.client_events,
+        vec![ClientEvent::Query {
+            sql: "SELECT * FROM t".into(),
+            start: 0,
+            end: client.len()
+        }]
+    );
+    assert_eq!(
+        s.server_events,
+        vec![ServerEvent::Ready(TransactionStatus::Idle)]
+    );
+    assert_eq!(
+        records(&mut codec),
+        vec![
+            json!({"session":"t1","protocol":"simple","statement":"SELECT * FROM t",
+            "command_tag":"SELECT 2","rows":2,"sqlstate":null,"error":null})
+        ]
+    );
+    assert_eq!(codec.in_flight(), 0);
+}
+
+#[test]
+fn multi_statement_query_sums_rows_and_keeps_first_error() {
+    let mut codec = SessionCodec::new(recording());
+    run(
+        &mut codec,
+        &query("INSERT INTO t VALUES (1),(2); SELECT 1; SELECT x"),
+        &cat(&[
+            command_complete("INSERT 0 2"),
+            row_description(&["?column?"]),
+            data_row(&[Some(b"1")]),
+            command_complete("SELECT 1"),
+            error("42703", "column \"x\" does not exist"),
+            ready(b'I'),
+        ]),
+    );
+    let r = records(&mut codec);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["rows"], 3);
+    assert_eq!(r[0]["command_tag"], "SELECT 1");
+    assert_eq!(r[0]["sqlstate"], "42703");
+    assert_eq!(r[0]["error"], "column \"x\" does not exist");
+}
+
+#[test]
+fn empty_query_and_tagless_command() {
+    let mut codec = SessionCodec::new(recording());
+    run(&mut codec, &query(""), &cat(&[empty_query(), ready(b'I')]));
+    run(
+        &mut codec,
+        &query("BEGIN"),
+        &cat(&[command_complete("BEGIN"), ready(b'T')]),
+    );
+    let r = records(&mut codec);
+    assert_eq!(r[0]["command_tag"], serde_json::Value::Null);
+    assert_eq!(r[0]["rows"], serde_json::Value::Null);
+    assert_eq!(r[1]["command_tag"], "BEGIN");
+    assert_eq!(codec.transaction_status(), TransactionStatus::InTransaction);
+}
+
+/// pgbench -M extended: Parse/Bind/Describe/Execute/Sync per statement.
+#[test]
+fn extended_protocol_pgbench_style() {
+    let mut codec = SessionCodec::new(recording());
+    let client = cat(&[
+        parse("", "SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
+        bind("", "", &[], &[Some(b"42")]),
+        describe_portal(""),
+        execute("", 0),
+        sync(),
+    ]);
+    let (c, _) = run(
+        &mut codec,
+        &client,
+        &cat(&[
+            parse_complete(),
+            bind_complete(),
+            row_description(&["abalance"]),
+            data_row(&[Some(b"0")]),
+            command_complete("SELECT 1"),
+            ready(b'I'),
+        ]),
+    );
+    let sql: std::sync::Arc<str> = "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into();
+    let p_len = parse("", &sql).len();
+    let b_len = bind("", "", &[], &[Some(b"42")]).len();
+    let d_len = describe_portal("").len();
+    let e_start = p_len + b_len + d_len;
+    assert_eq!(
+        c.client_events,
+        vec![
+            ClientEvent::Parse {
+                name: "".into(),
+                sql: sql.clone(),
+                start: 0,
+                end: p_len
+            },
+            ClientEvent::Execute {
+                portal: "".into(),
+                sql: sql.clone(),
+                start: e_start,
+                end: e_start + execute("", 0).len()
+            },
+        ]
+    );
+    assert_eq!(
+        records(&mut codec),
+        vec![
+            json!({"session":"t1","protocol":"extended","statement":&*sql,"params":["42"],
+            "command_tag":"SELECT 1","rows":1,"sqlstate":null,"error":null})
+        ]
+    );
+}
+
+#[test]
+fn named_statement_portal_params_and_suspension() {
+    let mut codec = SessionCodec::new(SessionConfig {
+        max_param_bytes: 4,
+        ..recording()
+    });
+    run(
+        &mut codec,
+        &cat(&[
+            parse("s1", "SELECT * FROM big WHERE a = $1 AND b = $2 AND c = $3"),
+            sync(),
+        ]),
+        &cat(&[parse_complete(), ready(b'I')]),
+    );
+    run(
+        &mut codec,
+        &cat(&[
+            bind(
+                "c1",
+                "s1",
+                &[0, 1, 0],
+                &[Some(b"hello world"), Some(&[1, 2]), None],
+            ),
+            execute("c1", 2),
+            execute("c1", 2),
+            sync(),
+        ]),
+        &cat(&[
+            bind_complete(),
+            data_row(&[Some(b"1")]),
+            data_row(&[Some(b"2")]),
+            portal_suspended(),
+            data_row(&[Some(b"3")]),
+            command_complete("SELECT 1"),
+            ready(b'I'),
+        ]),
+    );
+    let r = records(&mut codec);
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        r[0]["params"],
+        json!(["hell...[truncated, 11 bytes]", "\\x0102", null])
+    );
+    assert_eq!(r[0]["rows"], 2);
+    assert_eq!(r[0]["command_tag"], serde_json::Value::Null);
+    assert_eq!(r[1]["rows"], 1);
+    assert_eq!(r[1]["command_tag"], "SELECT 1");
+}
+
+/// asyncpg prepares with Parse/Describe/Flush and no Sync; a failing Parse must still
+/// produce a record, and the Sync sent afterwards is answered by ReadyForQuery.
+#[test]
+fn asyncpg_failing_parse_with_flush() {
+    let mut codec = SessionCodec::new(recording());
+    let (_, s) = run(
+        &mut codec,
+        &cat(&[
+            parse("__asyncpg_stmt_1__", "SELEC 1"),
+            describe_stmt("__asyncpg_stmt_1__"),
+            flush(),
+        ]),
+        &error("42601", "syntax error at or near \"SELEC\""),
+    );
+    assert!(
+        matches!(&s.server_events[0], ServerEvent::Error { sqlstate, .. } if sqlstate == "42601")
+    );
+    assert_eq!(codec.in_flight(), 0);
+    let r = records(&mut codec);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["statement"], "SELEC 1");
+    assert_eq!(r[0]["protocol"], "extended");
+    assert_eq!(r[0]["sqlstate"], "42601");
+    // Messages sent before the Sync are skipped by the server: no record, no wait.
+    run(
+        &mut codec,
+        &cat(&[describe_stmt("x"), sync()]),
+        &ready(b'I'),
+    );
+    assert!(records(&mut codec).is_empty());
+    // And the session continues normally.
+    run(
+        &mut codec,
+        &cat(&[
+            parse("", "SELECT 1"),
+            bind("", "", &[], &[]),
+            execute("", 0),
+            sync(),
+        ]),
+        &cat(&[
+            parse_complete(),
+            bind_complete(),
+            data_row(&[Some(b"1")]),
+            command_complete("SELECT 1"),
+            ready(b'I'),
+        ]),
+    );
+    assert_eq!(records(&mut codec).len(), 1);
+}
+
+/// A pipeline where the first Execute fails: later Executes before Sync never run.
+#[test]
+fn pipelined_error_drops_skipped_executes() {
+    let mut codec = SessionCodec::new(recording());
+    let client = cat(&[
+        parse("", "INSERT INTO t VALUES (1)"),
+        bind("", "", &[], &[]),
+        execute("", 0),
+        parse("", "SELECT 2"),
+        bind("", "", &[], &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    let mut c = Outcome::default();
+    feed_client_chunks(&mut codec, &[&client], &mut c);
+    assert_eq!(codec.in_flight(), 2);
+    let mut s = Outcome::default();
+    feed_server_chunks(
+        &mut codec,
+        &[&cat(&[
+            parse_complete(),
+            bind_complete(),
+            error("23505", "duplicate key"),
+        ])],
+        &mut s,
+    );
+    assert_eq!(codec.in_flight(), 0);
+    feed_server_chunks(&mut codec, &[&ready(b'I')], &mut s);
+    let r = records(&mut codec);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["statement"], "INSERT INTO t VALUES (1)");
+    assert_eq!(r[0]["sqlstate"], "23505");
+}
+
+#[test]
+fn copy_from_stdin_streams_copy_data() {
+    let mut codec = SessionCodec::new(recording());
+    run(&mut codec, &query("COPY t FROM STDIN"), &copy_in_response());
+    // A large CopyData arrives in pieces: each piece is forwarded at once, unchanged.
+    let big = vec![b'x'; 100_000];
+    let msg = copy_data(&big);
+    let mut forwarded = Vec::new();
+    for piece in msg.chunks(7_000) {
+        let fwd = codec.feed_client(piece).unwrap();
+        assert_eq!(fwd, Forward::Unchanged);
+        forwarded.extend_from_slice(piece);
+    }
+    assert_eq!(codec.held_client_bytes(), 0);
+    run(
+        &mut codec,
+        &copy_done(),
+        &cat(&[command_complete("COPY 1000"), ready(b'I')]),
+    );
+    let r = records(&mut codec);
+    assert_eq!(r[0]["rows"], 1000);
+    assert_eq!(r[0]["command_tag"], "COPY 1000");
+}
+
+#[test]
+fn copy_to_stdout_and_copy_fail() {
+    let mut codec = SessionCodec::new(recording());
+    run(
+        &mut codec,
+        &query("COPY t TO STDOUT"),
+        &cat(&[
+            copy_out_response(),
+            server_copy_data(b"1\ta\n"),
+            server_copy_data(b"2\tb\n"),
+            server_copy_done(),
+            command_complete("COPY 2"),
+            ready(b'I'),
+        ]),
+    );
+    let mut fail = Vec::new();
+    pgwarden_wire::frontend::FrontendMessage::CopyFail("client gave up").encode(&mut fail);
+    run(&mut codec, &query("COPY t FROM STDIN"), &copy_in_response());
+    run(
+        &mut codec,
+        &cat(&[copy_data(b"1\n"), fail]),
+        &cat(&[
+            error("57014", "COPY from stdin failed: client gave up"),
+            ready(b'I'),
+        ]),
+    );
+    let r = records(&mut codec);
+    assert_eq!(r[0]["rows"], 2);
+    assert_eq!(r[1]["sqlstate"], "57014");
+}
+
+#[test]
+fn function_call_is_recorded() {
+    let mut codec = SessionCodec::new(recording());
+    let (c, _) = run(
+        &mut codec,
+        &function_call(1598, &[Some(&[0, 0, 0, 7])]),
+        &cat(&[function_call_response(Some(b"abc")), ready(b'I')]),
+    );
+    assert!(matches!(
+        c.client_events[0],
+        ClientEvent::FunctionCall {
+            function_oid: 1598,
+            ..
+        }
+    ));
+    let r = records(&mut codec);
+    assert_eq!(r[0]["protocol"], "function_call");
+    assert_eq!(r[0]["function_oid"], 1598);
+    assert_eq!(r[0]["params"], json!(["\\x00000007"]));
+}
+
+#[test]
+fn terminate_is_reported_even_without_client_events() {
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    let client = cat(&[query("SELECT 1"), terminate()]);
+    let fwd = codec.feed_client(&client).unwrap();
+    assert_eq!(fwd, Forward::Unchanged);
+    let q = query("SELECT 1").len();
+    assert_eq!(
+        codec.client_events(),
+        &[ClientEvent::Terminate {
+            start: q,
+            end: q + 5
+        }]
+    );
+    assert!(codec.take_records().is_empty());
+}
+
+#[test]
+fn incomplete_client_message_is_held_until_complete() {
+    let mut codec = SessionCodec::new(recording());
+    let a = query("SELECT 1");
+    let b = query("SELECT 2");
+    let mut chunk1 = a.clone();
+    chunk1.extend_from_slice(&b[..6]);
+    assert_eq!(
+        codec.feed_client(&chunk1).unwrap(),
+        Forward::Prefix(a.len())
+    );
+    assert_eq!(codec.held_client_bytes(), 6);
+    let fwd = codec.feed_client(&b[6..]).unwrap();
+    assert_eq!(fwd, Forward::Buffered);
+    assert_eq!(codec.client_buffer(), &b[..]);
+    assert!(
+        matches!(&codec.client_events()[0], ClientEvent::Query { start: 0, end, .. } if *end == b.len())
+    );
+}
+
+#[test]
+fn server_bytes_pass_through_untouched_even_mid_message() {
+    let mut codec = SessionCodec::new(recording());
+    codec.feed_client(&query("SELECT big")).unwrap();
+    let row = data_row(&[Some(&vec![7u8; 20 << 20])]);
+    let stream = cat(&[
+        row_description(&["b"]),
+        row,
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    for piece in stream.chunks(65_536) {
+        assert_eq!(codec.feed_server(piece).unwrap(), Forward::Unchanged);
+    }
+    assert_eq!(records(&mut codec)[0]["rows"], 1);
+}
+
+#[test]
+fn portals_are_forgotten_at_idle() {
+    let mut codec = SessionCodec::new(recording());
+    run(
+        &mut codec,
+        &cat(&[parse("", "SELECT 1"), bind("p", "", &[], &[]), sync()]),
+        &cat(&[parse_complete(), bind_complete(), ready(b'I')]),
+    );
+    let (c, _) = run(
+        &mut codec,
+        &cat(&[execute("p", 0), sync()]),
+        &cat(&[error("34000", "portal \"p\" does not exist"), ready(b'I')]),
+    );
+    assert!(matches!(&c.client_events[0], ClientEvent::Execute { sql, .. } if sql.is_empty()));
+}
+
+#[test]
+fn close_statement_forgets_its_text() {
+    let mut codec = SessionCodec::new(recording());
+    run(
+        &mut codec,
+        &cat(&[parse("s", "SELECT 1"), close_stmt("s"), sync()]),
+        &cat(&[parse_complete(), close_complete(), ready(b'I')]),
+    );
+    let (c, _) = run(
+        &mut codec,
+        &cat(&[bind("", "s", &[], &[]), execute("", 0), sync()]),
+        &cat(&[
+            error("26000", "prepared statement \"s\" does not exist"),
+            ready(b'I'),
+        ]),
+    );
+    assert!(matches!(&c.client_events[0], ClientEvent::Execute { sql, .. } if sql.is_empty()));
+    let r = records(&mut codec);
+    assert_eq!(
+        r.len(),
+        1,
+        "the failed Bind is recorded, the skipped Execute is not"
+    );
+    assert_eq!(r[0]["sqlstate"], "26000");
+}
+
+#[test]
+fn describe_statement_round_trip_keeps_queue_aligned() {
+    let mut codec = SessionCodec::new(recording());
+    run(
+        &mut codec,
+        &cat(&[parse("s", "SELECT $1::int"), describe_stmt("s"), sync()]),
+        &cat(&[
+            parse_complete(),
+            parameter_description(&[23]),
+            row_description(&["int4"]),
+            ready(b'I'),
+        ]),
+    );
+    run(
+        &mut codec,
+        &cat(&[parse("n", "UPDATE t SET a = 1"), describe_stmt("n"), sync()]),
+        &cat(&[
+            parse_complete(),
+            parameter_description(&[]),
+            no_data(),
+            ready(b'I'),
+        ]),
+    );
+    assert_eq!(codec.in_flight(), 0);
+    assert!(records(&mut codec).is_empty());
+}
+
+#[test]
+fn async_messages_do_not_disturb_tracking() {
+    let mut codec = SessionCodec::new(recording());
+    run(
+        &mut codec,
+        &query("SELECT 1"),
+        &cat(&[
+            notice("hello"),
+            parameter_status("TimeZone", "UTC"),
+            data_row(&[Some(b"1")]),
+            command_complete("SELECT 1"),
+            ready(b'I'),
+        ]),
+    );
+    assert_eq!(records(&mut codec)[0]["rows"], 1);
+}
+
+#[test]
+fn fatal_error_without_pending_statement_is_an_event_only() {
+    let mut codec = SessionCodec::new(recording());
+    let (_, s) = run(
+        &mut codec,
+        b"",
+        &error(
+            "57P01",
+            "terminating connection due to administrator command",
+        ),
+    );
+    assert_eq!(s.server_events.len(), 1);
+    assert!(records(&mut codec).is_empty());
+}
+
+#[test]
+fn oversized_and_malformed_input_is_refused() {
+    let mut codec = SessionCodec::new(SessionConfig {
+        max_message_len: 1000,
+        ..SessionConfig::default()
+    });
+    assert!(matches!(
+        codec.feed_client(&[b'Q', 0x7f, 0xff, 0xff, 0xff]),
+        Err(WireError::TooLong { .. })
+    ));
+    // The stream cannot be resynchronised: later calls fail too.
+    assert!(codec.feed_client(&query("SELECT 1")).is_err());
+    assert_eq!(codec.held_client_bytes(), 0);
+
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    assert!(matches!(
+        codec.feed_client(&[b'S', 0, 0, 0, 3]),
+        Err(WireError::TooShort { .. })
+    ));
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    assert!(matches!(
+        codec.feed_client(b"p\0\0\0\x05x"),
+        Err(WireError::UnknownTag { .. })
+    ));
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    assert!(matches!(
+        codec.feed_server(b"?\0\0\0\x04"),
+        Err(WireError::UnknownTag { .. })
+    ));
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    assert!(codec.feed_server(b"Z\0\0\0\x05X").is_err());
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    assert!(codec.feed_server(b"1\0\0\0\x05X").is_err());
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    assert!(
+        codec.feed_client(b"Q\0\0\0\x06\xff\0").is_err(),
+        "non-UTF-8 SQL is refused"
+    );
+}
+
+/// Uppercases every text value: stands in for the masking policy.
+struct Shout {
+    wanted: bool,
+}
+
+impl DataRowMasker for Shout {
+    fn describe(&mut self, description: &RowDescription<'_>) {
+        self.wanted = description.fields().any(|f| f.name == b"secret");
+    }
+    fn wants_rows(&self) -> bool {
+        self.wanted
+    }
+    fn mask_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool {
+        out.extend(row.iter().map(u8::to_ascii_uppercase));
+        true
+    }
+}
+
+#[test]
+fn masker_rewrites_only_rows_it_wants_at_any_chunking() {
+    let stream = cat(&[
+        row_description(&["secret"]),
+        data_row(&[Some(b"abc")]),
+        data_row(&[Some(&vec![b'q'; 5000])]),
+        command_complete("SELECT 2"),
+        ready(b'I'),
+        row_description(&["public"]),
+        data_row(&[Some(b"xyz")]),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    let expected = cat(&[
+        row_description(&["secret"]),
+        data_row(&[Some(b"ABC")]),
+        data_row(&[Some(&vec![b'Q'; 5000])]),
+        command_complete("SELECT 2"),
+        ready(b'I'),
+        row_description(&["public"]),
+        data_row(&[Some(b"xyz")]),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    for size in [1, 2, 3, 5, 7, 64, 1000, 4999, stream.len()] {
+        let mut codec = SessionCodec::new(SessionConfig::default());
+        codec.set_masker(Some(Box::new(Shout { wanted: false })));
+        let mut out = Outcome::default();
+        let chunks: Vec<&[u8]> = stream.chunks(size).collect();
+        feed_server_chunks(&mut codec, &chunks, &mut out);
+        assert_eq!(out.forwarded, expected, "chunk size {size}");
+        assert_eq!(out.server_events.len(), 2);
+    }
+}

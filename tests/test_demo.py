@@ -1,0 +1,62 @@
+"""``pgwarden demo``: up within a minute, shows an audit record, Ctrl-C cleans up."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import gateway_command, gateway_environment, run_tool
+
+
+@pytest.mark.slow
+def test_demo_walkthrough() -> None:
+    process = subprocess.Popen(
+        gateway_command("demo", "--port", "0"),
+        env=gateway_environment(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        text = "".join(output)
+        assert "Ctrl-C to stop" in text, text
+
+        command = re.search(r"PGPASSWORD=(\S+) psql '([^']+)'", text)
+        assert command, text
+        env = {**gateway_environment(), "PGPASSWORD": command.group(1).strip("'")}
+        result = run_tool(
+            ["psql", "-Atc", "select count(*) from shop.customers", command.group(2)], env
+        )
+        assert result.returncode == 0, result.stderr
+        assert int(result.stdout) >= 1000
+
+        log_path = Path(re.search(r"tail -f (\S+)", text).group(1))  # type: ignore[union-attr]
+        assert log_path.is_file()
+        record = json.loads(log_path.read_text().splitlines()[0])
+        assert record["user"] == "demo"
+        assert "shop.customers" in record["statement"]
+        assert "Audit record" in text
+        directory = log_path.parent
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, rest
+    assert "cleaned up" in rest
+    assert not directory.exists()
