@@ -95,9 +95,7 @@ class StartupPacket:
     def secret_key(self) -> bytes:
         """CancelRequest secret key: 4 bytes in protocol 3.0, up to 256 in 3.2."""
 
-def read_startup(
-    buf: bytes, max_len: int = ...
-) -> tuple[StartupPacket, int] | None:
+def read_startup(buf: bytes, max_len: int = ...) -> tuple[StartupPacket, int] | None:
     """Decode one startup packet from the front of ``buf``.
 
     Returns ``(packet, consumed_bytes)``, or ``None`` when more bytes are needed.
@@ -183,10 +181,25 @@ class SessionCodec:
     def feed_client(self, data: bytes) -> tuple[bytes, list[ClientEvent] | None]: ...
     def feed_server(self, data: bytes) -> tuple[bytes, list[ServerEvent] | None]: ...
     def take_records(self) -> bytes:
-        """JSON lines, one per finished statement since the last call (may be empty)."""
+        """JSON lines, one per finished statement since the last call (may be empty).
+
+        Fields: ``ts``, the ``context_json`` members, ``protocol`` ("simple",
+        "extended" or "function_call"), ``statement``, ``params`` (extended and
+        function calls), ``function_oid`` (function calls), ``duration_us``,
+        ``command_tag``, ``rows``, ``sqlstate``, ``error``.  See rust/wire/README.md.
+        """
     @property
     def transaction_status(self) -> str:
         """Last ReadyForQuery status: "I", "T" or "E"."""
     @property
     def in_flight(self) -> int:
         """Statements sent to the server and not yet finished."""
+    @property
+    def pending_requests(self) -> int:
+        """Requests awaiting a response (statements, Parse, Bind, Describe, Close, Sync).
+
+        Zero means the server owes the client nothing: a safe point to end the session.
+        """
+    @property
+    def held_client_bytes(self) -> int:
+        """Client bytes held back because their message is not complete yet."""

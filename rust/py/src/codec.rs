@@ -100,18 +100,12 @@ pub fn decode_backend_key_data<'py>(
 
 #[pyfunction]
 pub fn decode_negotiate_protocol_version(body: &[u8]) -> PyResult<(u32, Vec<String>)> {
-    match BackendMessage::decode(backend::tag::NEGOTIATE_PROTOCOL_VERSION, body)
-        .map_err(wire_err)?
-    {
-        BackendMessage::NegotiateProtocolVersion {
-            newest_minor,
-            unsupported,
-        } => Ok((
-            newest_minor,
-            unsupported.iter().map(str::to_owned).collect(),
-        )),
-        _ => unreachable!("decoded by tag"),
-    }
+    let (newest_minor, unsupported) =
+        backend::decode_negotiate_protocol_version(body).map_err(wire_err)?;
+    Ok((
+        newest_minor,
+        unsupported.iter().map(str::to_owned).collect(),
+    ))
 }
 
 /// AuthenticationSASL payload (after the auth code) -> mechanism names.
@@ -300,15 +294,8 @@ pub fn encode_negotiate_protocol_version<'py>(
     newest_minor: u32,
     unsupported: Vec<String>,
 ) -> Bound<'py, PyBytes> {
+    let names: Vec<&str> = unsupported.iter().map(String::as_str).collect();
     bytes_out(py, |b| {
-        let mut w = pgwarden_wire::writer::MessageWriter::typed(
-            b,
-            backend::tag::NEGOTIATE_PROTOCOL_VERSION,
-        );
-        w.u32(newest_minor).i32(unsupported.len() as i32);
-        for name in &unsupported {
-            w.cstr(name.as_bytes());
-        }
-        w.finish();
+        backend::encode_negotiate_protocol_version(b, newest_minor, &names)
     })
 }

@@ -164,4 +164,14 @@ impl SessionCodec {
     fn in_flight(&self) -> usize {
         self.inner.in_flight()
     }
+
+    #[getter]
+    fn pending_requests(&self) -> usize {
+        self.inner.pending_requests()
+    }
+
+    #[getter]
+    fn held_client_bytes(&self) -> usize {
+        self.inner.held_client_bytes()
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pgwarden_wire::arrays::{write_i16s, write_values};
 use pgwarden_wire::backend::{BackendMessage, FieldDescription, RowDescription, TransactionStatus};
 use pgwarden_wire::frontend::{Bind, Execute, FrontendMessage, Query};
@@ -156,25 +156,37 @@ fn bench_client(c: &mut Criterion) {
         .collect();
     let total: usize = statements.iter().map(Vec::len).sum();
     g.throughput(Throughput::Bytes(total as u64));
-    g.bench_function("pgbench_simple_queries_events", |b| {
-        let mut codec = SessionCodec::new(SessionConfig {
+    // A fresh codec per batch: without server responses the request queue would grow.
+    let with_events = || {
+        SessionCodec::new(SessionConfig {
             client_events: true,
             ..SessionConfig::default()
-        });
-        b.iter(|| {
-            for s in &statements {
-                black_box(codec.feed_client(black_box(s)).unwrap());
-            }
         })
+    };
+    g.bench_function("pgbench_simple_queries_events", |b| {
+        b.iter_batched(
+            with_events,
+            |mut codec| {
+                for s in &statements {
+                    black_box(codec.feed_client(black_box(s)).unwrap());
+                }
+                codec
+            },
+            BatchSize::SmallInput,
+        )
     });
     let stream = statements.concat();
     g.bench_function("pgbench_simple_queries_one_chunk", |b| {
-        let mut codec = SessionCodec::new(SessionConfig::default());
-        b.iter(|| {
-            for chunk in stream.chunks(CHUNK) {
-                black_box(codec.feed_client(black_box(chunk)).unwrap());
-            }
-        })
+        b.iter_batched(
+            || SessionCodec::new(SessionConfig::default()),
+            |mut codec| {
+                for chunk in stream.chunks(CHUNK) {
+                    black_box(codec.feed_client(black_box(chunk)).unwrap());
+                }
+                codec
+            },
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
 
@@ -200,6 +212,16 @@ fn bench_client(c: &mut Criterion) {
     );
     let bytes: usize = rounds.iter().map(Vec::len).sum::<usize>() + rounds.len() * response.len();
     g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("pgbench_extended_roundtrips_passthrough", |b| {
+        let mut codec = SessionCodec::new(SessionConfig::default());
+        codec.feed_client(&prepare).unwrap();
+        b.iter(|| {
+            for r in &rounds {
+                black_box(codec.feed_client(black_box(r)).unwrap());
+                black_box(codec.feed_server(black_box(&response)).unwrap());
+            }
+        })
+    });
     g.bench_function("pgbench_extended_roundtrips_recorded", |b| {
         let mut codec = SessionCodec::new(recorded());
         codec.feed_client(&prepare).unwrap();

@@ -141,6 +141,32 @@ pub fn encode_authentication_raw(buf: &mut Vec<u8>, code: i32, payload: &[u8]) {
     w.finish();
 }
 
+/// Appends a NegotiateProtocolVersion: the newest minor version this side supports
+/// and the `_pq_.` options it does not recognise.
+pub fn encode_negotiate_protocol_version(
+    buf: &mut Vec<u8>,
+    newest_minor: u32,
+    unsupported: &[&str],
+) {
+    let mut w = MessageWriter::typed(buf, tag::NEGOTIATE_PROTOCOL_VERSION);
+    w.u32(newest_minor).i32(unsupported.len() as i32);
+    for name in unsupported {
+        w.cstr(name.as_bytes());
+    }
+    w.finish();
+}
+
+/// NegotiateProtocolVersion body -> (newest minor version, unrecognised options).
+pub fn decode_negotiate_protocol_version(body: &[u8]) -> Result<(u32, NameList<'_>)> {
+    let mut r = BodyReader::new(body, "NegotiateProtocolVersion");
+    let newest_minor = r.u32()?;
+    let n =
+        usize::try_from(r.i32()?).map_err(|_| WireError::malformed("NegotiateProtocolVersion"))?;
+    let unsupported = NameList::read_counted(&mut r, n, "NegotiateProtocolVersion")?;
+    r.finish()?;
+    Ok((newest_minor, unsupported))
+}
+
 /// Decodes the AuthenticationSASL payload (after the request code): mechanism names.
 pub fn decode_sasl_mechanisms(payload: &[u8]) -> Result<NameList<'_>> {
     let mut r = BodyReader::new(payload, "AuthenticationSASL");
@@ -442,12 +468,7 @@ impl<'a> BackendMessage<'a> {
             tag::CLOSE_COMPLETE => empty(body, "CloseComplete", M::CloseComplete)?,
             tag::PORTAL_SUSPENDED => empty(body, "PortalSuspended", M::PortalSuspended)?,
             tag::NEGOTIATE_PROTOCOL_VERSION => {
-                let mut r = BodyReader::new(body, "NegotiateProtocolVersion");
-                let newest_minor = r.u32()?;
-                let n = usize::try_from(r.i32()?)
-                    .map_err(|_| WireError::malformed("NegotiateProtocolVersion"))?;
-                let unsupported = NameList::read_counted(&mut r, n, "NegotiateProtocolVersion")?;
-                r.finish()?;
+                let (newest_minor, unsupported) = decode_negotiate_protocol_version(body)?;
                 M::NegotiateProtocolVersion {
                     newest_minor,
                     unsupported,

@@ -74,7 +74,6 @@ impl ClientStream {
                     };
                     let header: [u8; HEADER_LEN] = header.try_into().expect("5 bytes");
                     let (tag, body_len) = parse_header(header, self.max_len)?;
-                    let end = pos + HEADER_LEN + body_len;
                     if tag == tag::COPY_DATA {
                         out.pass(input, pos, pos + HEADER_LEN);
                         pos += HEADER_LEN;
@@ -83,7 +82,9 @@ impl ClientStream {
                                 remaining: body_len,
                             };
                         }
-                    } else if end <= n {
+                    } else if body_len <= n - pos - HEADER_LEN {
+                        // Compared by subtraction: no overflow whatever the length.
+                        let end = pos + HEADER_LEN + body_len;
                         let start = out.len();
                         out.pass(input, pos, end);
                         on_message(tag, &input[pos + HEADER_LEN..end], start, out.len())?;

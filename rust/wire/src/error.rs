@@ -36,6 +36,8 @@ pub enum WireError {
     Malformed { what: &'static str },
     #[error("unknown {direction} message type 0x{tag:02x}")]
     UnknownTag { tag: u8, direction: Direction },
+    #[error("more than {limit} requests pipelined without reading responses")]
+    PipelineTooDeep { limit: usize },
 }
 
 impl WireError {

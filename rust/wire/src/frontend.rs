@@ -142,29 +142,12 @@ impl<'a> FrontendMessage<'a> {
     /// Decodes the body of a message with type byte `tag`.
     pub fn decode(tag: u8, body: &'a [u8]) -> Result<Self> {
         Ok(match tag {
-            tag::QUERY => {
-                let mut r = BodyReader::new(body, "Query");
-                let sql = r.cstr_utf8()?;
-                r.finish()?;
-                FrontendMessage::Query(Query { sql })
-            }
+            tag::QUERY => FrontendMessage::Query(Query::decode(body)?),
             tag::PARSE => FrontendMessage::Parse(Parse::decode(body)?),
             tag::BIND => FrontendMessage::Bind(Bind::decode(body)?),
             tag::EXECUTE => FrontendMessage::Execute(Execute::decode(body)?),
-            tag::DESCRIBE => {
-                let mut r = BodyReader::new(body, "Describe");
-                let target = Target::read(&mut r, "Describe")?;
-                let name = r.cstr_utf8()?;
-                r.finish()?;
-                FrontendMessage::Describe(Describe { target, name })
-            }
-            tag::CLOSE => {
-                let mut r = BodyReader::new(body, "Close");
-                let target = Target::read(&mut r, "Close")?;
-                let name = r.cstr_utf8()?;
-                r.finish()?;
-                FrontendMessage::Close(Close { target, name })
-            }
+            tag::DESCRIBE => FrontendMessage::Describe(Describe::decode(body)?),
+            tag::CLOSE => FrontendMessage::Close(Close::decode(body)?),
             tag::SYNC => empty(body, "Sync", FrontendMessage::Sync)?,
             tag::FLUSH => empty(body, "Flush", FrontendMessage::Flush)?,
             tag::COPY_DATA => FrontendMessage::CopyData(body),
@@ -262,6 +245,35 @@ fn empty<'a>(
         Ok(m)
     } else {
         Err(WireError::malformed(what))
+    }
+}
+
+impl<'a> Query<'a> {
+    pub fn decode(body: &'a [u8]) -> Result<Self> {
+        let mut r = BodyReader::new(body, "Query");
+        let sql = r.cstr_utf8()?;
+        r.finish()?;
+        Ok(Query { sql })
+    }
+}
+
+impl<'a> Describe<'a> {
+    pub fn decode(body: &'a [u8]) -> Result<Self> {
+        let mut r = BodyReader::new(body, "Describe");
+        let target = Target::read(&mut r, "Describe")?;
+        let name = r.cstr_utf8()?;
+        r.finish()?;
+        Ok(Describe { target, name })
+    }
+}
+
+impl<'a> Close<'a> {
+    pub fn decode(body: &'a [u8]) -> Result<Self> {
+        let mut r = BodyReader::new(body, "Close");
+        let target = Target::read(&mut r, "Close")?;
+        let name = r.cstr_utf8()?;
+        r.finish()?;
+        Ok(Close { target, name })
     }
 }
 

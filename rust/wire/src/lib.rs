@@ -24,7 +24,7 @@ mod record;
 mod server_stream;
 pub mod session;
 pub mod startup;
-mod statements;
+pub mod statements;
 pub mod writer;
 
 pub use error::{Direction, Result, WireError};

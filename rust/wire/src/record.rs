@@ -18,25 +18,34 @@ pub(crate) fn json_param(buf: &mut Vec<u8>, value: Option<&[u8]>, binary: bool, 
     };
     let cut = v.len() > max_bytes;
     let shown = if cut { &v[..max_bytes] } else { v };
-    let mut s = String::new();
-    if binary {
-        s.push_str("\\x");
-        for b in shown {
-            let _ = write!(s, "{b:02x}");
-        }
+    let text = if binary {
+        None
     } else {
-        // Cutting may split a UTF-8 sequence: keep the valid prefix.
-        let text = match std::str::from_utf8(shown) {
-            Ok(t) => t,
+        match std::str::from_utf8(shown) {
+            Ok(t) => Some(t),
+            // Cutting may split a UTF-8 sequence: keep the whole characters before it.
             Err(e) if cut && e.error_len().is_none() => {
-                std::str::from_utf8(&shown[..e.valid_up_to()]).unwrap_or_default()
+                std::str::from_utf8(&shown[..e.valid_up_to()]).ok()
             }
-            Err(_) => {
-                json_param(buf, value, true, max_bytes);
-                return;
+            // Text-format bytes that are not UTF-8 are shown as hex rather than lost.
+            Err(_) => None,
+        }
+    };
+    if !cut {
+        if let Some(t) = text {
+            json_str(buf, t);
+            return;
+        }
+    }
+    let mut s = String::with_capacity(shown.len() * 2 + 32);
+    match text {
+        Some(t) => s.push_str(t),
+        None => {
+            s.push_str("\\x");
+            for b in shown {
+                let _ = write!(s, "{b:02x}");
             }
-        };
-        s.push_str(text);
+        }
     }
     if cut {
         let _ = write!(s, "...[truncated, {} bytes]", v.len());
@@ -44,22 +53,43 @@ pub(crate) fn json_param(buf: &mut Vec<u8>, value: Option<&[u8]>, binary: bool, 
     json_str(buf, &s);
 }
 
-/// RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-26T07:26:08.123456Z`.
+/// RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-26T07:26:08.123456Z`,
+/// written digit by digit (one per statement record: formatting machinery shows up).
 pub(crate) fn write_timestamp(buf: &mut Vec<u8>, t: SystemTime) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (y, m, day) = civil_from_days((secs / 86_400) as i64);
     let sod = secs % 86_400;
-    let mut s = String::with_capacity(30);
-    let _ = write!(
-        s,
-        "\"{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z\"",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60,
-        d.subsec_micros()
-    );
-    buf.extend_from_slice(s.as_bytes());
+    buf.push(b'"');
+    digits(buf, y.clamp(0, 9999) as u64, 4);
+    buf.push(b'-');
+    digits(buf, u64::from(m), 2);
+    buf.push(b'-');
+    digits(buf, u64::from(day), 2);
+    buf.push(b'T');
+    digits(buf, sod / 3600, 2);
+    buf.push(b':');
+    digits(buf, sod / 60 % 60, 2);
+    buf.push(b':');
+    digits(buf, sod % 60, 2);
+    buf.push(b'.');
+    digits(buf, u64::from(d.subsec_micros()), 6);
+    buf.extend_from_slice(b"Z\"");
+}
+
+/// Appends `v` as exactly `width` decimal digits (zero-padded).
+fn digits(buf: &mut Vec<u8>, mut v: u64, width: usize) {
+    let start = buf.len();
+    buf.resize(start + width, b'0');
+    for slot in buf[start..].iter_mut().rev() {
+        *slot = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+/// Appends `v` in decimal.
+pub(crate) fn write_u64(buf: &mut Vec<u8>, v: u64) {
+    buf.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant).

@@ -136,10 +136,14 @@ impl ServerStream {
                     }
                     match body_use {
                         BodyUse::Skip => {
-                            if body_len > 0 {
+                            if n - pos >= body_len {
+                                // The common case: the whole body is in this chunk.
+                                pos += body_len;
+                            } else {
                                 self.state = State::Skip {
-                                    remaining: body_len,
+                                    remaining: body_len - (n - pos),
                                 };
+                                pos = n;
                             }
                         }
                         BodyUse::Assemble => {

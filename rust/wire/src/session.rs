@@ -11,7 +11,9 @@ use crate::client_stream::ClientStream;
 use crate::error::{Direction, Result, WireError};
 use crate::events::{ClientEvent, ServerEvent};
 use crate::forward::{Forward, OutBuf};
-use crate::frontend::{self, Bind, Execute, FrontendMessage, FunctionCall, Parse, Target};
+use crate::frontend::{
+    self, Bind, Close, Describe, Execute, FrontendMessage, FunctionCall, Parse, Query, Target,
+};
 use crate::limits::DEFAULT_MAX_MESSAGE_LEN;
 use crate::masker::DataRowMasker;
 use crate::names::{Portal, PreparedNames};
@@ -188,6 +190,12 @@ impl SessionCodec {
         self.tracker.in_flight()
     }
 
+    /// Requests awaiting a response: statements plus Parse, Bind, Describe, Close and
+    /// Sync.  Zero means the server owes the client nothing.
+    pub fn pending_requests(&self) -> usize {
+        self.tracker.pending()
+    }
+
     /// Client bytes held back because their message is not complete yet.
     pub fn held_client_bytes(&self) -> usize {
         self.client.held_len()
@@ -213,9 +221,7 @@ impl ClientHandler<'_> {
         let recording = self.tracker.recording();
         match tag {
             frontend::tag::QUERY => {
-                let FrontendMessage::Query(q) = FrontendMessage::decode(tag, body)? else {
-                    unreachable!("decoded by tag")
-                };
+                let q = Query::decode(body)?;
                 let sql = self.wants_text().then(|| Arc::<str>::from(q.sql));
                 if self.emit_events {
                     self.events.push(ClientEvent::Query {
@@ -224,7 +230,8 @@ impl ClientHandler<'_> {
                         end,
                     });
                 }
-                self.tracker.sent(Kind::Query, self.clock, sql, None, None);
+                self.tracker
+                    .sent(Kind::Query, self.clock, sql, None, None)?;
             }
             frontend::tag::PARSE => {
                 let p = Parse::decode(body)?;
@@ -240,7 +247,8 @@ impl ClientHandler<'_> {
                         end,
                     });
                 }
-                self.tracker.sent(Kind::Parse, self.clock, sql, None, None);
+                self.tracker
+                    .sent(Kind::Parse, self.clock, sql, None, None)?;
             }
             frontend::tag::BIND => {
                 let b = Bind::decode(body)?;
@@ -262,7 +270,8 @@ impl ClientHandler<'_> {
                     );
                     sql = Some(text);
                 }
-                self.tracker.sent(Kind::Bind, self.clock, sql, params, None);
+                self.tracker
+                    .sent(Kind::Bind, self.clock, sql, params, None)?;
             }
             frontend::tag::EXECUTE => {
                 let e = Execute::decode(body)?;
@@ -289,12 +298,10 @@ impl ClientHandler<'_> {
                     sql.filter(|_| recording),
                     params,
                     None,
-                );
+                )?;
             }
             frontend::tag::DESCRIBE => {
-                let FrontendMessage::Describe(d) = FrontendMessage::decode(tag, body)? else {
-                    unreachable!("decoded by tag")
-                };
+                let d = Describe::decode(body)?;
                 let sql = if recording {
                     match d.target {
                         Target::Statement => self.names.statement(d.name).cloned(),
@@ -304,21 +311,21 @@ impl ClientHandler<'_> {
                     None
                 };
                 self.tracker
-                    .sent(Kind::Describe, self.clock, sql, None, None);
+                    .sent(Kind::Describe, self.clock, sql, None, None)?;
             }
             frontend::tag::CLOSE => {
-                let FrontendMessage::Close(c) = FrontendMessage::decode(tag, body)? else {
-                    unreachable!("decoded by tag")
-                };
+                let c = Close::decode(body)?;
                 match c.target {
                     Target::Statement => self.names.close_statement(c.name),
                     Target::Portal => self.names.close_portal(c.name),
                 }
-                self.tracker.sent(Kind::Close, self.clock, None, None, None);
+                self.tracker
+                    .sent(Kind::Close, self.clock, None, None, None)?;
             }
             frontend::tag::SYNC => {
                 FrontendMessage::decode(tag, body)?;
-                self.tracker.sent(Kind::Sync, self.clock, None, None, None);
+                self.tracker
+                    .sent(Kind::Sync, self.clock, None, None, None)?;
             }
             frontend::tag::FUNCTION_CALL => {
                 let f = FunctionCall::decode(body)?;
@@ -336,7 +343,7 @@ impl ClientHandler<'_> {
                     None,
                     params,
                     Some(f.function_oid),
-                );
+                )?;
             }
             frontend::tag::TERMINATE => {
                 FrontendMessage::decode(tag, body)?;

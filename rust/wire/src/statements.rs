@@ -11,10 +11,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::command_tag_rows;
-use crate::record::{json_str, write_timestamp};
+use crate::error::{Result, WireError};
+use crate::record::{json_str, write_timestamp, write_u64};
 
 /// Per-statement data kept only when records are on.
 #[derive(Debug)]
@@ -32,10 +33,26 @@ pub(crate) struct Draft {
     error: Option<(Box<str>, Box<str>)>,
 }
 
-/// When the message being handled was fed (one clock read per feed call, on demand).
-#[derive(Debug, Default)]
+/// When the message being handled was fed: one monotonic clock read per feed call, on
+/// demand.  Wall-clock time is derived from an anchor pair re-read at most once a
+/// second, since reading both clocks for every statement costs more than the rest of
+/// the record on some hosts.
+#[derive(Debug)]
 pub(crate) struct FeedClock {
-    now: Option<(Instant, SystemTime)>,
+    now: Option<Instant>,
+    anchor: (Instant, SystemTime),
+}
+
+/// How long a wall-clock anchor is trusted before it is read again.
+const ANCHOR_TTL: Duration = Duration::from_secs(1);
+
+impl Default for FeedClock {
+    fn default() -> Self {
+        FeedClock {
+            now: None,
+            anchor: (Instant::now(), SystemTime::now()),
+        }
+    }
 }
 
 impl FeedClock {
@@ -43,10 +60,20 @@ impl FeedClock {
         self.now = None;
     }
 
-    fn get(&mut self) -> (Instant, SystemTime) {
-        *self
-            .now
-            .get_or_insert_with(|| (Instant::now(), SystemTime::now()))
+    fn get(&mut self) -> Instant {
+        if let Some(now) = self.now {
+            return now;
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(self.anchor.0) > ANCHOR_TTL {
+            self.anchor = (now, SystemTime::now());
+        }
+        self.now = Some(now);
+        now
+    }
+
+    fn wall(&self, at: Instant) -> SystemTime {
+        self.anchor.1 + at.saturating_duration_since(self.anchor.0)
     }
 }
 
@@ -71,6 +98,7 @@ impl Kind {
 #[derive(Debug)]
 struct Pending {
     kind: Kind,
+    /// Boxed so a deep pipeline costs 16 bytes per queued message when not recording.
     draft: Option<Box<Draft>>,
 }
 
@@ -86,9 +114,10 @@ pub(crate) struct StatementTracker {
     records: Vec<u8>,
 }
 
-/// Upper bound on queued messages: a client pipelining without reading responses is
-/// held by TCP backpressure long before this; beyond it the oldest are dropped.
-const MAX_QUEUE: usize = 1 << 20;
+/// Upper bound on requests awaiting a response.  Socket buffers and backpressure keep
+/// a well-behaved pipeline far below it (a JDBC batch of 100k rows queues 200k); a
+/// client that goes beyond is refused rather than allowed to grow the queue.
+pub const MAX_PENDING_REQUESTS: usize = 1 << 20;
 
 impl StatementTracker {
     pub(crate) fn new(recording: bool, context_json: &str) -> Self {
@@ -115,6 +144,11 @@ impl StatementTracker {
         self.queue.is_empty()
     }
 
+    /// Requests (Sync, Parse, ... included) waiting for their response.
+    pub(crate) fn pending(&self) -> usize {
+        self.queue.len()
+    }
+
     pub(crate) fn take_records(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.records)
     }
@@ -130,15 +164,16 @@ impl StatementTracker {
         sql: Option<Arc<str>>,
         params: Option<Arc<str>>,
         function_oid: Option<u32>,
-    ) {
+    ) -> Result<()> {
         if kind == Kind::Sync {
             self.discarding = false;
         } else if self.discarding {
             // The server will skip it: it never runs and gets no response.
-            return;
+            return Ok(());
         }
         let draft = if self.recording && kind != Kind::Sync && kind != Kind::Close {
-            let (started, wall) = clock.get();
+            let started = clock.get();
+            let wall = clock.wall(started);
             Some(Box::new(Draft {
                 started,
                 wall,
@@ -158,13 +193,16 @@ impl StatementTracker {
         } else {
             None
         };
-        if self.queue.len() >= MAX_QUEUE {
-            self.pop_front();
+        if self.queue.len() >= MAX_PENDING_REQUESTS {
+            return Err(WireError::PipelineTooDeep {
+                limit: MAX_PENDING_REQUESTS,
+            });
         }
         if kind.is_statement() {
             self.in_flight += 1;
         }
         self.queue.push_back(Pending { kind, draft });
+        Ok(())
     }
 
     // --- server side ------------------------------------------------------------------
@@ -300,7 +338,7 @@ impl StatementTracker {
         if d.rows_in_command > 0 {
             d.count_command(None);
         }
-        let (now, _) = clock.get();
+        let now = clock.get();
         self.write_record(&d, now);
     }
 
@@ -321,22 +359,27 @@ impl StatementTracker {
             None => b.extend_from_slice(b"null"),
         }
         if let Some(oid) = d.function_oid {
-            b.extend_from_slice(format!(",\"function_oid\":{oid}").as_bytes());
+            b.extend_from_slice(b",\"function_oid\":");
+            write_u64(b, u64::from(oid));
         }
         if let Some(p) = &d.params {
             b.extend_from_slice(b",\"params\":");
             b.extend_from_slice(p.as_bytes());
         }
         let us = now.saturating_duration_since(d.started).as_micros();
-        b.extend_from_slice(format!(",\"duration_us\":{us},\"command_tag\":").as_bytes());
+        b.extend_from_slice(b",\"duration_us\":");
+        write_u64(b, u64::try_from(us).unwrap_or(u64::MAX));
+        b.extend_from_slice(b",\"command_tag\":");
         match &d.command_tag {
             Some(t) => json_str(b, t),
             None => b.extend_from_slice(b"null"),
         }
-        b.extend_from_slice(b",\"rows\":");
         match d.rows_total {
-            Some(n) => b.extend_from_slice(n.to_string().as_bytes()),
-            None => b.extend_from_slice(b"null"),
+            Some(n) => {
+                b.extend_from_slice(b",\"rows\":");
+                write_u64(b, n);
+            }
+            None => b.extend_from_slice(b",\"rows\":null"),
         }
         match &d.error {
             Some((state, msg)) => {

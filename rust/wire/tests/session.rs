@@ -481,6 +481,15 @@ fn describe_statement_round_trip_keeps_queue_aligned() {
     );
     assert_eq!(codec.in_flight(), 0);
     assert!(records(&mut codec).is_empty());
+    // A Parse/Sync without Execute: no statement in flight, yet responses are owed.
+    codec
+        .feed_client(&cat(&[parse("m", "SELECT 1"), sync()]))
+        .unwrap();
+    assert_eq!((codec.in_flight(), codec.pending_requests()), (0, 2));
+    codec
+        .feed_server(&cat(&[parse_complete(), ready(b'I')]))
+        .unwrap();
+    assert_eq!(codec.pending_requests(), 0);
 }
 
 #[test]
@@ -553,6 +562,50 @@ fn oversized_and_malformed_input_is_refused() {
         codec.feed_client(b"Q\0\0\0\x06\xff\0").is_err(),
         "non-UTF-8 SQL is refused"
     );
+}
+
+#[test]
+fn held_bytes_follow_what_arrived_not_the_announced_length() {
+    let mut codec = SessionCodec::new(SessionConfig {
+        max_message_len: 1 << 20,
+        ..SessionConfig::default()
+    });
+    // A Query announcing 1 MiB - 1 of which 10 bytes arrived.
+    let mut partial = vec![b'Q', 0x00, 0x0f, 0xff, 0xff];
+    partial.extend_from_slice(b"SELECT 1; ");
+    assert_eq!(codec.feed_client(&partial).unwrap(), Forward::Prefix(0));
+    assert_eq!(codec.held_client_bytes(), partial.len());
+    // One byte over the limit is refused from the header alone.
+    let mut codec = SessionCodec::new(SessionConfig {
+        max_message_len: 1 << 20,
+        ..SessionConfig::default()
+    });
+    assert!(matches!(
+        codec.feed_client(&[b'Q', 0x00, 0x10, 0x00, 0x01]),
+        Err(WireError::TooLong {
+            len: 1_048_577,
+            limit: 1_048_576
+        })
+    ));
+    assert!(matches!(
+        codec.feed_server(&[b'D', 0x7f, 0xff, 0xff, 0xff]),
+        Err(WireError::TooLong { .. })
+    ));
+}
+
+#[test]
+fn pipeline_depth_is_bounded() {
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    let syncs = sync().repeat(pgwarden_wire::statements::MAX_PENDING_REQUESTS);
+    codec.feed_client(&syncs).unwrap();
+    assert_eq!(
+        codec.pending_requests(),
+        pgwarden_wire::statements::MAX_PENDING_REQUESTS
+    );
+    assert!(matches!(
+        codec.feed_client(&sync()),
+        Err(WireError::PipelineTooDeep { .. })
+    ));
 }
 
 /// Uppercases every text value: stands in for the masking policy.

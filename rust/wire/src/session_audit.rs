@@ -1,0 +1,175 @@
+//! [`SessionAudit`]: the audit records of one session's statements, written to the
+//! process's [`AuditSpool`] by the codec itself.
+//!
+//! A statement gets a `stmt` record when its message is framed, before the bytes that
+//! carry it are handed back for forwarding: a caller that forwards only what the codec
+//! returns can never run a statement that has no record.  It gets an `end` record when
+//! the server finishes it (tag, rows, SQLSTATE, duration and, when recording, the result
+//! as the client saw it).  Both carry the session id and the statement's number in the
+//! session (`n`), which is how a reader pairs them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine as _;
+
+use crate::audit_record::RecordBody;
+use crate::audit_spool::{Admission, AuditSpool, SpoolError};
+use crate::capture::{Capture, CaptureLimits};
+use crate::record::json_str;
+
+/// What a session's codec needs to write audit records.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub spool: Arc<AuditSpool>,
+    /// The session id the gateway gave this connection.
+    pub session_id: String,
+    /// Put Bind parameter values / FunctionCall arguments in `stmt` records.
+    pub record_params: bool,
+    /// Caps of the result kept in `end` records (`max_bytes` 0: no recording).
+    pub capture: CaptureLimits,
+    /// Refuse a statement whose record cannot be stored (strict mode).
+    pub strict: bool,
+}
+
+/// What is known when a statement is sent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StatementStart<'a> {
+    pub(crate) protocol: &'static str,
+    pub(crate) sql: Option<&'a str>,
+    /// Pre-rendered JSON array of parameter values.
+    pub(crate) params: Option<&'a str>,
+    pub(crate) function_oid: Option<u32>,
+}
+
+/// What is known when it ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StatementEnd<'a> {
+    pub(crate) n: u64,
+    pub(crate) started: Instant,
+    pub(crate) now: Instant,
+    pub(crate) command_tag: Option<&'a str>,
+    pub(crate) rows: Option<u64>,
+    pub(crate) error: Option<(&'a str, &'a str)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct SessionAudit {
+    config: AuditConfig,
+    session_json: String,
+    last_n: u64,
+    /// Records this session could not store (relaxed mode, or ends after a failure).
+    dropped: u64,
+}
+
+impl SessionAudit {
+    pub(crate) fn new(config: AuditConfig) -> Self {
+        let mut s = Vec::new();
+        json_str(&mut s, &config.session_id);
+        SessionAudit {
+            session_json: String::from_utf8(s).expect("JSON is UTF-8"),
+            config,
+            last_n: 0,
+            dropped: 0,
+        }
+    }
+
+    pub(crate) fn record_params(&self) -> bool {
+        self.config.record_params
+    }
+
+    pub(crate) fn new_capture(&self) -> Option<Capture> {
+        self.config
+            .capture
+            .enabled()
+            .then(|| Capture::new(self.config.capture))
+    }
+
+    /// Writes the `stmt` record; returns the statement's number.  In strict mode a
+    /// record that cannot be stored is an error: the statement must not be forwarded.
+    pub(crate) fn started(&mut self, s: StatementStart<'_>) -> Result<u64, SpoolError> {
+        let n = self.last_n + 1;
+        let session = &self.session_json;
+        let result = self.config.spool.append("stmt", Admission::New, |b| {
+            b.raw("session", session.as_bytes());
+            b.u64("n", n);
+            b.raw("protocol", quoted(s.protocol).as_bytes());
+            if let Some(sql) = s.sql {
+                b.str("sql", sql);
+            }
+            if let Some(oid) = s.function_oid {
+                b.u64("function_oid", u64::from(oid));
+            }
+            if let (true, Some(p)) = (self.config.record_params, s.params) {
+                b.raw("params", p.as_bytes());
+            }
+        });
+        self.last_n = n;
+        match result {
+            Ok(_) => Ok(n),
+            Err(e) if self.config.strict => Err(e),
+            Err(_) => {
+                self.dropped += 1;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Writes the `end` record.  It cannot refuse anything any more: a failure is
+    /// counted (the reader closes the statement when the session or stream ends).
+    pub(crate) fn ended(&mut self, e: StatementEnd<'_>, capture: Option<&Capture>) {
+        let session = &self.session_json;
+        let result = self.config.spool.append("end", Admission::Continuation, |b| {
+            end_members(b, session, &e, capture);
+        });
+        if result.is_err() {
+            self.dropped += 1;
+        }
+    }
+
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+fn quoted(s: &str) -> String {
+    format!("\"{s}\"")
+}
+
+fn end_members(b: &mut RecordBody, session: &str, e: &StatementEnd<'_>, capture: Option<&Capture>) {
+    b.raw("session", session.as_bytes());
+    b.u64("n", e.n);
+    b.u64(
+        "duration_us",
+        e.now.saturating_duration_since(e.started).as_micros() as u64,
+    );
+    b.opt_str("command_tag", e.command_tag);
+    match e.rows {
+        Some(r) => b.u64("rows", r),
+        None => b.raw("rows", b"null"),
+    }
+    match e.error {
+        Some((state, message)) => {
+            b.str("sqlstate", state);
+            b.str("error", message);
+        }
+        None => b.raw("sqlstate", b"null"),
+    }
+    if let Some(c) = capture {
+        let v = b.key("result");
+        v.push(b'"');
+        let bytes = c.bytes();
+        let start = v.len();
+        v.resize(start + base64::encoded_len(bytes.len(), true).unwrap_or(0), 0);
+        let written = base64::engine::general_purpose::STANDARD
+            .encode_slice(bytes, &mut v[start..])
+            .unwrap_or(0);
+        v.truncate(start + written);
+        v.push(b'"');
+        let (rows, bytes) = c.omitted();
+        if rows > 0 || bytes > 0 {
+            let v = b.key("result_omitted");
+            v.extend_from_slice(format!("{{\"rows\":{rows},\"bytes\":{bytes}}}").as_bytes());
+        }
+    }
+}
