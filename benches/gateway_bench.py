@@ -78,12 +78,22 @@ class BenchSetupError(RuntimeError):
 # --- command line ------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a default only when there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="gateway_bench.py",
         description="Benchmark PostgreSQL direct vs pgbouncer vs pgwarden with pgbench -S "
         "and bulk reads, alternating targets within one run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     run = parser.add_argument_group("run")
     run.add_argument("--rounds", type=int, default=1, help="times to repeat every scenario")

@@ -1,11 +1,14 @@
 """Generate docs/configuration.md and deploy/pgwarden.example.toml from the settings model.
 
     python docs/gen_config_doc.py            # rewrite both files
-    python docs/gen_config_doc.py --check    # exit 1 if either file is out of date
+    python docs/gen_config_doc.py --check    # exit 1 if out of date or an example is invalid
 
 The field descriptions in ``pgwarden.config`` are the single source of the settings'
-documentation; this script only lays them out (one table per section for the reference,
-every setting commented out at its default for the example file).
+documentation; this script only lays them out: one table per TOML table for the
+reference, every setting commented out at its default for the example file.  Nested
+models become TOML tables (``[upstream]``), lists of models arrays of tables
+(``[[identity.issuers]]``).  ``--check`` also validates the configuration examples shipped
+elsewhere (the Kubernetes ConfigMap, the example in configuration.md).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 import tomllib
 import types
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +33,18 @@ from pydantic_core import PydanticUndefined
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "python"))
 
-from pgwarden.config import Settings, StaticUser, UpstreamSettings  # noqa: E402
+from pgwarden.config import Settings  # noqa: E402
 
 CONFIG_DOC = REPO_ROOT / "docs" / "configuration.md"
 EXAMPLE_TOML = REPO_ROOT / "deploy" / "pgwarden.example.toml"
+K8S_CONFIGMAP = REPO_ROOT / "deploy" / "kubernetes" / "configmap.yaml"
+GENERATE_COMMAND = "python docs/gen_config_doc.py"
 ENV_PREFIX = "PGWARDEN_"
-#: Values shown for settings that are unset by default (TOML has no null).
-UNSET_EXAMPLES = {
+NESTED = "__"
+
+#: Values shown in the example file for settings that have no default, or whose default is
+#: "unset" (TOML has no null).  Keyed by dotted path; list items use the list's path.
+EXAMPLES: dict[str, str] = {
     "tls_cert_file": '"/etc/pgwarden/tls/tls.crt"',
     "tls_key_file": '"/etc/pgwarden/tls/tls.key"',
     "statement_log": '"/var/log/pgwarden/statements.jsonl"',
@@ -44,44 +53,148 @@ UNSET_EXAMPLES = {
     "upstream.password": '"change-me"',
     "upstream.password_file": '"/run/secrets/pgwarden-upstream-password"',
     "upstream.tls_ca_file": '"/etc/pgwarden/upstream-ca.crt"',
+    "users.name": '"alice"',
+    "users.password": '"change-me"',
+    "identity.issuers.issuer": '"https://login.example.com"',
+    "identity.issuers.audience": '["pgwarden"]',
+    "identity.issuers.discovery_url": (
+        '"https://login.example.com/.well-known/openid-configuration"'
+    ),
+    "identity.issuers.jwks_uri": '"https://login.example.com/jwks"',
+    "identity.issuers.hs_secret": '"change-me"',
+    "identity.issuers.hs_secret_file": '"/run/secrets/pgwarden-hs-secret"',
+    "identity.issuers.ca_file": '"/etc/pgwarden/idp-ca.crt"',
+    "identity.rules.name": '"data-team-read-only"',
+    "identity.rules.issuer": '"https://login.example.com"',
+    "identity.roles.name": '"app_readonly"',
+    "identity.roles.password": '"change-me"',
+    "identity.roles.password_file": '"/run/secrets/app-readonly-password"',
+    "identity.roles.password_env": '"APP_READONLY_PASSWORD"',
+    "identity.grants_file": '"/var/lib/pgwarden/grants.json"',
+    "identity.admin_dir": '"/run/pgwarden/admin"',
+    "audit.directory": '"/var/lib/pgwarden/audit"',
+    "audit.chain_key": '"change-me"',
+    "audit.chain_key_file": '"/run/secrets/pgwarden-chain-key"',
+    "audit.endpoint": '"http://otel-collector:4318"',
+    "audit.certificate_file": '"/etc/pgwarden/otlp-ca.crt"',
+    "audit.export_path": '"/var/lib/pgwarden/audit-export.jsonl"',
+    "audit.service_instance_id": '"gateway-1"',
 }
-NESTED = "__"
-GENERATE_COMMAND = "python docs/gen_config_doc.py"
+
+
+# --- walking the model ---------------------------------------------------------------------
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The model class of ``Model`` or ``Model | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [m for m in map(_model_of, typing.get_args(annotation)) if m is not None]
+        if len(models) == 1 and type(None) in typing.get_args(annotation):
+            return models[0]
+    return None
+
+
+def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The item model class of ``list[Model]``."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item
+    return None
 
 
 @dataclass(frozen=True)
 class Setting:
     path: tuple[str, ...]
-    field: FieldInfo
+    info: FieldInfo
+    env: str | None  # None inside array items: the whole array is one variable
 
     @property
-    def toml_key(self) -> str:
+    def key(self) -> str:
         return ".".join(self.path)
 
+
+@dataclass
+class Section:
+    """One TOML table: its path, the model it holds, and its plain settings."""
+
+    path: tuple[str, ...]
+    model: type[BaseModel]
+    array: bool = False
+    optional: bool = False
+    description: str = ""
+    settings: list[Setting] = field(default_factory=list)
+
     @property
-    def env_var(self) -> str:
-        return ENV_PREFIX + NESTED.join(part.upper() for part in self.path)
+    def header(self) -> str:
+        name = ".".join(self.path)
+        return f"[[{name}]]" if self.array else f"[{name}]"
 
 
-def settings_of(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[Setting]:
-    """Every leaf setting; nested models (``upstream``) are walked, lists are leaves."""
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from settings_of(annotation, (*prefix, name))
+def sections_of(
+    model: type[BaseModel],
+    path: tuple[str, ...] = (),
+    *,
+    env_prefix: str | None = ENV_PREFIX,
+    array: bool = False,
+    optional: bool = False,
+    description: str = "",
+) -> Iterator[Section]:
+    """The table for ``model`` first, then its sub-tables, depth first."""
+    section = Section(path, model, array, optional, description)
+    children: list[Section] = []
+    for name, info in model.model_fields.items():
+        child_path = (*path, name)
+        child_env = env_prefix + name.upper() if env_prefix is not None else None
+        nested = _model_of(info.annotation)
+        item = _list_item_model(info.annotation)
+        if nested is not None:
+            children.extend(
+                sections_of(
+                    nested,
+                    child_path,
+                    env_prefix=child_env + NESTED if child_env is not None else None,
+                    optional=info.annotation is not nested,
+                    description=info.description or "",
+                )
+            )
+        elif item is not None:
+            section.settings.append(Setting(child_path, info, child_env))
+            children.extend(
+                sections_of(
+                    item,
+                    child_path,
+                    env_prefix=None,
+                    array=True,
+                    description=info.description or "",
+                )
+            )
         else:
-            yield Setting((*prefix, name), field)
+            section.settings.append(Setting(child_path, info, child_env))
+    yield section
+    yield from children
+
+
+def all_sections() -> list[Section]:
+    return list(sections_of(Settings))
+
+
+# --- rendering values ----------------------------------------------------------------------
 
 
 def type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
     if origin is typing.Literal:
-        return " | ".join(json.dumps(arg) for arg in typing.get_args(annotation))
+        return " | ".join(json.dumps(arg) for arg in args)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(arg) for arg in typing.get_args(annotation))
+        return " or ".join(type_name(arg) for arg in args)
     if origin is list:
-        (item,) = typing.get_args(annotation)
-        return f"list of {type_name(item)}"
+        return f"list of {type_name(args[0])}"
+    if origin is dict:
+        return f"table of {type_name(args[1])}"
     if annotation is type(None):
         return "unset"
     if annotation is SecretStr:
@@ -89,22 +202,26 @@ def type_name(annotation: Any) -> str:
     if annotation is Path:
         return "path"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return f"`{annotation.__name__}` table"
+        return "tables"
     return getattr(annotation, "__name__", str(annotation))
 
 
-def default_of(field: FieldInfo) -> Any:
-    if field.default_factory is not None:
-        return field.default_factory()  # type: ignore[call-arg]
-    if field.default is PydanticUndefined:
-        return PydanticUndefined
-    return field.default
+def default_of(info: FieldInfo) -> Any:
+    if info.default_factory is not None:
+        return info.default_factory()  # type: ignore[call-arg]
+    return info.default
 
 
-def constraints(field: FieldInfo) -> str:
+def constraints(info: FieldInfo) -> str:
     words = []
-    for item in field.metadata:
-        for attribute, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+    for item in info.metadata:
+        for attribute, symbol in (
+            ("ge", "≥"),
+            ("gt", ">"),
+            ("le", "≤"),
+            ("lt", "<"),
+            ("min_length", "at least"),
+        ):
             value = getattr(item, attribute, None)
             if value is not None:
                 shown = f"{value:,}" if isinstance(value, int) else str(value)
@@ -112,199 +229,229 @@ def constraints(field: FieldInfo) -> str:
     return ", ".join(words)
 
 
-def markdown_default(value: Any) -> str:
-    if value is PydanticUndefined:
-        return "required"
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "`true`" if value else "`false`"
-    if isinstance(value, list) and not value:
-        return "`[]`"
-    if isinstance(value, int) and value >= 100_000:
-        return f"`{value}` ({value:,})"
-    return f"`{value}`"
-
-
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
-    if isinstance(value, Path):
+    if isinstance(value, Path | str):
         return json.dumps(str(value))
-    return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{" + (f" {inner} " if inner else "") + "}"
+    if isinstance(value, BaseModel):
+        return toml_value(value.model_dump(mode="json"))
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def markdown_default(value: Any) -> str:
+    if value is PydanticUndefined:
+        return "required"
+    if value is None:
+        return "unset"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 100_000:
+        return f"`{value}` ({value:,})"
+    return f"`{toml_value(value)}`"
 
 
 def escape_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _doc(model: type[BaseModel]) -> str:
+    return " ".join((model.__doc__ or "").split())
+
+
+# --- configuration.md ------------------------------------------------------------------------
+
+
+MARKDOWN_HEAD = """\
+# Configuration reference
+
+<!-- Generated by docs/gen_config_doc.py from python/pgwarden/config.py; edit the field
+descriptions there, then run the script. -->
+
+pgwarden reads one settings model from, highest precedence first:
+
+1. environment variables `PGWARDEN_<NAME>`; nested settings use `__`, as in
+   `PGWARDEN_UPSTREAM__HOST`; lists and tables are JSON, as in
+   `PGWARDEN_USERS='[{"name": "alice", "password": "..."}]'`;
+2. the TOML file given by `pgwarden serve --config FILE` (or `PGWARDEN_CONFIG`);
+3. the defaults below.
+
+An unknown key in the TOML file is an error, so a misspelt setting there stops the gateway
+at start-up. An unknown `PGWARDEN_*` environment variable is ignored: check the spelling
+against the tables below (`pgwarden serve --help-settings` lists them too).
+`deploy/pgwarden.example.toml` lists every setting at its default. Secrets (passwords,
+keys) are better kept out of the TOML file: use the `*_file` settings or the environment.
+"""
+
+MARKDOWN_EXAMPLE = """\
+## Example
+
+```toml
+listen_host = "0.0.0.0"
+listen_port = 6432
+workers = 2
+tls_cert_file = "/etc/pgwarden/tls/tls.crt"
+tls_key_file = "/etc/pgwarden/tls/tls.key"
+require_client_tls = true
+statement_log = "-"
+
+[upstream]
+host = "db.internal"
+user = "pgwarden"
+password_file = "/run/secrets/pgwarden-upstream-password"
+tls = "verify-full"
+
+[[users]]
+name = "ci"
+password = "change-me"
+```
+
+The same with environment variables only:
+
+```sh
+PGWARDEN_LISTEN_HOST=0.0.0.0 PGWARDEN_WORKERS=2 \\
+PGWARDEN_TLS_CERT_FILE=/etc/pgwarden/tls/tls.crt PGWARDEN_TLS_KEY_FILE=/etc/pgwarden/tls/tls.key \\
+PGWARDEN_UPSTREAM__HOST=db.internal PGWARDEN_UPSTREAM__USER=pgwarden \\
+PGWARDEN_UPSTREAM__PASSWORD_FILE=/run/secrets/pgwarden-upstream-password \\
+PGWARDEN_USERS='[{"name": "ci", "password": "change-me"}]' \\
+pgwarden serve
+```
+"""
+
+
 def render_markdown() -> str:
-    lines = [
-        "# Configuration reference",
-        "",
-        "<!-- Generated by docs/gen_config_doc.py from python/pgwarden/config.py; "
-        "edit the field descriptions there, then run the script. -->",
-        "",
-        "pgwarden reads one settings model from, highest precedence first:",
-        "",
-        "1. environment variables `PGWARDEN_<NAME>`; nested settings use `__`, as in",
-        "   `PGWARDEN_UPSTREAM__HOST`; lists and tables are JSON, as in",
-        '   `PGWARDEN_USERS=\'[{"name": "alice", "password": "..."}]\'`;',
-        "2. the TOML file given by `pgwarden serve --config FILE` (or `PGWARDEN_CONFIG`);",
-        "3. the defaults below.",
-        "",
-        "Unknown keys are an error, so a misspelt setting stops the gateway at start-up instead",
-        "of being ignored. `deploy/pgwarden.example.toml` lists every setting at its default.",
-        "Secrets (`upstream.password`, `users[].password`) are better kept out of the TOML file:",
-        "use `upstream.password_file` or the environment.",
-        "",
-    ]
-    sections: list[tuple[str, str, list[Setting]]] = [
-        ("Gateway", "Top-level keys of the TOML file.", []),
-        (
-            "Upstream (`[upstream]`)",
-            UpstreamSettings.__doc__ or "",
-            [],
-        ),
-    ]
-    for setting in settings_of(Settings):
-        sections[1 if len(setting.path) > 1 else 0][2].append(setting)
-    for title, intro, settings in sections:
-        lines += [f"## {title}", "", intro.strip(), ""]
+    lines = [MARKDOWN_HEAD]
+    for section in all_sections():
+        if not section.path:
+            lines += ["## Gateway (top level)", "", "Top-level keys of the TOML file.", ""]
+        else:
+            title = f"## `{section.header}`"
+            lines += [title, ""]
+            intro = section.description or _doc(section.model)
+            if section.array:
+                intro += (
+                    f" Each `{section.header}` table has the keys below; in the environment "
+                    "the whole list is one JSON value."
+                )
+            elif section.optional:
+                intro += " Optional: leave the table out to turn this off."
+            lines += [intro.strip(), ""]
         lines += [
             "| Setting | Environment variable | Type | Default | Description |",
             "|---|---|---|---|---|",
         ]
-        for setting in settings:
-            kind = type_name(setting.field.annotation)
-            limit = constraints(setting.field)
+        for setting in section.settings:
+            kind = type_name(setting.info.annotation)
+            limit = constraints(setting.info)
             if limit:
                 kind += f" ({limit})"
+            key = setting.path[-1] if section.array else setting.key
+            env = f"`{setting.env}`" if setting.env else "—"
             lines.append(
-                f"| `{setting.toml_key}` | `{setting.env_var}` | {escape_cell(kind)} | "
-                f"{escape_cell(markdown_default(default_of(setting.field)))} | "
-                f"{escape_cell(setting.field.description or '')} |"
+                f"| `{key}` | {env} | {escape_cell(kind)} | "
+                f"{escape_cell(markdown_default(default_of(setting.info)))} | "
+                f"{escape_cell(setting.info.description or '')} |"
             )
         lines.append("")
-    lines += [
-        "## Static users (`[[users]]`)",
-        "",
-        (StaticUser.__doc__ or "").strip()
-        + " Each entry of the `users` list is a table with these keys:",
-        "",
-        "| Key | Type | Description |",
-        "|---|---|---|",
-    ]
-    for name, field in StaticUser.model_fields.items():
-        lines.append(
-            f"| `{name}` | {escape_cell(type_name(field.annotation))} | "
-            f"{escape_cell(field.description or '')} |"
-        )
-    lines += [
-        "",
-        "## Example",
-        "",
-        "```toml",
-        'listen_host = "0.0.0.0"',
-        "listen_port = 6432",
-        "workers = 2",
-        'tls_cert_file = "/etc/pgwarden/tls/tls.crt"',
-        'tls_key_file = "/etc/pgwarden/tls/tls.key"',
-        "require_client_tls = true",
-        'statement_log = "-"',
-        "",
-        "[upstream]",
-        'host = "db.internal"',
-        'user = "pgwarden"',
-        'password_file = "/run/secrets/pgwarden-upstream-password"',
-        'tls = "verify-full"',
-        "",
-        "[[users]]",
-        'name = "ci"',
-        'password = "change-me"',
-        "```",
-        "",
-        "The same with environment variables only:",
-        "",
-        "```sh",
-        "PGWARDEN_LISTEN_HOST=0.0.0.0 PGWARDEN_WORKERS=2 \\",
-        "PGWARDEN_TLS_CERT_FILE=/etc/pgwarden/tls/tls.crt "
-        "PGWARDEN_TLS_KEY_FILE=/etc/pgwarden/tls/tls.key \\",
-        "PGWARDEN_UPSTREAM__HOST=db.internal PGWARDEN_UPSTREAM__USER=pgwarden \\",
-        "PGWARDEN_UPSTREAM__PASSWORD_FILE=/run/secrets/pgwarden-upstream-password \\",
-        'PGWARDEN_USERS=\'[{"name": "ci", "password": "change-me"}]\' \\',
-        "pgwarden serve",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    lines.append(MARKDOWN_EXAMPLE)
+    return "\n".join(lines).rstrip() + "\n"
 
 
-def _comment_block(text: str, width: int = 92) -> list[str]:
-    words = text.split()
-    lines: list[str] = []
-    current = "#"
-    for word in words:
-        if len(current) + 1 + len(word) > width:
-            lines.append(current)
-            current = "#"
-        current += " " + word
-    lines.append(current)
-    return lines
+# --- pgwarden.example.toml -------------------------------------------------------------------
+
+
+def _comment(text: str) -> list[str]:
+    return textwrap.wrap(text, width=90, initial_indent="# ", subsequent_indent="# ") or ["#"]
+
+
+def _example_line(setting: Setting, section: Section) -> list[str]:
+    out = _comment(setting.info.description or "")
+    if setting.env is not None:
+        out.append(f"#   env: {setting.env}")
+    key = setting.path[-1]
+    value = default_of(setting.info)
+    if _list_item_model(setting.info.annotation) is not None:
+        out.append(f"#   (see the [[{setting.key}]] tables below; default: none)")
+    elif value is PydanticUndefined:
+        out.append(f"# {key} = {EXAMPLES.get(_example_key(setting), '...')}  # required")
+    elif value is None:
+        example = EXAMPLES.get(_example_key(setting), '"..."')
+        out.append(f"# {key} = {example}  # unset by default")
+    else:
+        out.append(f"# {key} = {toml_value(value)}")
+    out.append("")
+    return out
+
+
+def _example_key(setting: Setting) -> str:
+    return ".".join(setting.path)
 
 
 def render_example_toml() -> str:
     lines = [
         "# pgwarden configuration: every setting, at its default, with its description.",
-        "# Generated by docs/gen_config_doc.py from python/pgwarden/config.py.",
+        f"# Generated by {GENERATE_COMMAND} from python/pgwarden/config.py.",
         "#",
         "#   pgwarden serve --config pgwarden.toml",
         "#",
         "# Environment variables override this file: PGWARDEN_<NAME>, nested with __",
         "# (PGWARDEN_UPSTREAM__HOST). Uncomment what you change; see docs/configuration.md.",
+        "# Tables marked optional are commented out whole: uncomment the header too.",
         "",
     ]
-    top = [s for s in settings_of(Settings) if len(s.path) == 1]
-    upstream = [s for s in settings_of(Settings) if len(s.path) > 1]
-
-    def entry(setting: Setting, key: str) -> list[str]:
-        out = _comment_block(setting.field.description or "")
-        out.append(f"#   env: {setting.env_var}")
-        value = default_of(setting.field)
-        if key == "users":
-            out += [
-                "# [[users]]",
-                '# name = "alice"',
-                '# password = "change-me"',
-            ]
-        elif value is None or value is PydanticUndefined:
-            example = UNSET_EXAMPLES.get(setting.toml_key, '"..."')
-            out.append(f"# {key} = {example}  # unset by default")
-        else:
-            out.append(f"# {key} = {toml_value(value)}")
-        out.append("")
-        return out
-
-    # TOML needs plain keys before any table, so the `users` array of tables and the
-    # [upstream] table come last.
-    for setting in top:
-        if setting.toml_key != "users":
-            lines += entry(setting, setting.toml_key)
-    lines += ["[upstream]", *_comment_block(UpstreamSettings.__doc__ or ""), ""]
-    for setting in upstream:
-        lines += entry(setting, setting.path[-1])
-    for setting in top:
-        if setting.toml_key == "users":
-            lines += entry(setting, "users")
+    optional_prefixes: list[tuple[str, ...]] = []
+    for section in all_sections():
+        inside_optional = any(section.path[: len(p)] == p for p in optional_prefixes)
+        if section.path:
+            intro = _comment(section.description or _doc(section.model))
+            header = section.header
+            if section.optional:
+                optional_prefixes.append(section.path)
+            commented = section.array or section.optional or inside_optional
+            if section.optional:
+                intro.append("# (optional table)")
+            lines += ["# " + "-" * 88, *intro, ("# " if commented else "") + header, ""]
+        lines += [line for s in section.settings for line in _example_line(s, section)]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def check_example_loads(example: str) -> None:
-    """The example with every setting uncommented must be a valid configuration."""
-    uncommented = re.sub(r"(?m)^# ([a-z_]+ = |\[\[users\]\])", r"\1", example)
-    Settings.model_validate(tomllib.loads(uncommented))
+# --- checks ---------------------------------------------------------------------------------
+
+
+def configmap_toml(text: str) -> str:
+    """The `pgwarden.toml: |` block of the Kubernetes ConfigMap, dedented."""
+    match = re.search(r"pgwarden\.toml: \|\n((?:    .*\n|\n)+)", text)
+    if match is None:
+        raise ValueError(f"no pgwarden.toml block in {K8S_CONFIGMAP}")
+    return textwrap.dedent(match.group(1))
+
+
+def markdown_toml_blocks(text: str) -> list[str]:
+    return re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)
+
+
+def check_shipped_examples(markdown: str) -> list[str]:
+    """Configuration examples that do not validate against the model."""
+    problems = []
+    examples = {f"{CONFIG_DOC.name} example": block for block in markdown_toml_blocks(markdown)}
+    if K8S_CONFIGMAP.exists():
+        examples[str(K8S_CONFIGMAP.relative_to(REPO_ROOT))] = configmap_toml(
+            K8S_CONFIGMAP.read_text(encoding="utf-8")
+        )
+    for name, text in examples.items():
+        try:
+            Settings.model_validate(tomllib.loads(text))
+        except Exception as exc:
+            problems.append(f"{name} is not a valid configuration: {exc}")
+    # The example file itself must at least be valid TOML (every line is a comment or a
+    # table header of a required table).
+    tomllib.loads(render_example_toml())
+    return problems
 
 
 def main() -> int:
@@ -312,12 +459,16 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if a file is out of date")
     args = parser.parse_args()
     outputs = {CONFIG_DOC: render_markdown(), EXAMPLE_TOML: render_example_toml()}
-    stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
     if args.check:
-        for path in stale:
-            print(f"{path.relative_to(REPO_ROOT)} is out of date: run {GENERATE_COMMAND}")
-        check_example_loads(outputs[EXAMPLE_TOML])
-        return 1 if stale else 0
+        failed = False
+        for path, text in outputs.items():
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                print(f"{path.relative_to(REPO_ROOT)} is out of date: run {GENERATE_COMMAND}")
+                failed = True
+        for problem in check_shipped_examples(outputs[CONFIG_DOC]):
+            print(problem)
+            failed = True
+        return 1 if failed else 0
     for path, text in outputs.items():
         path.write_text(text, encoding="utf-8")
         print(f"wrote {path.relative_to(REPO_ROOT)}")

@@ -19,6 +19,9 @@ __all__ = [
     "EV_TERMINATE",
     "GSSENC_REQUEST_CODE",
     "SSL_REQUEST_CODE",
+    "AuditSpool",
+    "AuditSpoolError",
+    "AuditSpoolFull",
     "MessageFramer",
     "SessionCodec",
     "StartupPacket",
@@ -177,7 +180,20 @@ class SessionCodec:
         record_statements: bool = False,
         client_events: bool = False,
         max_param_bytes: int = 1024,
-    ) -> SessionCodec: ...
+        audit: AuditSpool | None = None,
+        audit_session: str = "",
+        audit_params: bool = False,
+        audit_strict: bool = True,
+        capture_rows: int = 0,
+        capture_bytes: int = 0,
+    ) -> SessionCodec:
+        """With ``audit``, the codec writes each statement's ``stmt`` record into the spool
+        before handing back the bytes that carry it, and its ``end`` record when the
+        server finishes it (with up to ``capture_rows`` rows / ``capture_bytes`` bytes of
+        the result as forwarded, when non-zero).  In strict mode (``audit_strict``) a
+        record that cannot be stored makes ``feed_client`` raise :class:`AuditSpoolFull`
+        or :class:`AuditSpoolError` instead of returning bytes to forward.
+        """
     def feed_client(self, data: bytes) -> tuple[bytes, list[ClientEvent] | None]: ...
     def feed_server(self, data: bytes) -> tuple[bytes, list[ServerEvent] | None]: ...
     def take_records(self) -> bytes:
@@ -203,3 +219,71 @@ class SessionCodec:
     @property
     def held_client_bytes(self) -> int:
         """Client bytes held back because their message is not complete yet."""
+    @property
+    def audit_dropped(self) -> int:
+        """Audit records this session could not store (relaxed audit only)."""
+
+# --- audit spool -------------------------------------------------------------------
+
+class AuditSpoolError(Exception):
+    """An audit record could not be stored (I/O error, or the spool is closed)."""
+
+class AuditSpoolFull(AuditSpoolError):
+    """The audit spool is at its configured bound: new statements are refused."""
+
+@final
+class AuditSpool:
+    """This process's stream in the audit spool: sealed records in memory-mapped segments.
+
+    A record is in the page cache (so it survives the death of this process) when the
+    call that stored it returns.  ``fsync`` is "always", "interval" or "never".  The
+    spool's disk usage, every stream of ``directory`` included, is kept under
+    ``max_bytes``: past it, new statements and sessions are refused.
+    """
+
+    def __new__(
+        cls,
+        directory: str,
+        stream: str,
+        key: bytes,
+        *,
+        segment_bytes: int = 16777216,
+        max_bytes: int = 1073741824,
+        fsync: str = "interval",
+        fsync_interval_ms: int = 200,
+        usage_interval_ms: int = 100,
+        open_members: str = "",
+    ) -> AuditSpool: ...
+    def append(self, kind: str, members: str, *, new: bool = False) -> int:
+        """Store a record of type ``kind`` with ``members`` (JSON members, no braces).
+
+        Returns its seq.  ``new=True`` (a new session) is refused with
+        :class:`AuditSpoolFull` when the spool is at its bound.
+        """
+    def close(self) -> None:
+        """Write the ``close`` record, fsync, stop the background threads."""
+    def sync(self) -> int:
+        """fdatasync what is stored (without the GIL); returns the durable seq."""
+    def refresh_usage(self) -> None:
+        """Measure the spool's disk usage now."""
+    @property
+    def stream(self) -> str: ...
+    @property
+    def directory(self) -> str:
+        """This stream's directory."""
+    @property
+    def written_seq(self) -> int: ...
+    @property
+    def synced_seq(self) -> int: ...
+    @property
+    def usage_bytes(self) -> int: ...
+    @property
+    def max_bytes(self) -> int: ...
+    @property
+    def full(self) -> bool:
+        """A new statement would be refused right now."""
+    @property
+    def records_dropped(self) -> int: ...
+    @property
+    def notify_fd(self) -> int | None:
+        """An eventfd that becomes readable after each fsync (fsync="always")."""

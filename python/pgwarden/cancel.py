@@ -110,6 +110,7 @@ class CancelRegistry:
                 backend.secret_key,
                 time_limit=CANCEL_TIMEOUT_SECONDS,
             )
+            log.debug("CancelRequest for process id %d sent upstream", process_id)
         except Exception as exc:  # a failed cancel must not disturb anything else
             log.warning("forwarding CancelRequest upstream failed: %s", exc)
 
@@ -134,6 +135,7 @@ class CancelForwarder:
             with anyio.fail_after(CANCEL_TIMEOUT_SECONDS):
                 async with await anyio.connect_unix(path) as conn:
                     await conn.send(_wire.encode_cancel_request(process_id, secret_key))
+            log.debug("CancelRequest for process id %d forwarded to worker %d", process_id, owner)
         except (OSError, TimeoutError) as exc:
             log.debug("no worker %d to forward a CancelRequest to: %s", owner, exc)
 

@@ -1,9 +1,14 @@
-"""The ``pgwarden`` command: ``serve`` runs the gateway, ``demo`` runs the local demonstration."""
+"""The ``pgwarden`` command: ``serve`` runs the gateway, ``demo`` runs the local demonstration.
+
+``dev-issuer`` (a development OIDC issuer) and ``grants`` (time-bound role grants) are in
+:mod:`pgwarden.identity.commands`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -44,6 +49,13 @@ def describe_validation_error(exc: ValidationError) -> str:
     return text
 
 
+def _type_text(annotation: object) -> str:
+    text = str(annotation)
+    for module in ("typing.", "pydantic.types.", "pathlib."):
+        text = text.replace(module, "")
+    return text
+
+
 def _settings_help(
     model: type[BaseModel], prefix: str = "", env_prefix: str = "PGWARDEN_"
 ) -> list[str]:
@@ -59,14 +71,23 @@ def _settings_help(
             continue
         default: Any = field.get_default(call_default_factory=True)
         shown = "(none)" if default is None else repr(default)
-        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        if field.is_required():
+            shown = "(required)"
+        type_name = getattr(annotation, "__name__", None) or _type_text(annotation)
         lines.append(f"{prefix}{name}  [{env}]  type {type_name}, default {shown}")
         lines.append(f"    {field.description or ''}")
     return lines
 
 
 def settings_help() -> str:
-    from pgwarden.config import Settings, StaticUser
+    from pgwarden.config import (
+        IdentitySettings,
+        IssuerSettings,
+        RoleRule,
+        Settings,
+        StaticUser,
+        UpstreamRole,
+    )
 
     head = [
         "pgwarden settings: TOML file (--config or PGWARDEN_CONFIG) and PGWARDEN_* variables;",
@@ -75,7 +96,15 @@ def settings_help() -> str:
         "",
     ]
     users = ["", "each entry of users:", *_settings_help(StaticUser, "users[].", "")]
-    return "\n".join([*head, *_settings_help(Settings), *users])
+    identity = [
+        "",
+        "identity (unset: static users; see docs/identity.md):",
+        *_settings_help(IdentitySettings, "identity.", "PGWARDEN_IDENTITY__"),
+    ]
+    for name, model in (("issuers", IssuerSettings), ("rules", RoleRule), ("roles", UpstreamRole)):
+        identity += ["", f"each entry of identity.{name}:"]
+        identity += _settings_help(model, f"identity.{name}[].", "")
+    return "\n".join([*head, *_settings_help(Settings), *users, *identity])
 
 
 def _configure_logging(level: str) -> None:
@@ -101,6 +130,10 @@ def _check_files(settings: Any) -> str | None:
         return f"invalid setting upstream.password_file: {exc}"
     if settings.upstream.tls_ca_file is not None and not settings.upstream.tls_ca_file.is_file():
         return f"invalid setting upstream.tls_ca_file: no such file {settings.upstream.tls_ca_file}"
+    if settings.identity is not None:
+        from pgwarden.identity.runtime import check_identity_settings
+
+        return check_identity_settings(settings.identity)
     return None
 
 
@@ -118,7 +151,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"pgwarden: invalid settings: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except tomllib.TOMLDecodeError as exc:
+        source = args.config or os.environ.get("PGWARDEN_CONFIG", "config file")
+        print(f"pgwarden: invalid TOML in {source}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
         print(f"pgwarden: cannot read config file: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     problem = _check_files(settings)
@@ -128,11 +165,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(settings.log_level)
     from pgwarden import server
 
+    shipper = _start_audit_shipper(settings)
     try:
         return server.run(settings)
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1
+    finally:
+        if shipper is not None:
+            shipper.stop()
+
+
+def _start_audit_shipper(settings: Any) -> Any:
+    """The audit shipper child of ``serve`` (None when audit is off or shipped apart)."""
+    audit = settings.audit
+    if audit.directory is None:
+        log.warning("audit is off (audit.directory is not set): statements are not recorded")
+        return None
+    if not audit.start_shipper:
+        log.info("audit: the shipper runs apart (audit.start_shipper = false)")
+        return None
+    from pgwarden.audit.supervisor import ShipperSupervisor
+
+    shipper = ShipperSupervisor()
+    shipper.start()
+    return shipper
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -159,9 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="start a throwaway PostgreSQL and a gateway in front of it"
     )
-    demo.add_argument("--port", type=int, default=6432, help="gateway port (default 6432)")
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="gateway port (default 6432, or a free port when 6432 is taken; 0: any free port)",
+    )
     demo.add_argument("--keep", action="store_true", help="keep the demo's data directory on exit")
     demo.set_defaults(func=cmd_demo)
+    from pgwarden.identity.commands import add_commands as add_identity_commands
+
+    add_identity_commands(commands)
+    from pgwarden.audit.commands import add_commands as add_audit_commands
+
+    add_audit_commands(commands)
     return parser
 
 

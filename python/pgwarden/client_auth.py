@@ -24,6 +24,11 @@ class Identity:
 
     ``upstream_user`` / ``upstream_database`` of None mean "use the gateway's configured
     default" (``upstream.user``; ``upstream.database`` or the database the client asked for).
+    When ``upstream_user`` is set, ``upstream_password`` is that role's credential (None: the
+    server asks for none); it is kept out of ``repr`` so it never reaches a log.
+    ``expires_at`` (Unix time) is when the session must end (token or grant expiry);
+    ``grant`` names the time-bound grant the session uses, if any.  ``withheld_params`` are
+    startup parameters (lower-case names) that must not reach the upstream server.
     """
 
     name: str
@@ -31,6 +36,10 @@ class Identity:
     upstream_database: str | None = None
     roles: tuple[str, ...] = ()
     attributes: Mapping[str, str] = field(default_factory=dict)
+    upstream_password: str | None = field(default=None, repr=False)
+    expires_at: float | None = None
+    grant: str | None = None
+    withheld_params: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +52,7 @@ class AuthRequest:
     tls: bool
     params: Mapping[str, str]
     ask_password: Callable[[], Awaitable[str]]
+    session_id: str = ""
 
 
 class AuthError(Exception):

@@ -49,14 +49,8 @@ class CancelRequest:
     secret_key: bytes
 
 
-async def open_client_stream(
-    sock: socket.socket,
-    *,
-    server_context: ssl.SSLContext | None,
-    max_startup_len: int,
-    handshake_timeout: float,
-) -> PgStream:
-    """Wrap an accepted socket in a transport, terminating direct TLS when the client opens so."""
+async def peek_first_byte(sock: socket.socket) -> bytes:
+    """The client's first byte, left in the socket: 0x16 means a TLS ClientHello."""
     while True:
         await anyio.wait_readable(sock)
         try:
@@ -65,39 +59,44 @@ async def open_client_stream(
             continue
         except OSError as exc:
             raise ConnectionClosed(str(exc)) from exc
-        break
-    if not first:
-        raise ConnectionClosed("client closed the connection before sending anything")
-    loop = asyncio.get_running_loop()
-    # Keep our own reference: with ssl=, uvloop returns its SSL protocol, not ours.
-    stream = PgStream(max_message_len=MAX_STARTUP_PHASE_MESSAGE, max_startup_len=max_startup_len)
+        if not first:
+            raise ConnectionClosed("client closed the connection before sending anything")
+        return first
 
-    if first == _TLS_HANDSHAKE_RECORD:
-        if server_context is None:
-            sock.close()  # no certificate: TLS cannot be spoken, and nothing else is valid here
-            raise ConnectionClosed("direct TLS without a configured certificate")
-        try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: stream, sock, ssl=server_context, ssl_handshake_timeout=handshake_timeout
-            )
-        except (ssl.SSLError, OSError) as exc:
-            sock.close()
-            raise ConnectionClosed(f"TLS handshake failed: {exc}") from exc
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != tls.ALPN_POSTGRESQL:
-            # Direct TLS without ALPN could be a cross-protocol attack; PostgreSQL refuses it.
-            stream.write(
-                errors.fatal(
-                    errors.PROTOCOL_VIOLATION,
-                    "received direct SSL connection request without ALPN protocol "
-                    "negotiation extension",
-                )
-            )
-            stream.close()
-            raise ConnectionClosed("direct TLS without ALPN postgresql")
-        return stream
-    await loop.connect_accepted_socket(lambda: stream, sock)
-    return stream
+
+def is_direct_tls(first_byte: bytes) -> bool:
+    return first_byte == _TLS_HANDSHAKE_RECORD
+
+
+async def attach_client_stream(
+    sock: socket.socket,
+    stream: PgStream,
+    *,
+    direct_tls_context: ssl.SSLContext | None,
+    handshake_timeout: float,
+) -> None:
+    """Give the accepted socket to a transport driving ``stream`` (the transport owns it now).
+
+    With ``direct_tls_context`` TLS is terminated first and ALPN ``postgresql`` required.
+    """
+    loop = asyncio.get_running_loop()
+    # Keep our own reference to the protocol: with ssl=, uvloop returns its SSL protocol.
+    if direct_tls_context is None:
+        await loop.connect_accepted_socket(lambda: stream, sock)
+        return
+    try:
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: stream, sock, ssl=direct_tls_context, ssl_handshake_timeout=handshake_timeout
+        )
+    except (ssl.SSLError, OSError) as exc:
+        raise ConnectionClosed(f"TLS handshake failed: {exc}") from exc
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None or ssl_object.selected_alpn_protocol() != tls.ALPN_POSTGRESQL:
+        # Direct TLS without ALPN could be a cross-protocol attack; PostgreSQL refuses it.
+        raise GatewayError(
+            errors.PROTOCOL_VIOLATION,
+            "received direct SSL connection request without ALPN protocol negotiation extension",
+        )
 
 
 async def read_startup(

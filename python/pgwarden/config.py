@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -70,6 +70,402 @@ class UpstreamSettings(BaseModel):
         return self.password.get_secret_value() if self.password is not None else None
 
 
+# --- identity (OIDC tokens as the password) -----------------------------------------------
+
+#: JWS algorithms a token may be signed with (RFC 7518).  ``none`` is never among them.
+ASYMMETRIC_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+
+
+class IssuerSettings(BaseModel):
+    """One trusted token issuer: an OIDC provider or a CI workload identity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str = Field(
+        description="Issuer URL, exactly as in the tokens' `iss` claim "
+        "(https; http only for a loopback host)."
+    )
+    audience: list[str] = Field(
+        min_length=1,
+        description="Accepted `aud` values: a token must name at least one of them.",
+    )
+    algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256", "ES256"],
+        min_length=1,
+        description="Allowed signing algorithms; `none` is refused, HS* need `hs_secret`.",
+    )
+    discovery_url: str | None = Field(
+        default=None,
+        description="OIDC discovery document; default: "
+        "`<issuer>/.well-known/openid-configuration`.",
+    )
+    jwks_uri: str | None = Field(
+        default=None,
+        description="JWKS URL; set it to skip discovery (default: `jwks_uri` of the discovery "
+        "document).",
+    )
+    hs_secret: SecretStr | None = Field(
+        default=None,
+        description="Shared secret for HS256/384/512 tokens (then list them in `algorithms`).",
+    )
+    hs_secret_file: Path | None = Field(
+        default=None, description="File holding `hs_secret` (first line); wins over it."
+    )
+    name_claim: str = Field(
+        default="name", description="Claim path of the display name (dots walk into objects)."
+    )
+    email_claim: str = Field(default="email", description="Claim path of the email address.")
+    groups_claim: str | None = Field(
+        default="groups",
+        description="Claim path of the groups (a list of strings, or one string); empty: none.",
+    )
+    leeway_seconds: float = Field(
+        default=30.0, ge=0, le=300, description="Clock skew allowed for exp, nbf and iat."
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle for the discovery and JWKS endpoints (default: system store).",
+    )
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_audience(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name.lower() == "none":
+                raise ValueError("alg 'none' (unsigned tokens) is never allowed")
+            if name not in ASYMMETRIC_ALGORITHMS and name not in HMAC_ALGORITHMS:
+                known = ", ".join(ASYMMETRIC_ALGORITHMS + HMAC_ALGORITHMS)
+                raise ValueError(f"unknown algorithm {name!r} (known: {known})")
+        return value
+
+    @model_validator(mode="after")
+    def _hmac_needs_secret(self) -> IssuerSettings:
+        hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
+        has_secret = self.hs_secret is not None or self.hs_secret_file is not None
+        if hmac and not has_secret:
+            raise ValueError(f"{', '.join(hmac)} allowed without hs_secret: configure the secret")
+        if has_secret and not hmac:
+            raise ValueError("hs_secret is set but no HS* algorithm is allowed")
+        return self
+
+    def resolved_hs_secret(self) -> bytes | None:
+        if self.hs_secret_file is not None:
+            return self.hs_secret_file.read_text(encoding="utf-8").splitlines()[0].encode()
+        return self.hs_secret.get_secret_value().encode() if self.hs_secret is not None else None
+
+
+class RoleRule(BaseModel):
+    """A role-mapping rule: conditions on the identity, and the roles and databases it gets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, description="Rule name shown in events and errors.")
+    action: Literal["allow", "deny"] = Field(
+        default="allow", description="`allow` grants `roles`; `deny` refuses the identity."
+    )
+    issuer: str | None = Field(default=None, description="Only tokens from this issuer.")
+    subjects: list[str] = Field(
+        default_factory=list, description="`sub` patterns (`*` and `?` wildcards); any matches."
+    )
+    emails: list[str] = Field(
+        default_factory=list, description="Email patterns (case-insensitive); any matches."
+    )
+    groups: list[str] = Field(
+        default_factory=list, description="Group names; the identity must be in at least one."
+    )
+    claims: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="Claim path -> pattern (or list of patterns); every entry must match.",
+    )
+    roles: list[str] = Field(
+        default_factory=list,
+        description="PostgreSQL roles allowed, the first being the default.",
+    )
+    databases: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Databases these roles may open (`*`: any).",
+    )
+
+    @model_validator(mode="after")
+    def _allow_has_roles(self) -> RoleRule:
+        if self.action == "allow" and not self.roles:
+            raise ValueError("an allow rule needs at least one role")
+        if self.action == "deny" and self.roles:
+            raise ValueError("a deny rule takes no roles")
+        return self
+
+
+class UpstreamRole(BaseModel):
+    """A PostgreSQL role identities are mapped to, and the credential only the gateway holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Role name the gateway logs in as upstream.")
+    password: SecretStr | None = Field(default=None, description="The role's password.")
+    password_file: Path | None = Field(
+        default=None, description="File holding the password (first line); wins over `password`."
+    )
+    password_env: str | None = Field(
+        default=None,
+        description="Environment variable holding the password; wins over the other two.",
+    )
+
+    def resolved_password(self) -> str | None:
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise OSError(f"environment variable {self.password_env} is not set")
+            return value
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").splitlines()[0]
+        return self.password.get_secret_value() if self.password is not None else None
+
+
+class IdentitySettings(BaseModel):
+    """OIDC identity: the client's password is a token; rules map it to a PostgreSQL role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuers: list[IssuerSettings] = Field(
+        min_length=1, description="Trusted issuers (several may be active at once)."
+    )
+    rules: list[RoleRule] = Field(
+        default_factory=list,
+        description="Role-mapping rules, first match wins; no match: refused (default deny).",
+    )
+    roles: list[UpstreamRole] = Field(
+        default_factory=list,
+        description="Upstream roles and their credentials; every role a rule or grant names.",
+    )
+    user_field: Literal["ignore", "identity", "role"] = Field(
+        default="ignore",
+        description="Startup `user`: ignored, must equal the token's sub or email, or names "
+        "the role to use among those allowed.",
+    )
+    allow_plaintext_password: bool = Field(
+        default=False,
+        description="Accept a token outside TLS (development only): it is a bearer credential.",
+    )
+    max_token_bytes: int = Field(
+        default=16384, ge=256, le=65000, description="Longer tokens are refused unread."
+    )
+    jwks_cache_seconds: float = Field(
+        default=300.0, gt=0, description="Keys are fetched again after this long."
+    )
+    jwks_min_refresh_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Least time between two JWKS fetches caused by unknown key ids.",
+    )
+    http_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="Timeout of a discovery or JWKS request."
+    )
+    expiry_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="At token or grant expiry a running statement gets this long to finish.",
+    )
+    startup_parameters: Literal["refuse", "strip"] = Field(
+        default="refuse",
+        description="Startup parameters that could change identity or policy (options, role, "
+        "session_authorization): refuse the connection, or strip them.",
+    )
+    protect_search_path: bool = Field(
+        default=False,
+        description="Treat the `search_path` startup parameter like `options` (refuse/strip).",
+    )
+    grants_file: Path | None = Field(
+        default=None,
+        description="JSON file of time-bound grants (`pgwarden grants`); unset: no grants.",
+    )
+    grants_poll_seconds: float = Field(
+        default=2.0, gt=0, description="How often the gateway re-reads a changed grants file."
+    )
+    admin_dir: Path | None = Field(
+        default=None,
+        description="Directory of the admin unix sockets `pgwarden grants` notifies; default: "
+        "`runtime_dir` or /tmp/pgwarden-<uid>-<port>.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IdentitySettings:
+        issuers = [i.issuer for i in self.issuers]
+        if len(set(issuers)) != len(issuers):
+            raise ValueError("the same issuer is configured twice")
+        known_roles = {r.name for r in self.roles}
+        if len(known_roles) != len(self.roles):
+            raise ValueError("the same role is listed twice in identity.roles")
+        for index, rule in enumerate(self.rules):
+            if rule.issuer is not None and rule.issuer not in issuers:
+                raise ValueError(f"rules[{index}] names issuer {rule.issuer!r}, not configured")
+            for role in rule.roles:
+                if role not in known_roles:
+                    raise ValueError(
+                        f"rules[{index}] maps to role {role!r}, which has no entry in "
+                        "identity.roles (the gateway needs its credential)"
+                    )
+        return self
+
+    def role(self, name: str) -> UpstreamRole | None:
+        for role in self.roles:
+            if role.name == name:
+                return role
+        return None
+
+
+# --- audit (spool, shipper, session recording) ------------------------------------------
+
+
+class AuditSettings(BaseModel):
+    """The audit trail: every statement spooled before it runs, shipped as OpenTelemetry spans."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    directory: Path | None = Field(
+        default=None,
+        description="State directory of the audit trail (spool, session recordings, generated "
+        "chain key). Unset: audit off, and the gateway says so in its log at start.",
+    )
+    mode: Literal["strict", "relaxed"] = Field(
+        default="strict",
+        description="strict: a statement is forwarded only once its record is in the spool, "
+        "and is refused (SQLSTATE 53400 / 58030) when it cannot be; relaxed: never refuse, "
+        "count the records that could not be stored.",
+    )
+    fsync: Literal["always", "interval", "never"] = Field(
+        default="interval",
+        description="When the spool is forced to disk: always (a statement waits for it, "
+        "group commit), interval (every fsync_interval_ms in the background), never. Records "
+        "survive a gateway crash in every mode; an OS crash loses at most the unsynced ones.",
+    )
+    fsync_interval_ms: int = Field(
+        default=200, ge=1, le=60_000, description="Period of fsync = interval."
+    )
+    max_spool_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Disk space the spool may use (all workers). When full, new statements "
+        "and sessions are refused with SQLSTATE 53400 until the shipper drains it.",
+    )
+    segment_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=16 * 1024,
+        description="Size of one spool segment file (allocated whole, then filled).",
+    )
+    chain_key: SecretStr | None = Field(
+        default=None, description="HMAC key of the records' hash chain."
+    )
+    chain_key_file: Path | None = Field(
+        default=None,
+        description="File holding the chain key (raw bytes); wins over chain_key. Neither "
+        "set: a random key is generated in <directory>/chain.key (mode 0600).",
+    )
+    query_text: Literal["full", "sanitised", "none"] = Field(
+        default="full",
+        description="db.query.text in spans: the full SQL, sanitised (literals replaced by "
+        "the PostgreSQL parser's normalisation) or none. The spool always keeps the full text.",
+    )
+    record_parameters: bool = Field(
+        default=False,
+        description="Record Bind parameter values (db.query.parameter.<n>) and FunctionCall "
+        "arguments.",
+    )
+    max_parameter_bytes: int = Field(
+        default=1024, ge=0, description="Parameter values longer than this are cut."
+    )
+    recording: bool = Field(
+        default=True,
+        description="Record each statement's result as the client saw it, for `pgwarden "
+        "replay` (per-session files under <directory>/sessions).",
+    )
+    recording_max_rows: int = Field(
+        default=100, ge=0, description="Rows (DataRow / CopyData) recorded per statement."
+    )
+    recording_max_bytes: int = Field(
+        default=64 * 1024, ge=0, description="Bytes of result recorded per statement."
+    )
+    recording_logs: bool = Field(
+        default=False,
+        description="Also export each recorded statement as an OpenTelemetry log record.",
+    )
+    exporter: Literal["otlp_http", "otlp_grpc", "console", "file"] = Field(
+        default="otlp_http",
+        description="Where the shipper sends the trail: OTLP over HTTP/protobuf or gRPC, "
+        "console (spans printed as JSON) or file (the sealed records, verifiable with "
+        "`pgwarden audit verify`).",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="OTLP endpoint; default http://localhost:4318 (HTTP: /v1/traces and "
+        "/v1/logs are appended unless the URL has a path) or http://localhost:4317 (gRPC).",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra OTLP request headers (e.g. authorization)."
+    )
+    certificate_file: Path | None = Field(
+        default=None, description="CA bundle to verify an https OTLP endpoint."
+    )
+    timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Time limit of one OTLP export request."
+    )
+    export_path: Path | None = Field(
+        default=None,
+        description="File the console / file exporter appends to (console default: stdout).",
+    )
+    service_name: str = Field(default="pgwarden", description="Resource attribute service.name.")
+    service_instance_id: str | None = Field(
+        default=None,
+        description="Resource attribute service.instance.id; default <hostname>:<listen_port>.",
+    )
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict, description="More resource attributes (deployment.environment...)."
+    )
+    start_shipper: bool = Field(
+        default=True,
+        description="`pgwarden serve` starts and supervises the shipper process; false: run "
+        "`pgwarden audit ship` yourself.",
+    )
+    shipper_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU niceness of the shipper: statements win the CPU, the spool absorbs "
+        "bursts.",
+    )
+    batch_size: int = Field(default=512, ge=1, le=100_000, description="Spans per export request.")
+    poll_interval_ms: int = Field(
+        default=100, ge=1, description="How often the shipper looks for new records."
+    )
+    retry_max_seconds: float = Field(
+        default=30.0, gt=0, description="Longest wait between export retries."
+    )
+
+    def chain_key_bytes(self) -> bytes | None:
+        """The configured key (file first), or None when one must be generated."""
+        if self.chain_key_file is not None:
+            return self.chain_key_file.read_bytes().strip()
+        if self.chain_key is not None:
+            return self.chain_key.get_secret_value().encode()
+        return None
+
+
 class Settings(BaseSettings):
     """Everything ``pgwarden serve`` reads."""
 
@@ -95,7 +491,12 @@ class Settings(BaseSettings):
     )
     users: list[StaticUser] = Field(
         default_factory=list,
-        description="Static client logins (replaced by OIDC identity later). Empty: refuse all.",
+        description="Static client logins, used when `identity` is not configured (development "
+        "and tests). Empty: refuse all.",
+    )
+    identity: IdentitySettings | None = Field(
+        default=None,
+        description="OIDC token authentication and role mapping; replaces `users` when set.",
     )
     tls_cert_file: Path | None = Field(
         default=None,
@@ -124,6 +525,10 @@ class Settings(BaseSettings):
         default=1024,
         ge=0,
         description="Bind parameter values longer than this are truncated in the log.",
+    )
+    audit: AuditSettings = Field(
+        default_factory=AuditSettings,
+        description="The audit trail (spool, shipper, OpenTelemetry export, session recording).",
     )
     drain_timeout_seconds: float = Field(
         default=30.0,

@@ -1,11 +1,14 @@
 """``pgwarden demo``: a gateway in front of a throwaway PostgreSQL, ready in seconds.
 
 The walkthrough: a temporary cluster with a small ``shop`` database, an upstream role
-whose SCRAM password only the gateway holds, a development TLS certificate, a config
-file, and the gateway itself (``pgwarden serve``) recording every statement to a
-JSON-lines file.  A few :class:`DemoStep` statements are then run through the gateway
-with ``psql`` and the audit records they produced are printed, so the audit trail is on
-screen within a minute.  Ctrl-C stops the gateway and removes everything.
+whose SCRAM password only the gateway holds, a development TLS certificate, a development
+OIDC issuer (discovery and JWKS over HTTP on loopback, see
+:mod:`pgwarden.identity.dev_issuer`) that mints the token used as the password, a config
+file mapping the token's identity to the upstream role, and the gateway itself
+(``pgwarden serve``) recording every statement to a JSON-lines file.  A few
+:class:`DemoStep` statements are then run through the gateway with ``psql`` and the audit
+records they produced are printed, so the audit trail is on screen within a minute.
+Ctrl-C stops the gateway and removes everything.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from pgwarden.identity.dev_issuer import DevIssuer
 from pgwarden.pgcluster import FAST_UNSAFE_SETTINGS, TemporaryCluster, find_free_port
 from pgwarden.tls import generate_dev_certificate
 
@@ -33,6 +37,11 @@ DEFAULT_PORT = 6432
 DEMO_DATABASE = "shop"
 UPSTREAM_ROLE = "shop_app"
 CLIENT_USER = "demo"
+# The demo's identity: the token's subject and group, mapped to UPSTREAM_ROLE by a rule.
+DEMO_SUBJECT = "demo"
+DEMO_GROUP = "demo-users"
+TOKEN_AUDIENCE = "pgwarden"
+TOKEN_LIFETIME_SECONDS = 12 * 3600
 GATEWAY_READY_LINE = re.compile(r"pgwarden listening on \S+:(\d+)")
 GATEWAY_START_TIMEOUT = 30.0
 
@@ -96,7 +105,18 @@ DEMO_STEPS: tuple[DemoStep, ...] = (
         sql="select c.name, count(o.id) as orders, round(sum(o.total_cents) / 100.0, 2) as spent "
         "from shop.customers c join shop.orders o on o.customer_id = c.id "
         "group by c.name order by spent desc limit 3",
-        explanation="Allowed, forwarded upstream as the gateway's role, and recorded.",
+        explanation="Allowed, forwarded upstream as the role the token maps to, and recorded.",
+    ),
+    DemoStep(
+        title="Who am I upstream",
+        sql="select current_user, session_user",
+        explanation="The gateway logged in as the mapped role, with a password only it holds.",
+    ),
+    DemoStep(
+        title="A role change",
+        sql="set role postgres",
+        explanation="Refused by pgwarden (42501): the role comes from the identity, not the "
+        "client.",
     ),
 )
 
@@ -107,8 +127,9 @@ class DemoEnvironment:
 
     cluster: TemporaryCluster
     gateway_port: int
-    client_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     upstream_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    issuer: DevIssuer | None = None
+    client_token: str = ""
     gateway: subprocess.Popen[bytes] | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -126,12 +147,25 @@ class DemoEnvironment:
         return self.directory / "statements.jsonl"
 
     @property
+    def audit_dir(self) -> Path:
+        return self.directory / "audit"
+
+    @property
+    def audit_spans(self) -> Path:
+        """Where the demo's shipper writes the audit spans (console exporter, one per line)."""
+        return self.directory / "audit-spans.jsonl"
+
+    @property
     def gateway_log(self) -> Path:
         return self.directory / "gateway.log"
 
     @property
     def upstream_password_file(self) -> Path:
         return self.directory / "upstream.password"
+
+    @property
+    def issuer_state_dir(self) -> Path:
+        return self.directory / "dev-issuer"
 
     def client_dsn(self) -> str:
         """What a user pastes: host, port, user, database; the password comes from the env."""
@@ -154,6 +188,7 @@ def run_demo(args: DemoArgs) -> int:
         cluster.start()
         prepare_upstream(env)
         env.tls_cert_file, env.tls_key_file = generate_dev_certificate(env.directory)
+        start_issuer(env)
         write_gateway_config(env)
         start_gateway(env)
         print_connection_help(env)
@@ -168,6 +203,8 @@ def run_demo(args: DemoArgs) -> int:
         return 0
     finally:
         stop_gateway(env)
+        if env.issuer is not None:
+            env.issuer.stop()
         if args.keep:
             cluster.stop()
             print(f"pgwarden demo: kept {env.directory} (PostgreSQL data, config, logs)")
@@ -213,6 +250,15 @@ def prepare_upstream(env: DemoEnvironment) -> None:
     env.upstream_password_file.chmod(0o600)
 
 
+def start_issuer(env: DemoEnvironment) -> None:
+    """The development OIDC issuer (a thread of this process) and the demo's token."""
+    env.issuer = DevIssuer(audience=TOKEN_AUDIENCE).start()
+    env.issuer.save_state(env.issuer_state_dir)
+    env.client_token = env.issuer.mint(
+        DEMO_SUBJECT, groups=[DEMO_GROUP], ttl_seconds=TOKEN_LIFETIME_SECONDS
+    )
+
+
 def gateway_config(env: DemoEnvironment) -> dict[str, object]:
     """The gateway's settings for the demo, as written to the TOML file."""
     return {
@@ -221,6 +267,12 @@ def gateway_config(env: DemoEnvironment) -> dict[str, object]:
         "tls_cert_file": env.tls_cert_file,
         "tls_key_file": env.tls_key_file,
         "statement_log": str(env.statement_log),
+        "audit": {
+            "directory": str(env.audit_dir),
+            "exporter": "console",
+            "export_path": str(env.audit_spans),
+            "poll_interval_ms": 100,
+        },
         "upstream": {
             "host": env.cluster.host,
             "port": env.cluster.port,
@@ -228,7 +280,24 @@ def gateway_config(env: DemoEnvironment) -> dict[str, object]:
             "password_file": str(env.upstream_password_file),
             "tls": "disable",
         },
-        "users": [{"name": CLIENT_USER, "password": env.client_password}],
+        "identity": {
+            "issuers": [
+                {
+                    "issuer": env.issuer.issuer if env.issuer is not None else None,
+                    "audience": [TOKEN_AUDIENCE],
+                    "algorithms": ["RS256"],
+                }
+            ],
+            "rules": [
+                {
+                    "name": "demo users",
+                    "groups": [DEMO_GROUP],
+                    "roles": [UPSTREAM_ROLE],
+                    "databases": [DEMO_DATABASE],
+                }
+            ],
+            "roles": [{"name": UPSTREAM_ROLE, "password_file": str(env.upstream_password_file)}],
+        },
     }
 
 
@@ -338,22 +407,37 @@ def wait_for_interrupt(env: DemoEnvironment) -> int:
 
 
 def print_connection_help(env: DemoEnvironment) -> None:
+    issuer_url = env.issuer.issuer if env.issuer is not None else "?"
     psql_command = (
-        f"PGPASSWORD={shlex.quote(env.client_password)} psql {shlex.quote(env.client_dsn())}"
+        f"PGPASSWORD={shlex.quote(env.client_token)} psql {shlex.quote(env.client_dsn())}"
     )
     print(
         f"""
 pgwarden is running on 127.0.0.1:{env.gateway_port}, in front of PostgreSQL on \
 127.0.0.1:{env.cluster.port}.
-The gateway logs in upstream as role {UPSTREAM_ROLE!r} with a password only it knows.
+The password is an OIDC token for subject {DEMO_SUBJECT!r} (group {DEMO_GROUP!r}), minted by
+a development issuer at {issuer_url}; a rule maps that group to role
+{UPSTREAM_ROLE!r}, which the gateway logs in as with a password only it knows.
 
-Connect with psql (paste this):
+Connect with psql (paste this; the token is valid for {TOKEN_LIFETIME_SECONDS // 3600} hours):
 
     {psql_command}
+
+Mint a token for someone else (the group decides the role; others are refused):
+
+    pgwarden dev-issuer mint --state-dir {env.issuer_state_dir} --subject you \\
+        --group {DEMO_GROUP}
 
 Statement log (one JSON line per statement):
 
     tail -f {env.statement_log}
+
+Audit trail: every statement spooled before it runs, shipped as OpenTelemetry spans (here
+by the console exporter, one JSON span per line; an OTLP endpoint in production):
+
+    tail -f {env.audit_spans}
+    pgwarden audit verify {env.audit_dir} --config {env.config_file}
+    pgwarden replay SESSION_ID --config {env.config_file}    (pgwarden.session.id of a span)
 
 Gateway config: {env.config_file}
 Gateway log:    {env.gateway_log}
@@ -370,29 +454,77 @@ def run_step(env: DemoEnvironment, step: DemoStep) -> None:
         [_psql_path(env.cluster), "--no-psqlrc", "--command", step.sql, env.client_dsn()],
         capture_output=True,
         text=True,
-        env={**os.environ, "PGPASSWORD": env.client_password, "PGCONNECT_TIMEOUT": "10"},
+        env={**os.environ, "PGPASSWORD": env.client_token, "PGCONNECT_TIMEOUT": "10"},
         timeout=60,
         check=False,
     )
     print(_indent(result.stdout + result.stderr), flush=True)
     records = _wait_for_records(env.statement_log, after=before)
-    if not records:
+    statements = [r for r in records if "statement" in r]
+    if not statements:
         print(f"    (no statement record in {env.statement_log} yet)", flush=True)
-    for record in records:
+    if step is DEMO_STEPS[0]:
+        # Once: the identity side of the audit trail (who connected, how, as which role).
+        for record in records:
+            if record.get("event") == "connection.accepted":
+                print(f"\nConnection event written to {env.statement_log.name}:", flush=True)
+                print(_indent(json.dumps(record, indent=2)), flush=True)
+    for record in statements:
         print(f"\nAudit record written to {env.statement_log.name}:", flush=True)
         print(_indent(json.dumps(record, indent=2)), flush=True)
+    span = _wait_for_span(env.audit_spans, step.sql)
+    if span is None:
+        print(f"    (no audit span in {env.audit_spans.name} yet)", flush=True)
+    else:
+        print(f"\nAudit span shipped to {env.audit_spans.name}:", flush=True)
+        print(_indent(json.dumps(_span_summary(span), indent=2)), flush=True)
 
 
-def _wait_for_records(path: Path, after: int, timeout: float = 5.0) -> list[object]:
-    """Records appended after line ``after``; the log is written shortly after the reply."""
+def _wait_for_span(path: Path, sql: str, timeout: float = 10.0) -> dict[str, object] | None:
+    """The statement span for ``sql`` once the shipper has written it (console exporter)."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = _read_text(path).splitlines()[after:]
-        if lines or time.monotonic() >= deadline:
-            records: list[object] = []
-            for line in lines:
-                with contextlib.suppress(ValueError):
-                    records.append(json.loads(line))
+        for line in _read_text(path).splitlines():
+            with contextlib.suppress(ValueError):
+                span = json.loads(line)
+                attributes = span.get("attributes") if isinstance(span, dict) else None
+                if isinstance(attributes, dict) and attributes.get("db.query.text") == sql:
+                    return dict(span)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
+def _span_summary(span: Mapping[str, object]) -> dict[str, object]:
+    """The parts of a span worth a look: its name, ids, status and attributes."""
+    context = span.get("context")
+    context = context if isinstance(context, dict) else {}
+    return {
+        "name": span.get("name"),
+        "trace_id": context.get("trace_id"),
+        "span_id": context.get("span_id"),
+        "parent_id": span.get("parent_id"),
+        "start_time": span.get("start_time"),
+        "end_time": span.get("end_time"),
+        "status": span.get("status"),
+        "attributes": span.get("attributes"),
+    }
+
+
+def _wait_for_records(path: Path, after: int, timeout: float = 5.0) -> list[dict[str, object]]:
+    """Records appended after line ``after``, once a statement record is among them.
+
+    The log is written shortly after the reply; connection events (``"event"``) share it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records: list[dict[str, object]] = []
+        for line in _read_text(path).splitlines()[after:]:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+        if any("statement" in r for r in records) or time.monotonic() >= deadline:
             return records
         time.sleep(0.1)
 

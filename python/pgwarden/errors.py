@@ -20,11 +20,11 @@ FEATURE_NOT_SUPPORTED: Final = "0A000"
 # Class 28 - Invalid Authorization Specification
 INVALID_AUTHORIZATION_SPECIFICATION: Final = "28000"
 INVALID_PASSWORD: Final = "28P01"
-# Class 53 - Insufficient Resources
-TOO_MANY_CONNECTIONS: Final = "53300"
+# Class 42 - Syntax Error or Access Rule Violation
+SYNTAX_ERROR: Final = "42601"
+INSUFFICIENT_PRIVILEGE: Final = "42501"
 # Class 57 - Operator Intervention
 ADMIN_SHUTDOWN: Final = "57P01"
-CANNOT_CONNECT_NOW: Final = "57P03"
 # Class XX - Internal Error
 INTERNAL_ERROR: Final = "XX000"
 

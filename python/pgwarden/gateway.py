@@ -14,6 +14,7 @@ import ssl
 import anyio
 
 from pgwarden import errors, tls
+from pgwarden.audit.trail import AuditTrail
 from pgwarden.cancel import CancelForwarder, CancelRegistry
 from pgwarden.client_auth import ClientAuthenticator, StaticPasswordAuthenticator
 from pgwarden.config import Settings
@@ -50,6 +51,9 @@ class Gateway:
             StatementLog(settings.statement_log) if settings.statement_log is not None else None
         )
         self.client_event_hook = client_event_hook
+        self.audit: AuditTrail | None = None
+        if settings.audit.directory is not None:
+            self.audit = AuditTrail(settings, worker_index=worker_index)
         self.sessions: set[Session] = set()
         self.draining = False
         self._sessions_changed = anyio.Event()
@@ -75,6 +79,12 @@ class Gateway:
     def terminate_all(self) -> None:
         for session in list(self.sessions):
             session.terminate(errors.ADMIN_SHUTDOWN, errors.ADMIN_SHUTDOWN_MESSAGE)
+
+    def close(self) -> None:
+        """Release what the process holds (the audit stream is closed cleanly)."""
+        if self.audit is not None:
+            self.audit.close()
+            self.audit = None
 
     async def wait_sessions_closed(self) -> None:
         while self.sessions:

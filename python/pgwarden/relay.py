@@ -8,8 +8,9 @@ the other way round, so no result set is ever buffered whole.
 
 Endings: the side that goes away first closes the other.  A client that disconnects gets its
 upstream backend a Terminate (client messages are forwarded only whole, so the upstream stream
-is at a message boundary); a server that disappears without a FATAL of its own gets the client
-a FATAL 08006 "server closed the connection unexpectedly".
+is at a message boundary), plus a CancelRequest when a statement was still running; a server
+that disappears without a FATAL of its own gets the client a FATAL 08006 "server closed the
+connection unexpectedly".
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pgwarden import _wire, errors
 from pgwarden.statement_log import StatementLog
 
 if TYPE_CHECKING:
+    from pgwarden.audit.trail import SyncGate
     from pgwarden.hooks import ClientEventHook
     from pgwarden.session import Session
 
@@ -46,7 +48,10 @@ class _ClientSide(asyncio.Protocol):
     def __init__(self, relay: Relay) -> None:
         self._relay = relay
         self._feed = relay.codec.feed_client
-        self._write: Callable[[bytes], None] = relay.server_transport.write
+        # With fsync = always, bytes wait for the fsync that covers their audit records.
+        self._write: Callable[[bytes], None] = (
+            relay.server_transport.write if relay.sync_gate is None else relay.write_after_sync
+        )
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -57,6 +62,8 @@ class _ClientSide(asyncio.Protocol):
                 self._write(out)
         except _wire.WireError as exc:
             self._relay.protocol_violation(str(exc))
+        except _wire.AuditSpoolError as exc:
+            self._relay.audit_refused(exc)
         except Exception:
             self._relay.internal_error("client data")
 
@@ -76,12 +83,13 @@ class _ClientSide(asyncio.Protocol):
 class _ServerSide(asyncio.Protocol):
     """Bytes from the server: frame (and later mask) in Rust, forward to the client."""
 
-    __slots__ = ("_feed", "_relay", "_write")
+    __slots__ = ("_feed", "_on_events", "_relay", "_write")
 
     def __init__(self, relay: Relay) -> None:
         self._relay = relay
         self._feed = relay.codec.feed_server
         self._write: Callable[[bytes], None] = relay.client_transport.write
+        self._on_events = relay.server_events
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -89,7 +97,7 @@ class _ServerSide(asyncio.Protocol):
             if out:
                 self._write(out)
             if events is not None:
-                self._relay.server_events(events)
+                self._on_events(events)
         except _wire.WireError as exc:
             self._relay.server_protocol_violation(str(exc))
         except Exception:
@@ -120,6 +128,7 @@ class Relay:
         *,
         statement_log: StatementLog | None,
         client_event_hook: ClientEventHook | None,
+        sync_gate: SyncGate | None = None,
     ) -> None:
         self.session = session
         self.codec = codec
@@ -127,13 +136,18 @@ class Relay:
         self.server_transport = server_transport
         self._statement_log = statement_log
         self._hook = client_event_hook
+        self.sync_gate = sync_gate
+        self._held: list[bytes] = []  # client bytes waiting for an fsync (fsync = always)
+        self._held_target = 0  # the audit seq the held bytes wait for
+        self.ended_by: tuple[str, str] | None = None  # (sqlstate, message) of terminate()
         self._client_lost = False
         self._server_lost = False
         self._client_terminated = False  # client sent Terminate
         self._upstream_fatal = False  # server sent its own FATAL/PANIC
         self._terminating = False  # the gateway ended the session
-        self._drain_requested = False
-        self.busy_when_terminated = False
+        # Set by end_when_idle(): (sqlstate, message) to end with at the next safe point.
+        self._end_when_idle: tuple[str, str] | None = None
+        self.cancel_upstream_on_close = False  # a statement may still be running
         self._one_lost = anyio.Event()
         self._both_lost = anyio.Event()
 
@@ -163,14 +177,32 @@ class Relay:
 
     @property
     def idle(self) -> bool:
-        """ReadyForQuery 'I' seen last and no statement in flight."""
-        return self.codec.transaction_status == "I" and self.codec.in_flight == 0
+        """A safe point to end the session: the server owes the client nothing.
+
+        Last ReadyForQuery was 'I', no request (statement, Parse, Bind, Describe, Close, Sync)
+        awaits a response, and no partial client message is held back.
+        """
+        codec = self.codec
+        return (
+            codec.transaction_status == "I"
+            and codec.pending_requests == 0
+            and codec.held_client_bytes == 0
+        )
+
+    def end_when_idle(self, sqlstate: str, message: str) -> None:
+        """End the session (FATAL ``sqlstate``) now if idle, else at its next idle point.
+
+        Used by the shutdown drain and by identity deadlines; a caller that cannot wait
+        forever calls :meth:`terminate` later.
+        """
+        if self._end_when_idle is None:
+            self._end_when_idle = (sqlstate, message)
+        if self.idle:
+            self.terminate(*self._end_when_idle)
 
     def request_drain(self) -> None:
         """Shutdown: end the session now if idle, else at its next idle ReadyForQuery."""
-        self._drain_requested = True
-        if self.idle:
-            self.terminate(errors.ADMIN_SHUTDOWN, errors.ADMIN_SHUTDOWN_MESSAGE)
+        self.end_when_idle(errors.ADMIN_SHUTDOWN, errors.ADMIN_SHUTDOWN_MESSAGE)
 
     def send_to_client(self, data: bytes) -> None:
         if not self._client_lost and not self.client_transport.is_closing():
@@ -181,7 +213,8 @@ class Relay:
         if self._terminating:
             return
         self._terminating = True
-        self.busy_when_terminated = self.codec.in_flight > 0
+        self.ended_by = (sqlstate, message)
+        self.cancel_upstream_on_close |= self.codec.in_flight > 0
         self._close_client(errors.fatal(sqlstate, message))
         self._close_server()
 
@@ -201,14 +234,61 @@ class Relay:
             if kind == EV_READY:
                 if self._statement_log is not None:
                     self._statement_log.append(self.codec.take_records())
-                if self._drain_requested and event[1] == "I" and self.codec.in_flight == 0:
-                    self.terminate(errors.ADMIN_SHUTDOWN, errors.ADMIN_SHUTDOWN_MESSAGE)
+                if self._end_when_idle is not None and self.idle:
+                    self.terminate(*self._end_when_idle)
             elif kind == EV_ERROR and event[1] in ("FATAL", "PANIC"):
                 self._upstream_fatal = True
 
     def flush_records(self) -> None:
         if self._statement_log is not None:
             self._statement_log.append(self.codec.take_records())
+
+    # --- audit --------------------------------------------------------------------------
+
+    def write_after_sync(self, data: bytes) -> None:
+        """Forward ``data`` once the audit records stored so far are on disk, in order."""
+        gate = self.sync_gate
+        assert gate is not None
+        target = gate.written_seq()
+        if not self._held and gate.synced_seq() >= target:
+            self.server_transport.write(data)
+            return
+        self._held.append(data)
+        self._held_target = target
+        if len(self._held) == 1:
+            gate.wait(target, self._release_held)
+
+    def _release_held(self) -> None:
+        gate = self.sync_gate
+        assert gate is not None
+        if gate.synced_seq() < self._held_target:
+            gate.wait(self._held_target, self._release_held)  # more arrived meanwhile
+            return
+        held, self._held = self._held, []
+        if self._server_lost or self.server_transport.is_closing():
+            return
+        self.server_transport.write(b"".join(held))
+
+    def audit_refused(self, exc: _wire.AuditSpoolError) -> None:
+        """The statement's audit record could not be stored: it is not forwarded."""
+        from pgwarden.audit.trail import AuditTrail
+
+        refusal = AuditTrail.refusal(exc)
+        log.error("session %s: statement refused: %s (%s)", self.session.id, refusal.message, exc)
+        self.terminate(refusal.sqlstate, refusal.message)
+
+    @property
+    def end_reason(self) -> tuple[str, str | None, str | None]:
+        """How the session ended: (reason, sqlstate, message) for its audit record."""
+        if self.ended_by is not None:
+            return ("terminated", *self.ended_by)
+        if self._client_terminated:
+            return ("client_terminate", None, None)
+        if self._upstream_fatal:
+            return ("server_fatal", None, None)
+        if self._server_lost and not self._client_lost:
+            return ("server_closed", None, None)
+        return ("client_disconnect", None, None)
 
     # --- failures -----------------------------------------------------------------------
 
@@ -244,6 +324,10 @@ class Relay:
 
     def client_lost(self) -> None:
         self._client_lost = True
+        if not self._server_lost and self.codec.in_flight > 0:
+            # PostgreSQL notices a vanished client only when it next reads or writes: a long
+            # statement would run on, so the session cancels it once the relay is closed.
+            self.cancel_upstream_on_close = True
         self._close_server()
         self._lost()
 

@@ -32,6 +32,9 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset(
 )
 
 
+_UNUSABLE_ADDRESS_ERRORS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -56,7 +59,16 @@ def bind_listeners(host: str, port: int, *, reuse_port: bool) -> list[socket.soc
             if port == 0 and len(sockets) > 1:
                 # Every address on the port the first one was given.
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                shown = format_address(str(address[0]), int(address[1]))
+                if len(sockets) > 1 and exc.errno in _UNUSABLE_ADDRESS_ERRORS:
+                    # e.g. "localhost" resolving to ::1 on a host without IPv6
+                    log.warning("not listening on %s: %s", shown, exc.strerror)
+                    sockets.pop().close()
+                    continue
+                raise OSError(exc.errno, f"cannot listen on {shown}: {exc.strerror}") from exc
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
     except BaseException:
@@ -101,11 +113,15 @@ async def serve(
     cancel_forwarder: CancelForwarder | None = None,
     on_ready: Callable[[], None] | None = None,
     gateway: Gateway | None = None,
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: the coroutine a worker process runs."""
+    """Serve until a stop signal, then drain: the coroutine a worker process runs.
+
+    A second stop signal during the drain ends every session at once.
+    """
     if gateway is None:
         gateway = Gateway(settings, worker_index=worker_index, cancel_forwarder=cancel_forwarder)
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with anyio.open_signal_receiver(*stop_signals) as signals:
         async with anyio.create_task_group() as services:
             if gateway.statement_log is not None:
                 await services.start(gateway.statement_log.run)
@@ -138,6 +154,7 @@ async def serve(
                 await _drain(gateway, settings.drain_timeout_seconds, signals)
                 sessions.cancel_scope.cancel()
             services.cancel_scope.cancel()
+    gateway.close()
     log.info("pgwarden stopped")
 
 
@@ -182,8 +199,18 @@ def run_worker(
     runtime_dir: Path | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run one gateway process's event loop until it has drained."""
+    """Run one gateway process's event loop until it has drained.
+
+    ``runtime_dir`` is set for the workers of a supervisor: they forward CancelRequests to
+    each other, and they stop on SIGTERM only.  Ctrl-C in a terminal reaches the supervisor
+    and its workers alike; the supervisor turns it into one SIGTERM per worker, which a
+    worker's own SIGINT would otherwise double into "close everything now".
+    """
     forwarder = CancelForwarder(runtime_dir, worker_index) if runtime_dir is not None else None
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
+    if runtime_dir is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_signals = (signal.SIGTERM,)
     backend, options = event_loop_options()
 
     async def main() -> None:
@@ -193,6 +220,7 @@ def run_worker(
             worker_index=worker_index,
             cancel_forwarder=forwarder,
             on_ready=on_ready,
+            stop_signals=stop_signals,
         )
 
     anyio.run(main, backend=backend, backend_options=options)

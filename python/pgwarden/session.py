@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import socket
+import time
 from typing import TYPE_CHECKING, Final
 
 import anyio
@@ -20,9 +21,12 @@ from pgwarden import _wire, errors, upstream
 from pgwarden.cancel import UpstreamBackend
 from pgwarden.client_auth import AuthError, AuthRequest, Identity
 from pgwarden.client_startup import (
+    MAX_STARTUP_PHASE_MESSAGE,
     CancelRequest,
     StartupRequest,
-    open_client_stream,
+    attach_client_stream,
+    is_direct_tls,
+    peek_first_byte,
     read_startup,
 )
 from pgwarden.errors import ConnectionClosed, GatewayError
@@ -55,6 +59,7 @@ class Session:
         self.upstream_user: str | None = None
         self.database: str | None = None
         self._sock = sock
+        self._sock_handed_over = False  # once True, the client transport owns the socket
         self._client: PgStream | None = None
         self._upstream: upstream.UpstreamConnection | None = None
         self._relay: Relay | None = None
@@ -62,6 +67,9 @@ class Session:
         self._pending_end: tuple[str, str] | None = None
         self._cancel_process_id: int | None = None
         self._backend: UpstreamBackend | None = None
+        self._accepted_us = time.time_ns() // 1000
+        self._stage = "startup"  # where a refusal happened, for the audit record
+        self._audit_started = False  # the session record is in the audit spool
 
     def __repr__(self) -> str:
         who = self.identity.name if self.identity is not None else "?"
@@ -79,6 +87,17 @@ class Session:
         elif self._startup_scope is not None:
             self._pending_end = (sqlstate, message)
             self._startup_scope.cancel()
+
+    def end_after_statement(self, sqlstate: str, message: str) -> None:
+        """End the session with FATAL ``sqlstate`` as soon as no statement is running.
+
+        Immediately when idle (or still starting up); otherwise after the server has answered
+        everything the client sent.  Callers that need a bound call :meth:`terminate` later.
+        """
+        if self._relay is not None:
+            self._relay.end_when_idle(sqlstate, message)
+        else:
+            self.terminate(sqlstate, message)
 
     def request_drain(self) -> None:
         """Shutdown has begun: end now if idle or still starting, else when next idle."""
@@ -122,11 +141,13 @@ class Session:
                         request = await self._client_phase()
                 except TimeoutError:
                     log.info("session %s: startup timeout", self.id)
+                    self._audit_refused(None, "startup timeout")
                     await self._close_client(None)
                     return
                 if request is None:
                     return
                 try:
+                    self._stage = "upstream"
                     with anyio.fail_after(settings.upstream.connect_timeout_seconds):
                         await self._upstream_phase(request)
                 except TimeoutError:
@@ -135,8 +156,11 @@ class Session:
                         errors.CONNECTION_FAILURE,
                         "timeout while connecting to the upstream PostgreSQL server",
                     ) from None
+                self._stage = "audit"
+                self._audit_session_started(request)
             except GatewayError as exc:
                 log.info("session %s: refused: %s", self.id, exc)
+                self._audit_refused(exc.sqlstate, exc.message)
                 await self._close_client(exc.to_wire())
                 return
         self._startup_scope = None
@@ -153,10 +177,19 @@ class Session:
         """TLS, StartupMessage and client authentication; None for a CancelRequest."""
         gateway = self.gateway
         settings = gateway.settings
-        self._client = await open_client_stream(
-            self._sock,
-            server_context=gateway.server_tls,
+        first_byte = await peek_first_byte(self._sock)
+        direct_tls = is_direct_tls(first_byte)
+        if direct_tls and gateway.server_tls is None:
+            raise ConnectionClosed("direct TLS, but no certificate is configured")
+        self._client = PgStream(
+            max_message_len=MAX_STARTUP_PHASE_MESSAGE,
             max_startup_len=settings.max_startup_bytes,
+        )
+        self._sock_handed_over = True
+        await attach_client_stream(
+            self._sock,
+            self._client,
+            direct_tls_context=gateway.server_tls if direct_tls else None,
             handshake_timeout=settings.startup_timeout_seconds,
         )
         request = await read_startup(
@@ -170,6 +203,7 @@ class Session:
             await self._close_client(None)
             return None
         self.startup = request
+        self._stage = "authentication"
         auth_request = AuthRequest(
             user=request.user,
             database=request.database,
@@ -177,6 +211,7 @@ class Session:
             tls=request.tls,
             params=dict(request.params),
             ask_password=self._ask_password,
+            session_id=self.id,
         )
         try:
             self.identity = await gateway.authenticator.authenticate(auth_request)
@@ -202,13 +237,22 @@ class Session:
         settings = self.gateway.settings.upstream
         identity = self.identity
         assert identity is not None
-        decision = upstream_startup_params(request.params)
-        self.upstream_user = identity.upstream_user or settings.user
+        withheld = identity.withheld_params
+        decision = upstream_startup_params(
+            (name, value) for name, value in request.params if name.lower() not in withheld
+        )
+        if identity.upstream_user is not None:
+            # The identity maps to its own role, with that role's credential.
+            self.upstream_user = identity.upstream_user
+            password = identity.upstream_password
+        else:
+            self.upstream_user = settings.user
+            password = settings.resolved_password()
         self.database = identity.upstream_database or settings.database or request.database
         login = upstream.UpstreamLogin(
             user=self.upstream_user,
             database=self.database,
-            password=settings.resolved_password(),
+            password=password,
             params=decision.forwarded,
         )
         self._upstream = await upstream.login(
@@ -253,6 +297,7 @@ class Session:
             record_statements=gateway.statement_log is not None,
             client_events=gateway.client_event_hook is not None,
             max_param_bytes=settings.statement_log_max_param_bytes,
+            **(gateway.audit.codec_options(self.id) if gateway.audit is not None else {}),
         )
         relay = Relay(
             self,
@@ -261,6 +306,7 @@ class Session:
             server_transport,
             statement_log=gateway.statement_log,
             client_event_hook=gateway.client_event_hook,
+            sync_gate=gateway.audit.sync_gate() if gateway.audit is not None else None,
         )
         client_transport.write(greeting)
         self._relay = relay
@@ -270,16 +316,50 @@ class Session:
             relay.request_drain()
         await relay.wait()
 
+    # --- audit --------------------------------------------------------------------------
+
+    def _audit_session_started(self, request: StartupRequest) -> None:
+        """The session record, before the client is let in (GatewayError if it cannot be)."""
+        audit = self.gateway.audit
+        if audit is None:
+            return
+        audit.session_started(
+            self.id,
+            identity=self.identity,
+            client_address=self.client_address,
+            database=self.database,
+            upstream_user=self.upstream_user,
+            application_name=dict(request.params).get("application_name"),
+            tls=request.tls,
+        )
+        self._audit_started = True
+
+    def _audit_refused(self, sqlstate: str | None, message: str) -> None:
+        audit = self.gateway.audit
+        if audit is None:
+            return
+        audit.connection_refused(
+            self.id,
+            client_address=self.client_address,
+            user=self.startup.user if self.startup is not None else None,
+            identity=self.identity,
+            database=self.database or (self.startup.database if self.startup else None),
+            sqlstate=sqlstate or "",
+            message=message,
+            stage=self._stage,
+            started_us=self._accepted_us,
+        )
+
     # --- endings ------------------------------------------------------------------------
 
     async def _close_client(self, final_message: bytes | None) -> None:
         """Send a last message (if any), close, and give the client a moment to read it."""
+        if self._relay is not None:  # the relay owns the transports now
+            self._relay.terminate(errors.INTERNAL_ERROR, "internal error in pgwarden")
+            return
         client = self._client
-        if client is None:
-            self._sock.close()
-            return
-        if client.transport is None or client.transport.is_closing():
-            return
+        if client is None or client.transport is None or client.transport.is_closing():
+            return  # no transport yet (cleanup closes the socket) or already closing
         if final_message is not None:
             client.transport.write(final_message)
         client.close()
@@ -294,14 +374,19 @@ class Session:
         else:
             if self._upstream is not None:
                 self._upstream.stream.abort()
-            if self._client is not None:
-                self._client.abort()
-            else:
-                # No transport owns the socket yet (uvloop keeps an io-ref if one does).
+            if not self._sock_handed_over:
                 self._sock.close()
+            elif self._client is not None:
+                # A transport owns the socket (or closed it itself after a failed handshake).
+                self._client.abort()
+        if self._audit_started and self.gateway.audit is not None:
+            reason, sqlstate, message = (
+                relay.end_reason if relay is not None else ("not started", None, None)
+            )
+            self.gateway.audit.session_ended(self.id, reason, sqlstate=sqlstate, message=message)
         if self._cancel_process_id is not None:
             self.gateway.cancels.unregister(self._cancel_process_id)
-        if relay is not None and relay.busy_when_terminated and self._backend is not None:
+        if relay is not None and relay.cancel_upstream_on_close and self._backend is not None:
             # The backend may still be running the statement: ask it to stop.
             backend = self._backend
             with anyio.CancelScope(shield=True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
 import anyio
 import anyio.abc
 import anyio.to_thread

@@ -21,8 +21,16 @@ from pgwarden.errors import ConnectionClosed, GatewayError
 _READ_PAUSE_BYTES = 256 * 1024
 
 
-def _startup_error(head: bytes, exc: _wire.WireError) -> GatewayError:
-    """ErrorResponse for an unacceptable startup packet; 0A000 for a protocol we do not speak."""
+def _startup_error(head: bytes, max_len: int, exc: _wire.WireError) -> GatewayError:
+    """ErrorResponse for an unacceptable startup packet, in PostgreSQL's order of checks.
+
+    The length is judged first ("invalid length of startup packet", 08P01; an HTTP request
+    lands here), then the version: 0A000 for a protocol we do not speak.
+    """
+    if len(head) >= 4:
+        length = int.from_bytes(head[:4], "big")
+        if length < 8 or length > max_len:
+            return GatewayError(errors.PROTOCOL_VIOLATION, "invalid length of startup packet")
     if len(head) == 8:
         major, minor = int.from_bytes(head[4:6], "big"), int.from_bytes(head[6:8], "big")
         if major not in (3, 1234):  # 1234.x are the SSL/GSSENC/cancel request codes
@@ -74,11 +82,6 @@ class PgStream(asyncio.Protocol):
 
     # --- state ------------------------------------------------------------------------
 
-    @property
-    def is_lost(self) -> bool:
-        """The connection is gone or half-closed by the peer."""
-        return self._eof or self._lost
-
     def has_unread_bytes(self) -> bool:
         """Bytes arrived that no read has consumed (framed messages included)."""
         return bool(self._buf) or bool(self._messages)
@@ -88,14 +91,6 @@ class PgStream(asyncio.Protocol):
         return (
             self.transport is not None and self.transport.get_extra_info("ssl_object") is not None
         )
-
-    def peer_address(self) -> str:
-        if self.transport is None:
-            return ""
-        peer = self.transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            return str(peer[0])
-        return "local" if peer is not None else ""
 
     # --- reads ------------------------------------------------------------------------
 
@@ -123,7 +118,7 @@ class PgStream(asyncio.Protocol):
                 try:
                     decoded = _wire.read_startup(bytes(self._buf), self._max_startup_len)
                 except _wire.WireError as exc:
-                    raise _startup_error(bytes(self._buf[:8]), exc) from exc
+                    raise _startup_error(bytes(self._buf[:8]), self._max_startup_len, exc) from exc
                 if decoded is not None:
                     packet, consumed = decoded
                     del self._buf[:consumed]

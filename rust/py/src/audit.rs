@@ -91,7 +91,9 @@ impl AuditSpool {
     #[pyo3(signature = (kind, members, *, new = false))]
     fn append(&self, kind: &str, members: &str, new: bool) -> PyResult<u64> {
         if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-            return Err(PyValueError::new_err("record kind must be lowercase letters and '_'"));
+            return Err(PyValueError::new_err(
+                "record kind must be lowercase letters and '_'",
+            ));
         }
         let admission = if new {
             Admission::New
@@ -124,8 +126,8 @@ impl AuditSpool {
     }
 
     #[getter]
-    fn directory(&self) -> PathBuf {
-        self.inner.stream_dir().to_owned()
+    fn directory(&self) -> String {
+        self.inner.stream_dir().to_string_lossy().into_owned()
     }
 
     #[getter]

@@ -1,6 +1,7 @@
 //! `pgwarden._wire`: the Python binding of `pgwarden-wire`.  It converts types and
 //! nothing else; all protocol logic lives in the Rust crate.
 
+mod audit;
 mod codec;
 mod session;
 mod startup;
@@ -14,6 +15,20 @@ pyo3::create_exception!(
     "A malformed or oversized message.  ``str(err)`` is a human-readable reason."
 );
 
+pyo3::create_exception!(
+    pgwarden._wire,
+    AuditSpoolError,
+    pyo3::exceptions::PyException,
+    "An audit record could not be stored (I/O error, or the spool is closed)."
+);
+
+pyo3::create_exception!(
+    pgwarden._wire,
+    AuditSpoolFull,
+    AuditSpoolError,
+    "The audit spool is at its configured bound: new statements are refused."
+);
+
 pub(crate) fn wire_err(e: pgwarden_wire::WireError) -> PyErr {
     WireError::new_err(e.to_string())
 }
@@ -24,7 +39,10 @@ mod _wire {
     use pgwarden_wire::startup;
 
     #[pymodule_export]
-    use super::WireError;
+    use super::{AuditSpoolError, AuditSpoolFull, WireError};
+
+    #[pymodule_export]
+    use crate::audit::AuditSpool;
 
     #[pymodule_export]
     use crate::startup::{read_startup, StartupPacket};

@@ -3,10 +3,14 @@
 
 use pgwarden_wire::backend::TransactionStatus;
 use pgwarden_wire::events::kind;
-use pgwarden_wire::{ClientEvent, Forward, ServerEvent, SessionConfig, DEFAULT_MAX_MESSAGE_LEN};
+use pgwarden_wire::{
+    AuditConfig, CaptureLimits, ClientEvent, Forward, ServerEvent, SessionConfig,
+    DEFAULT_MAX_MESSAGE_LEN,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
+use crate::audit::{feed_err, AuditSpool};
 use crate::wire_err;
 
 /// Both directions of one relayed session after authentication.
@@ -82,7 +86,14 @@ impl SessionCodec {
         record_statements = false,
         client_events = false,
         max_param_bytes = 1024,
-    ), text_signature = "(*, max_message_len=..., context_json='', record_statements=False, client_events=False, max_param_bytes=1024)")]
+        audit = None,
+        audit_session = String::new(),
+        audit_params = false,
+        audit_strict = true,
+        capture_rows = 0,
+        capture_bytes = 0,
+    ), text_signature = "(*, max_message_len=..., context_json='', record_statements=False, client_events=False, max_param_bytes=1024, audit=None, audit_session='', audit_params=False, audit_strict=True, capture_rows=0, capture_bytes=0)")]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         max_message_len: usize,
@@ -90,7 +101,23 @@ impl SessionCodec {
         record_statements: bool,
         client_events: bool,
         max_param_bytes: usize,
+        audit: Option<PyRef<'_, AuditSpool>>,
+        audit_session: String,
+        audit_params: bool,
+        audit_strict: bool,
+        capture_rows: u64,
+        capture_bytes: usize,
     ) -> PyResult<Self> {
+        let audit = audit.map(|spool| AuditConfig {
+            spool: spool.inner.clone(),
+            session_id: audit_session,
+            record_params: audit_params,
+            capture: CaptureLimits {
+                max_rows: capture_rows,
+                max_bytes: capture_bytes,
+            },
+            strict: audit_strict,
+        });
         let ready =
             |s: &str| -> PyResult<Py<PyTuple>> { Ok((kind::READY, s).into_pyobject(py)?.unbind()) };
         Ok(SessionCodec {
@@ -100,6 +127,7 @@ impl SessionCodec {
                 record_statements,
                 client_events,
                 max_param_bytes,
+                audit,
             }),
             ready_events: [ready("I")?, ready("T")?, ready("E")?],
         })
@@ -110,7 +138,7 @@ impl SessionCodec {
         py: Python<'py>,
         data: &Bound<'py, PyBytes>,
     ) -> PyResult<(Bound<'py, PyBytes>, Option<Bound<'py, PyList>>)> {
-        let fwd = self.inner.feed_client(data.as_bytes()).map_err(wire_err)?;
+        let fwd = self.inner.feed_client(data.as_bytes()).map_err(feed_err)?;
         let out = forwarded(py, data, fwd, self.inner.client_buffer());
         let events = self.inner.client_events();
         if events.is_empty() {
@@ -163,6 +191,12 @@ impl SessionCodec {
     #[getter]
     fn in_flight(&self) -> usize {
         self.inner.in_flight()
+    }
+
+    /// Audit records this session could not store (relaxed audit only).
+    #[getter]
+    fn audit_dropped(&self) -> u64 {
+        self.inner.audit_dropped()
     }
 
     #[getter]

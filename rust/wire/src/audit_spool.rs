@@ -477,6 +477,17 @@ impl AuditSpool {
         if w.closed {
             return Err(SpoolError::Closed);
         }
+        if admission == Admission::New {
+            // Over the bound (a continuation may have taken one segment more): nothing new
+            // until the shipper has freed space, even if the active segment has room.
+            let usage = self.shared.usage_estimate();
+            if usage > self.shared.max_bytes {
+                return Err(SpoolError::Full {
+                    usage,
+                    limit: self.shared.max_bytes,
+                });
+            }
+        }
         let ts = now_us();
         let mut line = std::mem::take(&mut w.line);
         line.clear();
@@ -583,7 +594,12 @@ impl AuditSpool {
     }
 
     /// Creates a segment named after `first_seq` directly (no prepared one at hand).
-    fn new_segment(&self, first_seq: u64, size: usize, prefault: bool) -> Result<Segment, SpoolError> {
+    fn new_segment(
+        &self,
+        first_seq: u64,
+        size: usize,
+        prefault: bool,
+    ) -> Result<Segment, SpoolError> {
         let path = self.shared.stream_dir.join(segment_name(first_seq));
         let seg = create_segment(&path, size, prefault)?;
         self.shared
@@ -680,11 +696,14 @@ impl AuditSpool {
     /// Whether a new statement's record would be refused for lack of space right now
     /// (conservative: the active segment may still have room).
     pub fn is_full(&self) -> bool {
+        let usage = self.shared.usage_estimate();
+        if usage > self.shared.max_bytes {
+            return true;
+        }
         let w = self.lock_writer();
         let room = w.active.as_ref().map_or(0, Segment::room);
         room < 4 * END_RESERVE
-            && self.shared.usage_estimate() + self.shared.segment_bytes as u64
-                > self.shared.max_bytes
+            && usage + self.shared.segment_bytes as u64 > self.shared.max_bytes
             && self.shared.lock_prep().ready.is_none()
     }
 
@@ -797,8 +816,7 @@ fn sync_loop(shared: &Shared, policy: FsyncPolicy) {
             };
         }
         let stopping = shared.stop.load(Ordering::Acquire);
-        if shared.written_seq.load(Ordering::Acquire) > shared.synced_seq.load(Ordering::Acquire)
-        {
+        if shared.written_seq.load(Ordering::Acquire) > shared.synced_seq.load(Ordering::Acquire) {
             let _ = shared.sync_now();
         }
         if stopping {
@@ -884,7 +902,10 @@ mod tests {
         assert_eq!(kinds.iter().filter(|k| *k == "stmt").count(), 100);
         let segments = kinds.iter().filter(|k| *k == "segment").count();
         assert!(segments > 3, "rotated {segments} times");
-        assert_eq!(segments, kinds.iter().filter(|k| *k == "segment_end").count());
+        assert_eq!(
+            segments,
+            kinds.iter().filter(|k| *k == "segment_end").count()
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -920,10 +941,20 @@ mod tests {
         assert!(i > 10);
         assert!(matches!(e, SpoolError::Full { .. }), "{e}");
         assert!(spool.is_full() || spool.usage_bytes() > 0);
-        // Continuations still get in.
-        spool
-            .append("end", Admission::Continuation, |b| b.u64("n", 1))
-            .unwrap();
+        // Continuations still get in, even when that takes a segment beyond the bound...
+        for _ in 0..40 {
+            spool
+                .append("end", Admission::Continuation, |b| {
+                    b.str("pad", &"x".repeat(100))
+                })
+                .unwrap();
+        }
+        // ...and the room they leave is not for new statements.
+        assert!(spool.is_full());
+        assert!(matches!(
+            spool.append("stmt", Admission::New, |b| b.str("sql", "SELECT 1")),
+            Err(SpoolError::Full { .. })
+        ));
         spool.close().unwrap();
         fs::remove_dir_all(dir).unwrap();
     }

@@ -38,6 +38,10 @@ pub enum WireError {
     UnknownTag { tag: u8, direction: Direction },
     #[error("more than {limit} requests pipelined without reading responses")]
     PipelineTooDeep { limit: usize },
+    /// Not a wire fault: the statement's audit record could not be stored (strict
+    /// audit), so the statement must not be forwarded.
+    #[error(transparent)]
+    Audit(#[from] crate::audit_spool::SpoolError),
 }
 
 impl WireError {

@@ -9,7 +9,10 @@
 //! Nothing here panics on wire input: malformed or oversized input is a [`WireError`].
 
 pub mod arrays;
+pub mod audit_record;
+pub mod audit_spool;
 pub mod backend;
+pub mod capture;
 mod client_stream;
 pub mod error;
 pub mod events;
@@ -23,10 +26,13 @@ pub mod reader;
 mod record;
 mod server_stream;
 pub mod session;
+pub mod session_audit;
 pub mod startup;
 pub mod statements;
 pub mod writer;
 
+pub use audit_spool::{Admission, AuditSpool, FsyncPolicy, SpoolError, SpoolOptions};
+pub use capture::CaptureLimits;
 pub use error::{Direction, Result, WireError};
 pub use events::{ClientEvent, ServerEvent};
 pub use forward::Forward;
@@ -34,4 +40,5 @@ pub use framer::{Frame, FrameIter, MessageFramer};
 pub use limits::{Limits, DEFAULT_MAX_MESSAGE_LEN, DEFAULT_MAX_STARTUP_LEN};
 pub use masker::DataRowMasker;
 pub use session::{SessionCodec, SessionConfig};
+pub use session_audit::AuditConfig;
 pub use startup::{read_startup, StartupMessage, StartupPacket};

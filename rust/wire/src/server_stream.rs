@@ -24,6 +24,8 @@ pub(crate) trait ServerSink {
     fn on_message(&mut self, tag: u8, body: &[u8]) -> Result<()>;
     /// Writes a replacement DataRow body into `out` and returns true, or returns false.
     fn rewrite_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool;
+    /// Body bytes of a [`BodyUse::Skip`] message as they stream through (for recording).
+    fn skipped(&mut self, _bytes: &[u8]) {}
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -138,8 +140,10 @@ impl ServerStream {
                         BodyUse::Skip => {
                             if n - pos >= body_len {
                                 // The common case: the whole body is in this chunk.
+                                sink.skipped(&input[pos..pos + body_len]);
                                 pos += body_len;
                             } else {
+                                sink.skipped(&input[pos..]);
                                 self.state = State::Skip {
                                     remaining: body_len - (n - pos),
                                 };
@@ -204,6 +208,7 @@ impl ServerStream {
                 }
                 State::Skip { remaining } => {
                     let take = remaining.min(n - pos);
+                    sink.skipped(&input[pos..pos + take]);
                     pos += take;
                     self.state = if take == remaining {
                         State::Boundary

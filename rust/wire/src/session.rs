@@ -19,6 +19,7 @@ use crate::masker::DataRowMasker;
 use crate::names::{Portal, PreparedNames};
 use crate::record::json_param;
 use crate::server_stream::{BodyUse, ServerSink, ServerStream};
+use crate::session_audit::AuditConfig;
 use crate::statements::{FeedClock, Kind, StatementTracker};
 
 /// Options of a [`SessionCodec`].
@@ -34,6 +35,8 @@ pub struct SessionConfig {
     pub client_events: bool,
     /// Parameter values longer than this are cut in records.
     pub max_param_bytes: usize,
+    /// Write audit records to a spool (see [`crate::session_audit`]).
+    pub audit: Option<AuditConfig>,
 }
 
 impl Default for SessionConfig {
@@ -44,6 +47,7 @@ impl Default for SessionConfig {
             record_statements: false,
             client_events: false,
             max_param_bytes: 1024,
+            audit: None,
         }
     }
 }
@@ -76,7 +80,11 @@ impl SessionCodec {
             server_out: OutBuf::default(),
             client_events: Vec::new(),
             server_events: Vec::new(),
-            tracker: StatementTracker::new(config.record_statements, &config.context_json),
+            tracker: StatementTracker::new(
+                config.record_statements,
+                &config.context_json,
+                config.audit.clone(),
+            ),
             names: PreparedNames::default(),
             clock: FeedClock::default(),
             status: TransactionStatus::Idle,
@@ -196,6 +204,11 @@ impl SessionCodec {
         self.tracker.pending()
     }
 
+    /// Audit records this session could not store (relaxed audit).
+    pub fn audit_dropped(&self) -> u64 {
+        self.tracker.audit_dropped()
+    }
+
     /// Client bytes held back because their message is not complete yet.
     pub fn held_client_bytes(&self) -> usize {
         self.client.held_len()
@@ -260,7 +273,10 @@ impl ClientHandler<'_> {
                         .statement(b.statement)
                         .cloned()
                         .unwrap_or_default();
-                    params = recording.then(|| self.render_bind_params(&b));
+                    params = self
+                        .tracker
+                        .wants_params()
+                        .then(|| self.render_bind_params(&b));
                     self.names.bind_portal(
                         b.portal,
                         Portal {
@@ -336,7 +352,10 @@ impl ClientHandler<'_> {
                         end,
                     });
                 }
-                let params = recording.then(|| self.render_function_args(&f));
+                let params = self
+                    .tracker
+                    .wants_params()
+                    .then(|| self.render_function_args(&f));
                 self.tracker.sent(
                     Kind::FunctionCall,
                     self.clock,
@@ -433,6 +452,8 @@ impl ServerSink for ServerHandler<'_> {
     #[inline]
     fn on_header(&mut self, tag: u8, body_len: usize) -> Result<BodyUse> {
         use backend::tag as t;
+        // Before anything below can finish the statement this message belongs to.
+        self.tracker.capture_header(tag, body_len);
         Ok(match tag {
             t::DATA_ROW => {
                 self.tracker.data_row();
@@ -501,6 +522,7 @@ impl ServerSink for ServerHandler<'_> {
 
     fn on_message(&mut self, tag: u8, body: &[u8]) -> Result<()> {
         use backend::tag as t;
+        self.tracker.capture_whole_body(body);
         match tag {
             t::COMMAND_COMPLETE => {
                 let command = decode_command_complete(body)?;
@@ -546,9 +568,18 @@ impl ServerSink for ServerHandler<'_> {
     }
 
     fn rewrite_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool {
-        match self.masker.as_deref_mut() {
+        let rewritten = match self.masker.as_deref_mut() {
             Some(m) => m.mask_row(row, out),
             None => false,
-        }
+        };
+        // Recorded as the client gets it.
+        self.tracker
+            .capture_whole_body(if rewritten { out } else { row });
+        rewritten
+    }
+
+    #[inline]
+    fn skipped(&mut self, bytes: &[u8]) {
+        self.tracker.capture_body(bytes);
     }
 }

@@ -50,7 +50,12 @@ pub(crate) struct StatementEnd<'a> {
     pub(crate) now: Instant,
     pub(crate) command_tag: Option<&'a str>,
     pub(crate) rows: Option<u64>,
+    /// DataRows forwarded to the client.
+    pub(crate) data_rows: u64,
     pub(crate) error: Option<(&'a str, &'a str)>,
+    /// A RowDescription sent earlier for this statement's text (Describe), when the
+    /// result itself has none.
+    pub(crate) columns: Option<&'a [u8]>,
 }
 
 #[derive(Debug)]
@@ -76,6 +81,11 @@ impl SessionAudit {
 
     pub(crate) fn record_params(&self) -> bool {
         self.config.record_params
+    }
+
+    /// Results are recorded.
+    pub(crate) fn captures(&self) -> bool {
+        self.config.capture.enabled()
     }
 
     pub(crate) fn new_capture(&self) -> Option<Capture> {
@@ -119,9 +129,12 @@ impl SessionAudit {
     /// counted (the reader closes the statement when the session or stream ends).
     pub(crate) fn ended(&mut self, e: StatementEnd<'_>, capture: Option<&Capture>) {
         let session = &self.session_json;
-        let result = self.config.spool.append("end", Admission::Continuation, |b| {
-            end_members(b, session, &e, capture);
-        });
+        let result = self
+            .config
+            .spool
+            .append("end", Admission::Continuation, |b| {
+                end_members(b, session, &e, capture);
+            });
         if result.is_err() {
             self.dropped += 1;
         }
@@ -148,6 +161,7 @@ fn end_members(b: &mut RecordBody, session: &str, e: &StatementEnd<'_>, capture:
         Some(r) => b.u64("rows", r),
         None => b.raw("rows", b"null"),
     }
+    b.u64("data_rows", e.data_rows);
     match e.error {
         Some((state, message)) => {
             b.str("sqlstate", state);
@@ -156,20 +170,32 @@ fn end_members(b: &mut RecordBody, session: &str, e: &StatementEnd<'_>, capture:
         None => b.raw("sqlstate", b"null"),
     }
     if let Some(c) = capture {
-        let v = b.key("result");
-        v.push(b'"');
         let bytes = c.bytes();
-        let start = v.len();
-        v.resize(start + base64::encoded_len(bytes.len(), true).unwrap_or(0), 0);
-        let written = base64::engine::general_purpose::STANDARD
-            .encode_slice(bytes, &mut v[start..])
-            .unwrap_or(0);
-        v.truncate(start + written);
-        v.push(b'"');
+        if let Some(columns) = e.columns {
+            if bytes.first() != Some(&crate::backend::tag::ROW_DESCRIPTION) {
+                push_base64(b.key("columns"), columns);
+            }
+        }
+        push_base64(b.key("result"), bytes);
         let (rows, bytes) = c.omitted();
         if rows > 0 || bytes > 0 {
             let v = b.key("result_omitted");
             v.extend_from_slice(format!("{{\"rows\":{rows},\"bytes\":{bytes}}}").as_bytes());
         }
     }
+}
+
+/// Appends `bytes` as a base64 JSON string.
+fn push_base64(v: &mut Vec<u8>, bytes: &[u8]) {
+    v.push(b'"');
+    let start = v.len();
+    v.resize(
+        start + base64::encoded_len(bytes.len(), true).unwrap_or(0),
+        0,
+    );
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(bytes, &mut v[start..])
+        .unwrap_or(0);
+    v.truncate(start + written);
+    v.push(b'"');
 }

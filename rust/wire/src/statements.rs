@@ -9,13 +9,15 @@
 //!   ErrorResponse the server discards every message up to the next Sync.
 //! - FunctionCall: FunctionCallResponse, ends at ReadyForQuery.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::command_tag_rows;
+use crate::capture::Capture;
 use crate::error::{Result, WireError};
 use crate::record::{json_str, write_timestamp, write_u64};
+use crate::session_audit::{AuditConfig, SessionAudit, StatementEnd, StatementStart};
 
 /// Per-statement data kept only when records are on.
 #[derive(Debug)]
@@ -31,6 +33,15 @@ pub(crate) struct Draft {
     rows_in_command: u64,
     command_tag: Option<Box<str>>,
     error: Option<(Box<str>, Box<str>)>,
+    /// The statement's number in the audit records (0: none written yet).
+    audit_n: u64,
+    /// DataRows forwarded to the client, all commands together.
+    data_rows: u64,
+    /// The result as forwarded to the client, when sessions are recorded.
+    capture: Option<Capture>,
+    /// The RowDescription a Describe of this statement's text returned earlier (a
+    /// prepared statement's rows come without one), for replay.
+    columns: Option<Arc<[u8]>>,
 }
 
 /// When the message being handled was fed: one monotonic clock read per feed call, on
@@ -109,9 +120,17 @@ pub(crate) struct StatementTracker {
     in_flight: usize,
     /// The server is skipping messages until Sync (extended error with no Sync queued).
     discarding: bool,
+    /// Drafts are kept (statement log or audit).
     recording: bool,
+    /// JSON-lines statement log records are produced.
+    json_log: bool,
     context_json: String,
     records: Vec<u8>,
+    audit: Option<SessionAudit>,
+    /// RowDescriptions returned to Describe, by statement text (recording only).
+    described: HashMap<Arc<str>, Arc<[u8]>>,
+    /// A RowDescription being collected for `described`: (text, message, bytes missing).
+    describing: Option<(Arc<str>, Vec<u8>, usize)>,
 }
 
 /// Upper bound on requests awaiting a response.  Socket buffers and backpressure keep
@@ -120,19 +139,34 @@ pub(crate) struct StatementTracker {
 pub const MAX_PENDING_REQUESTS: usize = 1 << 20;
 
 impl StatementTracker {
-    pub(crate) fn new(recording: bool, context_json: &str) -> Self {
+    pub(crate) fn new(json_log: bool, context_json: &str, audit: Option<AuditConfig>) -> Self {
         StatementTracker {
             queue: VecDeque::new(),
             in_flight: 0,
             discarding: false,
-            recording,
+            recording: json_log || audit.is_some(),
+            json_log,
             context_json: context_json.trim().to_owned(),
             records: Vec::new(),
+            audit: audit.map(SessionAudit::new),
+            described: HashMap::new(),
+            describing: None,
         }
     }
 
+    /// Statement text is wanted (statement log or audit).
     pub(crate) fn recording(&self) -> bool {
         self.recording
+    }
+
+    /// Parameter values are wanted (statement log, or audit with parameters on).
+    pub(crate) fn wants_params(&self) -> bool {
+        self.json_log || self.audit.as_ref().is_some_and(SessionAudit::record_params)
+    }
+
+    /// Audit records this session could not store.
+    pub(crate) fn audit_dropped(&self) -> u64 {
+        self.audit.as_ref().map_or(0, SessionAudit::dropped)
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -155,8 +189,9 @@ impl StatementTracker {
 
     // --- client side ------------------------------------------------------------------
 
-    /// A client message was forwarded.  `sql`/`params` describe the statement when
-    /// records are on.
+    /// A client message is being forwarded.  `sql`/`params` describe the statement
+    /// when records are on.  With audit on, a statement's `stmt` record is stored here,
+    /// before its bytes leave the codec; an error means it must not be forwarded.
     pub(crate) fn sent(
         &mut self,
         kind: Kind,
@@ -189,6 +224,10 @@ impl StatementTracker {
                 rows_in_command: 0,
                 command_tag: None,
                 error: None,
+                audit_n: 0,
+                data_rows: 0,
+                capture: None,
+                columns: None,
             }))
         } else {
             None
@@ -197,6 +236,22 @@ impl StatementTracker {
             return Err(WireError::PipelineTooDeep {
                 limit: MAX_PENDING_REQUESTS,
             });
+        }
+        let mut draft = draft;
+        if let (Some(audit), Some(d), true) = (&mut self.audit, &mut draft, kind.is_statement()) {
+            d.audit_n = audit.started(StatementStart {
+                protocol: d.protocol,
+                sql: d.sql.as_deref(),
+                params: d.params.as_deref(),
+                function_oid: d.function_oid,
+            })?;
+            d.capture = audit.new_capture();
+            if d.capture.is_some() {
+                d.columns = d
+                    .sql
+                    .as_ref()
+                    .and_then(|sql| self.described.get(sql).cloned());
+            }
         }
         if kind.is_statement() {
             self.in_flight += 1;
@@ -235,6 +290,82 @@ impl StatementTracker {
     pub(crate) fn data_row(&mut self) {
         if let Some(d) = self.front_draft() {
             d.rows_in_command += 1;
+            d.data_rows += 1;
+        }
+    }
+
+    /// The capture of the statement whose response is arriving, if it records one.
+    fn front_capture(&mut self) -> Option<&mut Capture> {
+        self.front_draft()?.capture.as_mut()
+    }
+
+    /// A server message header: the current statement's capture decides to keep it.
+    #[inline]
+    pub(crate) fn capture_header(&mut self, tag: u8, body_len: usize) {
+        self.describing = None;
+        if let Some(c) = self.front_capture() {
+            c.begin(tag, body_len);
+        } else if tag == crate::backend::tag::ROW_DESCRIPTION {
+            self.start_describing(body_len);
+        }
+    }
+
+    /// A RowDescription answering a Describe: kept for the Executes of that text.
+    fn start_describing(&mut self, body_len: usize) {
+        let recording = self.audit.as_ref().is_some_and(SessionAudit::captures);
+        let Some(p) = self.queue.front() else { return };
+        if !recording || p.kind != Kind::Describe || body_len > 1 << 16 {
+            return;
+        }
+        let Some(sql) = p.draft.as_deref().and_then(|d| d.sql.clone()) else {
+            return;
+        };
+        let mut msg = Vec::with_capacity(5 + body_len);
+        msg.push(crate::backend::tag::ROW_DESCRIPTION);
+        msg.extend_from_slice(&((body_len + 4) as u32).to_be_bytes());
+        self.describing = Some((sql, msg, body_len));
+        if body_len == 0 {
+            self.finish_describing();
+        }
+    }
+
+    fn finish_describing(&mut self) {
+        if let Some((sql, msg, 0)) = self.describing.take() {
+            if self.described.len() >= 1024 {
+                self.described.clear(); // bounded: an old entry is only a replay nicety
+            }
+            self.described.insert(sql, msg.into());
+        }
+    }
+
+    /// Streamed body bytes of the current server message.
+    #[inline]
+    pub(crate) fn capture_body(&mut self, bytes: &[u8]) {
+        if let Some((_, msg, missing)) = &mut self.describing {
+            let take = bytes.len().min(*missing);
+            msg.extend_from_slice(&bytes[..take]);
+            *missing -= take;
+            if *missing == 0 {
+                self.finish_describing();
+            }
+            return;
+        }
+        if let Some(c) = self.front_capture() {
+            c.extend(bytes);
+        }
+    }
+
+    /// The whole body of the current server message, as forwarded.
+    pub(crate) fn capture_whole_body(&mut self, body: &[u8]) {
+        if let Some((_, msg, missing)) = &mut self.describing {
+            msg.truncate(5);
+            msg.extend_from_slice(body);
+            *missing = 0;
+            self.finish_describing();
+            return;
+        }
+        if let Some(c) = self.front_capture() {
+            c.set_body(body);
         }
     }
 
@@ -256,14 +387,14 @@ impl StatementTracker {
             }
         }
         if self.front_kind() == Some(Kind::Execute) {
-            self.finish_front(clock);
+            self.finish_front(clock, true);
         }
     }
 
     /// PortalSuspended: the Execute returned its row limit.
     pub(crate) fn portal_suspended(&mut self, clock: &mut FeedClock) {
         if self.front_kind() == Some(Kind::Execute) {
-            self.finish_front(clock);
+            self.finish_front(clock, true);
         }
     }
 
@@ -284,27 +415,78 @@ impl StatementTracker {
             Kind::Query | Kind::FunctionCall => {}
             // A commit failing at Sync belongs to no statement.
             Kind::Sync => {}
-            Kind::Execute | Kind::Parse | Kind::Bind | Kind::Describe => {
-                self.finish_front(clock);
-                self.skip_until_sync();
+            Kind::Execute => {
+                self.finish_front(clock, true);
+                self.skip_until_sync(clock, (sqlstate, message));
+            }
+            Kind::Parse | Kind::Bind | Kind::Describe => {
+                // In the audit, parse, bind and execute are one statement: when an Execute
+                // of it is already recorded, that statement carries the error.
+                let taken = self.give_error_to_queued_execute(sqlstate, message);
+                self.finish_front(clock, !taken);
+                self.skip_until_sync(clock, (sqlstate, message));
             }
             Kind::Close => {
                 self.pop_front();
-                self.skip_until_sync();
+                self.skip_until_sync(clock, (sqlstate, message));
             }
         }
     }
 
-    /// The server discards everything up to Sync after an extended-protocol error:
-    /// those messages never ran and get no record.
-    fn skip_until_sync(&mut self) {
+    /// Sets the error on the first audited Execute queued before the next Sync.
+    fn give_error_to_queued_execute(&mut self, sqlstate: &str, message: &str) -> bool {
+        if self.audit.is_none() {
+            return false;
+        }
+        let execute = self
+            .queue
+            .iter_mut()
+            .skip(1)
+            .take_while(|p| p.kind != Kind::Sync)
+            .find(|p| p.kind == Kind::Execute)
+            .and_then(|p| p.draft.as_deref_mut())
+            .filter(|d| d.audit_n != 0);
+        match execute {
+            Some(d) => {
+                d.error
+                    .get_or_insert_with(|| (sqlstate.into(), message.into()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The server discards everything up to Sync after an extended-protocol error.
+    /// Those messages never ran; a statement among them that was already recorded gets
+    /// its end, with the error that made the server skip it.
+    fn skip_until_sync(&mut self, clock: &mut FeedClock, cause: (&str, &str)) {
         while let Some(kind) = self.front_kind() {
             if kind == Kind::Sync {
                 return;
             }
-            self.pop_front();
+            self.drop_front(clock, cause);
         }
         self.discarding = true;
+    }
+
+    /// Pops a message the server will never answer.
+    fn drop_front(&mut self, clock: &mut FeedClock, cause: (&str, &str)) {
+        let audited = self
+            .queue
+            .front()
+            .and_then(|p| p.draft.as_deref())
+            .is_some_and(|d| d.audit_n != 0);
+        if !audited {
+            self.pop_front();
+            return;
+        }
+        if let Some(d) = self.queue.front_mut().and_then(|p| p.draft.as_deref_mut()) {
+            if d.error.is_none() {
+                let why = format!("not executed: an earlier message failed ({})", cause.1);
+                d.error = Some((cause.0.into(), why.into()));
+            }
+        }
+        self.finish_front_audit_only(clock);
     }
 
     /// ReadyForQuery: ends the Query / FunctionCall, or answers the Sync.
@@ -312,7 +494,7 @@ impl StatementTracker {
         while let Some(kind) = self.front_kind() {
             match kind {
                 Kind::Query | Kind::FunctionCall => {
-                    self.finish_front(clock);
+                    self.finish_front(clock, true);
                     return;
                 }
                 Kind::Sync => {
@@ -321,14 +503,15 @@ impl StatementTracker {
                 }
                 // Unanswered messages before the Sync were skipped by the server.
                 _ => {
-                    self.pop_front();
+                    self.drop_front(clock, ("", "no response from the server"));
                 }
             }
         }
     }
 
-    /// Pops the front entry and writes its record (when it has a draft).
-    fn finish_front(&mut self, clock: &mut FeedClock) {
+    /// Pops the front entry and writes its records (when it has a draft): the statement
+    /// log's, and the audit's unless `audit` is false (another statement took its error).
+    fn finish_front(&mut self, clock: &mut FeedClock, audit: bool) {
         let Some(p) = self.pop_front() else { return };
         let Some(mut d) = p.draft else { return };
         // A Parse / Bind / Describe gets a record only when it failed.
@@ -339,7 +522,51 @@ impl StatementTracker {
             d.count_command(None);
         }
         let now = clock.get();
-        self.write_record(&d, now);
+        if self.json_log {
+            self.write_record(&d, now);
+        }
+        if audit {
+            self.write_audit_end(&mut d, now);
+        }
+    }
+
+    /// Pops the front entry, writing only its audit end (the server never answered it).
+    fn finish_front_audit_only(&mut self, clock: &mut FeedClock) {
+        let Some(p) = self.pop_front() else { return };
+        let Some(mut d) = p.draft else { return };
+        let now = clock.get();
+        self.write_audit_end(&mut d, now);
+    }
+
+    fn write_audit_end(&mut self, d: &mut Draft, now: Instant) {
+        if let Some(audit) = &mut self.audit {
+            if d.audit_n == 0 {
+                // A Parse / Bind / Describe that failed: it never got a `stmt` record.
+                d.audit_n = audit
+                    .started(StatementStart {
+                        protocol: d.protocol,
+                        sql: d.sql.as_deref(),
+                        params: d.params.as_deref(),
+                        function_oid: d.function_oid,
+                    })
+                    .unwrap_or(0);
+            }
+            if d.audit_n != 0 {
+                audit.ended(
+                    StatementEnd {
+                        n: d.audit_n,
+                        started: d.started,
+                        now,
+                        command_tag: d.command_tag.as_deref(),
+                        rows: d.rows_total,
+                        data_rows: d.data_rows,
+                        error: d.error.as_ref().map(|(s, m)| (&**s, &**m)),
+                        columns: d.columns.as_deref(),
+                    },
+                    d.capture.as_ref(),
+                );
+            }
+        }
     }
 
     fn write_record(&mut self, d: &Draft, now: Instant) {

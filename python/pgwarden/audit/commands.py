@@ -1,0 +1,177 @@
+"""The audit commands: ``pgwarden audit ship``, ``pgwarden audit verify``, ``pgwarden replay``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import tomllib
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+EXIT_CONFIG: Final = 2
+_PR_SET_PDEATHSIG: Final = 1
+log = logging.getLogger("pgwarden")
+
+
+def _load_settings(config: Path | None) -> Any:
+    """Settings, or an exit code after printing why they could not be read."""
+    from pgwarden.cli import describe_validation_error
+    from pgwarden.config import load_settings
+
+    try:
+        return load_settings(config)
+    except ValidationError as exc:
+        print(f"pgwarden: {describe_validation_error(exc)}", file=sys.stderr)
+    except SettingsError as exc:
+        print(f"pgwarden: invalid settings: {exc}", file=sys.stderr)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        print(f"pgwarden: cannot read config file: {exc}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """SIGTERM this process when the parent goes; False if it is already gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent_pid
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
+    settings = _load_settings(args.config)
+    if isinstance(settings, int):
+        return settings
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    if settings.audit.directory is None:
+        print("pgwarden: audit.directory is not set: no spool to ship", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.parent_pid is not None and not _die_with_parent(args.parent_pid):
+        return 0
+    with contextlib.suppress(OSError):
+        os.nice(settings.audit.shipper_nice)
+    stop = threading.Event()
+    signals = 0
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            os._exit(1)  # a second signal: stop now (the spool keeps everything)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    from pgwarden.audit.shipper import Shipper
+
+    try:
+        shipper = Shipper(settings)
+    except (OSError, ValueError) as exc:
+        print(f"pgwarden: cannot start the audit shipper: {exc}", file=sys.stderr)
+        return 1
+    return shipper.run(stop, until_empty=args.until_empty)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pgwarden.audit import chain
+    from pgwarden.audit.verify import verify_path
+
+    key: bytes | None = None
+    if args.key_file is not None:
+        key = args.key_file.read_bytes().strip()
+    else:
+        settings = _load_settings(args.config)
+        if isinstance(settings, int):
+            return settings
+        try:
+            key = chain.read_key(settings.audit.chain_key_bytes(), settings.audit.directory)
+        except OSError as exc:
+            print(f"pgwarden: no chain key ({exc}); give --key-file", file=sys.stderr)
+            return EXIT_CONFIG
+    if not args.path.exists():
+        print(f"pgwarden: no such file or directory: {args.path}", file=sys.stderr)
+        return EXIT_CONFIG
+    report = verify_path(args.path, key)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pgwarden.audit.recording import read_session
+    from pgwarden.audit.replay import transcript
+    from pgwarden.audit.spool import AuditPaths
+
+    directory: Path | None = args.dir
+    if directory is None:
+        settings = _load_settings(args.config)
+        if isinstance(settings, int):
+            return settings
+        if settings.audit.directory is None:
+            print("pgwarden: audit.directory is not set; give --dir", file=sys.stderr)
+            return EXIT_CONFIG
+        directory = AuditPaths(settings.audit.directory).sessions
+    try:
+        records = read_session(directory, args.session_id)
+    except ValueError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FileNotFoundError:
+        print(
+            f"pgwarden: no recording of session {args.session_id} in {directory} "
+            "(not shipped yet, or recording is off)",
+            file=sys.stderr,
+        )
+        return 1
+    sys.stdout.write(transcript(records))
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``audit`` (ship, verify) and ``replay`` on the CLI's subparsers."""
+    audit = commands.add_parser("audit", help="audit trail: ship the spool, verify records")
+    sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    ship = sub.add_parser(
+        "ship", help="ship the spool to the configured backend (serve runs this itself)"
+    )
+    ship.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    ship.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="exit once everything is delivered (status 1 if the backend keeps failing)",
+    )
+    ship.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    ship.set_defaults(func=cmd_ship)
+    verify = sub.add_parser(
+        "verify",
+        help="check the hash chain of a spool or an exported file; report the first "
+        "broken or missing link",
+    )
+    verify.add_argument(
+        "path", type=Path, help="audit directory, spool, stream directory, segment or file"
+    )
+    verify.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    verify.add_argument(
+        "--key-file", type=Path, metavar="FILE", help="chain key (default: from the settings)"
+    )
+    verify.set_defaults(func=cmd_verify)
+    replay = commands.add_parser(
+        "replay", help="print a recorded session as a psql-like transcript"
+    )
+    replay.add_argument("session_id", help="the session id (pgwarden.session.id)")
+    replay.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    replay.add_argument(
+        "--dir", type=Path, metavar="DIR", help="recordings directory (default: from settings)"
+    )
+    replay.set_defaults(func=cmd_replay)

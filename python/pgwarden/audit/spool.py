@@ -1,0 +1,280 @@
+"""The audit spool on disk: its layout, and reading it back.
+
+::
+
+    <audit.directory>/
+      chain.key                       generated HMAC key (when none is configured)
+      shipper.lock                    flock held by the running shipper
+      spool/<stream>/writer.lock      flock held by the gateway process writing the stream
+      spool/<stream>/<seq>.seg        segment files, named after the seq of their first record
+      spool/<stream>/checkpoint.json  what the shipper has delivered (and still holds open)
+      sessions/<session id>.jsonl     session recordings (written by the shipper)
+
+A *stream* is what one gateway process wrote in its lifetime (the Rust ``AuditSpool``,
+``rust/wire/src/audit_spool.rs``).  Segment files are allocated whole and filled from the
+start; the unwritten rest is zero bytes.  A reader follows ``segment_end`` records from
+one segment to the next and stops at the first zero byte or incomplete line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from pgwarden.audit.records import Record
+
+SPOOL_DIR: Final = "spool"
+SESSIONS_DIR: Final = "sessions"
+SHIPPER_LOCK: Final = "shipper.lock"
+WRITER_LOCK: Final = "writer.lock"
+CHECKPOINT: Final = "checkpoint.json"
+SEGMENT_SUFFIX: Final = ".seg"
+_READ_CHUNK: Final = 1 << 20
+_SEGMENT_END_MARK: Final = b'"type":"segment_end"'
+
+
+@dataclass(frozen=True)
+class AuditPaths:
+    """Where everything of one audit directory lives."""
+
+    root: Path
+
+    @property
+    def spool(self) -> Path:
+        return self.root / SPOOL_DIR
+
+    @property
+    def sessions(self) -> Path:
+        return self.root / SESSIONS_DIR
+
+    @property
+    def shipper_lock(self) -> Path:
+        return self.root / SHIPPER_LOCK
+
+
+def new_stream_id(worker: int) -> str:
+    """A stream id: sortable by start time, unique per process lifetime."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{stamp}-{os.getpid()}-w{worker}-{secrets.token_hex(3)}"
+
+
+def list_streams(spool: Path) -> list[Path]:
+    """Stream directories, oldest first."""
+    try:
+        return sorted(p for p in spool.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def segment_names(stream_dir: Path) -> list[str]:
+    """Segment files of a stream in order (prepared, not yet used ones excluded)."""
+    try:
+        names = os.listdir(stream_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.endswith(SEGMENT_SUFFIX) and not n.startswith("."))
+
+
+def writer_alive(stream_dir: Path) -> bool:
+    """Whether the process that writes this stream still runs (it holds an flock)."""
+    try:
+        fd = os.open(stream_dir / WRITER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock if we got it
+    return False
+
+
+def spool_usage(spool: Path) -> int:
+    """Bytes of segment files in the spool (every stream)."""
+    total = 0
+    for stream in list_streams(spool):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(stream):
+                if entry.name.endswith(SEGMENT_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        total += entry.stat().st_size
+    return total
+
+
+@dataclass(frozen=True)
+class Position:
+    """A place in a stream: a segment file and a byte offset in it."""
+
+    segment: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class SpoolLine:
+    """One record line (without its newline), where it was, and the position after it."""
+
+    line: bytes
+    segment: str
+    offset: int
+    after: Position
+
+
+class StreamReader:
+    """Reads the record lines of one stream from a position onwards."""
+
+    def __init__(self, stream_dir: Path, position: Position | None) -> None:
+        self.stream_dir = stream_dir
+        if position is None:
+            names = segment_names(stream_dir)
+            position = Position(names[0], 0) if names else None
+        self.position = position
+
+    def read(self, max_lines: int) -> list[SpoolLine]:
+        """Complete lines available now (at most ``max_lines``); advances the reader."""
+        out: list[SpoolLine] = []
+        while len(out) < max_lines and self.position is not None:
+            got, moved = self._read_segment(max_lines - len(out), out)
+            if not got and not moved:
+                break
+        return out
+
+    def _read_segment(self, limit: int, out: list[SpoolLine]) -> tuple[int, bool]:
+        pos = self.position
+        assert pos is not None
+        path = self.stream_dir / pos.segment
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0, False
+        got = 0
+        try:
+            offset = pos.offset
+            buf = b""
+            while got < limit:
+                chunk = os.pread(fd, _READ_CHUNK, offset + len(buf))
+                if not chunk:
+                    break
+                buf += chunk
+                start = 0
+                while got < limit:
+                    if start < len(buf) and buf[start] == 0:
+                        # Unwritten space: no more records for now.
+                        self.position = Position(pos.segment, offset + start)
+                        return got, False
+                    nl = buf.find(b"\n", start)
+                    if nl < 0:
+                        break
+                    line = buf[start:nl]
+                    after = Position(pos.segment, offset + nl + 1)
+                    out.append(SpoolLine(line, pos.segment, offset + start, after))
+                    got += 1
+                    start = nl + 1
+                    if line.find(_SEGMENT_END_MARK, 0, 200) >= 0:
+                        nxt = json.loads(line).get("next")
+                        self.position = Position(str(nxt), 0)
+                        return got, True
+                offset += start
+                buf = buf[start:]
+                if len(chunk) < _READ_CHUNK:
+                    break  # end of file; what is left is a line being written
+            self.position = Position(pos.segment, offset)
+            return got, False
+        finally:
+            os.close(fd)
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a file of records (a segment or an exported file)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.rstrip(b"\n")
+            if not line or line[0] == 0:
+                return
+            yield number, line
+
+
+@dataclass
+class Checkpoint:
+    """What the shipper delivered from a stream, and what it still holds open.
+
+    Records before ``position`` are acknowledged by the backend, except the ``session`` and
+    ``stmt`` records still open (no ``session_end`` / ``end`` yet), which are carried here so
+    that the segments holding them can be deleted.
+    """
+
+    position: Position | None = None
+    seq: int = 0
+    prev_hash: str = "00" * 32
+    last_ts: int = 0
+    stream_info: Record = field(default_factory=dict)
+    open_sessions: dict[str, Record] = field(default_factory=dict)
+    open_statements: dict[str, Record] = field(default_factory=dict)
+    closed: bool = False
+
+    @classmethod
+    def load(cls, stream_dir: Path) -> Checkpoint:
+        try:
+            data: dict[str, Any] = json.loads((stream_dir / CHECKPOINT).read_bytes())
+        except FileNotFoundError:
+            return cls()
+        pos = data.get("position")
+        return cls(
+            position=Position(pos["segment"], int(pos["offset"])) if pos else None,
+            seq=int(data.get("seq", 0)),
+            prev_hash=str(data.get("prev_hash", "00" * 32)),
+            last_ts=int(data.get("last_ts", 0)),
+            stream_info=dict(data.get("stream_info") or {}),
+            open_sessions=dict(data.get("open_sessions") or {}),
+            open_statements=dict(data.get("open_statements") or {}),
+            closed=bool(data.get("closed", False)),
+        )
+
+    def copy(self) -> Checkpoint:
+        return Checkpoint(
+            position=self.position,
+            seq=self.seq,
+            prev_hash=self.prev_hash,
+            last_ts=self.last_ts,
+            stream_info=dict(self.stream_info),
+            open_sessions=dict(self.open_sessions),
+            open_statements=dict(self.open_statements),
+            closed=self.closed,
+        )
+
+    def save(self, stream_dir: Path) -> None:
+        """Atomically replace the stream's checkpoint (write, fsync, rename, fsync dir)."""
+        data = {
+            "position": (
+                {"segment": self.position.segment, "offset": self.position.offset}
+                if self.position
+                else None
+            ),
+            "seq": self.seq,
+            "prev_hash": self.prev_hash,
+            "last_ts": self.last_ts,
+            "stream_info": self.stream_info,
+            "open_sessions": self.open_sessions,
+            "open_statements": self.open_statements,
+            "closed": self.closed,
+        }
+        path = stream_dir / CHECKPOINT
+        tmp = stream_dir / f".{CHECKPOINT}.tmp"
+        with tmp.open("wb") as handle:
+            handle.write(json.dumps(data, separators=(",", ":")).encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(stream_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

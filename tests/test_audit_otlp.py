@@ -1,0 +1,294 @@
+"""Every statement through the gateway arrives at a real OTLP receiver as a span.
+
+psql (simple protocol), psycopg (extended protocol, parameters) and asyncpg (named
+prepared statements, Parse/Describe/Flush then Bind/Execute/Sync), each against a receiver
+speaking OTLP over HTTP/protobuf and over gRPC: the statement spans carry the database
+conventions' attributes and the caller's identity, and hang under their session's span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from harness import (
+    CLIENT_PASSWORD,
+    CLIENT_USER,
+    SCRAM_ROLE,
+    TEST_DATABASE,
+    GatewayProcess,
+    StartGateway,
+    run_tool,
+)
+from otlp_receiver import OtlpReceiver, ReceivedSpan
+
+SPAN_KIND_SERVER = 2
+SPAN_KIND_CLIENT = 3
+STATUS_ERROR = 2
+
+
+@pytest.fixture(params=["http", "grpc"])
+def receiver(request: pytest.FixtureRequest) -> Iterator[OtlpReceiver]:
+    with OtlpReceiver(request.param) as rx:
+        yield rx
+
+
+def audit_settings(directory: Path, receiver: OtlpReceiver, **extra: Any) -> dict[str, Any]:
+    return {
+        "audit": {
+            "directory": str(directory),
+            "exporter": "otlp_http" if receiver.transport == "http" else "otlp_grpc",
+            "endpoint": receiver.endpoint,
+            "poll_interval_ms": 50,
+            "timeout_seconds": 5,
+            "service_instance_id": "gw-test-1",
+            **extra,
+        }
+    }
+
+
+def spans_of_session(spans: list[ReceivedSpan], session_id: str) -> list[ReceivedSpan]:
+    return [s for s in spans if s.attributes.get("pgwarden.session.id") == session_id]
+
+
+def statement_span(spans: list[ReceivedSpan], text: str) -> ReceivedSpan:
+    matches = [s for s in spans if s.attributes.get("db.query.text") == text]
+    assert len(matches) == 1, f"{len(matches)} spans for {text!r}"
+    return matches[0]
+
+
+def session_complete(rx: OtlpReceiver, text: str) -> list[ReceivedSpan]:
+    """Wait for the statement with this text and the end of its session; its spans."""
+
+    def ready(spans: list[ReceivedSpan]) -> bool:
+        mine = [s for s in spans if s.attributes.get("db.query.text") == text]
+        if not mine:
+            return False
+        sid = mine[0].attributes["pgwarden.session.id"]
+        return any(
+            s.kind == SPAN_KIND_SERVER and s.attributes.get("pgwarden.session.id") == sid
+            for s in spans
+        )
+
+    spans = rx.wait_for(ready, timeout=60)
+    sid = statement_span(spans, text).attributes["pgwarden.session.id"]
+    return spans_of_session(spans, sid)
+
+
+def check_common(span: ReceivedSpan, session: ReceivedSpan, gateway: GatewayProcess) -> None:
+    """What every statement span carries: conventions, identity, parentage, spool."""
+    upstream = gateway.settings["upstream"]
+    a = span.attributes
+    assert span.kind == SPAN_KIND_CLIENT
+    assert span.trace_id == session.trace_id
+    assert span.parent_span_id == session.span_id
+    assert a["db.system.name"] == "postgresql"
+    assert a["db.namespace"] == TEST_DATABASE
+    assert a["server.address"] == upstream["host"]
+    assert a["server.port"] == upstream["port"]
+    assert a["client.address"] == "127.0.0.1"
+    assert a["user.id"] == CLIENT_USER
+    assert a["user.name"] == CLIENT_USER
+    assert a["pgwarden.upstream.role"] == SCRAM_ROLE
+    assert re.fullmatch(r"[0-9a-f]{16}", a["pgwarden.session.id"])
+    assert isinstance(a["pgwarden.spool.seq"], int) and a["pgwarden.spool.seq"] > 0
+    assert re.fullmatch(r"[0-9a-f]{64}", a["pgwarden.chain.hash"])
+    assert a["pgwarden.chain.verified"] is True
+    assert span.start_ns <= span.end_ns
+    assert session.start_ns <= span.start_ns <= span.end_ns <= session.end_ns
+    assert span.resource["service.name"] == "pgwarden"
+    assert span.resource["service.instance.id"] == "gw-test-1"
+    assert span.scope == "pgwarden.audit"
+
+
+def the_session(spans: list[ReceivedSpan]) -> ReceivedSpan:
+    sessions = [s for s in spans if s.kind == SPAN_KIND_SERVER]
+    assert len(sessions) == 1
+    session = sessions[0]
+    assert session.name == "pgwarden session"
+    assert session.parent_span_id == ""
+    assert session.attributes["user.name"] == CLIENT_USER
+    assert session.attributes["pgwarden.outcome"] == "completed"
+    return session
+
+
+def test_psql_statements_arrive_as_spans(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    gateway = start_gateway(audit_settings(tmp_path / "audit", receiver))
+    script = (
+        "create temp table audit_psql (id int primary key, name text);\n"
+        "insert into audit_psql values (1, 'one'), (2, 'two');\n"
+        "select id, name from audit_psql where id >= 1 order by id;\n"
+        "select * from audit_psql_missing;\n"
+    )
+    result = run_tool(["psql", "--no-psqlrc", "-X", "-f", "-"], gateway.env(), input=script)
+    assert "does not exist" in result.stderr
+    spans = session_complete(receiver, "select * from audit_psql_missing;")
+    session = the_session(spans)
+    assert session.attributes["pgwarden.session.application_name"] == "psql"
+    assert session.attributes["pgwarden.session.end_reason"] == "client_terminate"
+
+    create = statement_span(spans, "create temp table audit_psql (id int primary key, name text);")
+    check_common(create, session, gateway)
+    assert create.attributes["db.operation.name"] == "CREATE TABLE"
+    assert create.attributes["pgwarden.protocol"] == "simple"
+
+    insert = statement_span(spans, "insert into audit_psql values (1, 'one'), (2, 'two');")
+    check_common(insert, session, gateway)
+    assert insert.name == "INSERT audit_psql"
+    assert insert.attributes["db.operation.name"] == "INSERT"
+    assert insert.attributes["db.collection.name"] == "audit_psql"
+    assert insert.attributes["pgwarden.command_tag"] == "INSERT 0 2"
+    assert insert.attributes["pgwarden.statement.rows"] == 2
+    assert insert.attributes["db.response.returned_rows"] == 0
+
+    select = statement_span(spans, "select id, name from audit_psql where id >= 1 order by id;")
+    check_common(select, session, gateway)
+    assert select.name == "SELECT audit_psql"
+    assert select.attributes["db.query.summary"] == "SELECT audit_psql"
+    assert select.attributes["db.response.returned_rows"] == 2
+    assert select.status_code != STATUS_ERROR
+    assert "db.response.status_code" not in select.attributes
+
+    failed = statement_span(spans, "select * from audit_psql_missing;")
+    check_common(failed, session, gateway)
+    assert failed.attributes["db.response.status_code"] == "42P01"
+    assert failed.attributes["error.type"] == "42P01"
+    assert failed.status_code == STATUS_ERROR
+    assert "does not exist" in failed.status_message
+    # Statement numbers and spool order follow the session.
+    numbers = [s.attributes["pgwarden.statement.number"] for s in (create, insert, select, failed)]
+    assert numbers == sorted(numbers)
+    seqs = [s.attributes["pgwarden.spool.seq"] for s in (create, insert, select, failed)]
+    assert seqs == sorted(seqs)
+    # Span ids are unique within the trace.
+    assert len({s.span_id for s in spans}) == len(spans)
+
+
+def test_psycopg_extended_protocol_with_opt_in_parameters(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    gateway = start_gateway(audit_settings(tmp_path / "audit", receiver, record_parameters=True))
+    with gateway.connect(autocommit=True) as conn:
+        conn.execute("create temp table audit_pg (id int, secret text)")
+        # %t: text format; %b: binary format (kept as hex: \x0007 for an int2 7).
+        conn.execute("insert into audit_pg values (%t, %t)", (7, "s3cr3t"))
+        rows = conn.execute("select secret from audit_pg where id = %b", (7,)).fetchall()
+        assert rows == [("s3cr3t",)]
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("select 1 / %s", (0,))
+    spans = session_complete(receiver, "select 1 / $1")
+    session = the_session(spans)
+    insert = statement_span(spans, "insert into audit_pg values ($1, $2)")
+    check_common(insert, session, gateway)
+    assert insert.attributes["pgwarden.protocol"] == "extended"
+    assert insert.attributes["db.query.parameter.0"] == "7"
+    assert insert.attributes["db.query.parameter.1"] == "s3cr3t"
+    select = statement_span(spans, "select secret from audit_pg where id = $1")
+    check_common(select, session, gateway)
+    assert select.attributes["db.response.returned_rows"] == 1
+    assert select.attributes["db.query.parameter.0"] == "\\x0007"
+    failed = statement_span(spans, "select 1 / $1")
+    assert failed.attributes["db.response.status_code"] == "22012"
+    assert failed.status_code == STATUS_ERROR
+    # One span per statement: parse, bind and execute are not separate spans.
+    texts = [s.attributes.get("db.query.text") for s in spans if s.kind == SPAN_KIND_CLIENT]
+    assert texts.count("insert into audit_pg values ($1, $2)") == 1
+
+
+def test_parameters_are_not_recorded_by_default(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    gateway = start_gateway(audit_settings(tmp_path / "audit", receiver))
+    with gateway.connect(autocommit=True) as conn:
+        conn.execute("select %s::text as audit_default_params", ("hidden-value",))
+    spans = session_complete(receiver, "select $1::text as audit_default_params")
+    span = statement_span(spans, "select $1::text as audit_default_params")
+    assert not any(k.startswith("db.query.parameter.") for k in span.attributes)
+
+
+def test_asyncpg_prepared_statements(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    gateway = start_gateway(audit_settings(tmp_path / "audit", receiver))
+
+    async def work() -> None:
+        conn = await asyncpg.connect(
+            host=gateway.host,
+            port=gateway.port,
+            user=CLIENT_USER,
+            password=CLIENT_PASSWORD,
+            database=TEST_DATABASE,
+            ssl=False,
+        )
+        try:
+            stmt = await conn.prepare("select generate_series(1, $1::int) as n")
+            assert len(await stmt.fetch(3)) == 3
+            assert len(await stmt.fetch(5)) == 5
+            await conn.execute("select pg_sleep(0) as asyncpg_marker")
+        finally:
+            await conn.close()
+
+    asyncio.run(work())
+    spans = session_complete(receiver, "select pg_sleep(0) as asyncpg_marker")
+    session = the_session(spans)
+    series = [
+        s
+        for s in spans
+        if s.attributes.get("db.query.text") == "select generate_series(1, $1::int) as n"
+    ]
+    # Two executions of one prepared statement: two spans, each with its own row count.
+    assert sorted(s.attributes["db.response.returned_rows"] for s in series) == [3, 5]
+    for span in series:
+        check_common(span, session, gateway)
+        assert span.attributes["pgwarden.protocol"] == "extended"
+        assert span.attributes["db.operation.name"] == "SELECT"
+
+
+def test_sanitised_query_text(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    if receiver.transport == "grpc":
+        pytest.skip("query text handling does not depend on the transport")
+    gateway = start_gateway(audit_settings(tmp_path / "audit", receiver, query_text="sanitised"))
+    result = run_tool(
+        ["psql", "--no-psqlrc", "-X", "-c", "select 'card-4111' as pan, 42 as n"], gateway.env()
+    )
+    assert result.returncode == 0, result.stderr
+    spans = receiver.wait_for(
+        lambda spans: (
+            any(s.attributes.get("db.query.summary") == "SELECT" for s in spans)
+            and any(s.kind == SPAN_KIND_SERVER for s in spans)
+        )
+    )
+    texts = [s.attributes.get("db.query.text") for s in spans if s.kind == SPAN_KIND_CLIENT]
+    assert "select $1 as pan, $2 as n" in texts
+    assert not any("4111" in str(s.attributes) for s in spans)
+
+
+def test_refused_connection_gets_a_span(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    gateway = start_gateway(audit_settings(tmp_path / "audit", receiver))
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(gateway.dsn(password="wrong-password"))
+    spans = receiver.wait_for(
+        lambda spans: any(s.attributes.get("pgwarden.session.refused") for s in spans)
+    )
+    refused = next(s for s in spans if s.attributes.get("pgwarden.session.refused"))
+    assert refused.name == "pgwarden session"
+    assert refused.kind == SPAN_KIND_SERVER
+    assert refused.status_code == STATUS_ERROR
+    assert refused.attributes["error.type"] == "28P01"
+    assert refused.attributes["db.response.status_code"] == "28P01"
+    assert refused.attributes["user.name"] == CLIENT_USER
+    assert refused.attributes["client.address"] == "127.0.0.1"
+    assert refused.attributes["pgwarden.session.refused_at"] == "authentication"

@@ -1,0 +1,244 @@
+"""The shipper and its building blocks, on a spool written by the real codec in-process.
+
+The gateway is not needed here: an ``AuditTrail`` and a ``SessionCodec`` fed with protocol
+bytes write exactly what a session writes.  The exports go to a real OTLP receiver.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otlp_receiver import OtlpReceiver
+from pgwarden import _wire
+from pgwarden.audit import ids, sql
+from pgwarden.audit.exporters import ShipBatch, build_resource
+from pgwarden.audit.shipper import Shipper
+from pgwarden.audit.spans import SpanBuilder
+from pgwarden.audit.spool import AuditPaths, list_streams, segment_names
+from pgwarden.audit.trail import AuditTrail
+from pgwarden.audit.verify import verify_path
+from pgwarden.config import Settings
+
+SESSION = "0123456789abcdef"
+
+
+def message(tag: bytes, body: bytes) -> bytes:
+    return tag + struct.pack("!i", len(body) + 4) + body
+
+
+def row_description(*names: str) -> bytes:
+    body = struct.pack("!h", len(names))
+    for name in names:
+        body += name.encode() + b"\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0)
+    return message(b"T", body)
+
+
+def data_row(*values: bytes) -> bytes:
+    body = struct.pack("!h", len(values))
+    for v in values:
+        body += struct.pack("!i", len(v)) + v
+    return message(b"D", body)
+
+
+def simple_session(trail: AuditTrail, session: str, queries: list[str]) -> None:
+    """One session running ``queries`` over the simple protocol, each returning one row."""
+    trail.session_started(
+        session,
+        identity=None,
+        client_address="10.0.0.9",
+        database="shop",
+        upstream_user="app_rw",
+        application_name="unit",
+        tls=True,
+    )
+    codec = _wire.SessionCodec(**trail.codec_options(session))
+    for q in queries:
+        codec.feed_client(message(b"Q", q.encode() + b"\0"))
+        codec.feed_server(
+            row_description("n")
+            + data_row(b"1")
+            + message(b"C", b"SELECT 1\0")
+            + message(b"Z", b"I")
+        )
+    trail.session_ended(session, "client_terminate")
+
+
+def settings_for(directory: Path, **audit: Any) -> Settings:
+    return Settings(audit={"directory": str(directory), "segment_bytes": 16 * 1024, **audit})
+
+
+class FlakySink:
+    """A sink that refuses the first ``failures`` deliveries, then records what it gets."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.batches: list[ShipBatch] = []
+
+    def export(self, batch: ShipBatch) -> bool:
+        if self.failures > 0:
+            self.failures -= 1
+            return False
+        self.batches.append(batch)
+        return True
+
+    def shutdown(self) -> None:
+        return None
+
+
+def test_failed_exports_keep_records_and_retries_give_the_same_ids(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "audit", retry_max_seconds=0.1, poll_interval_ms=10)
+    trail = AuditTrail(settings)
+    simple_session(trail, SESSION, [f"select {i}" for i in range(200)])
+    trail.close()
+    sink = FlakySink(failures=2)
+    shipper = Shipper(settings, sink=sink)
+    # A refused delivery leaves the checkpoint where it was.
+    progressed, failed = shipper.ship_once()
+    assert failed and not progressed
+    (stream,) = list_streams(AuditPaths(tmp_path / "audit").spool)
+    assert not (stream / "checkpoint.json").exists()
+    assert shipper.run(threading.Event(), until_empty=True) == 0
+    spans = [s for batch in sink.batches for s in batch.spans]
+    assert len(spans) == 201  # 200 statements and the session
+    assert not list_streams(AuditPaths(tmp_path / "audit").spool)  # all delivered
+    # The same records always make the same ids.
+    again = {(s.context.trace_id, s.context.span_id) for s in spans if s.context}
+    assert (ids.trace_id(SESSION), ids.session_span_id(SESSION)) in again
+    assert (ids.trace_id(SESSION), ids.statement_span_id(SESSION, 200)) in again
+
+
+def test_grpc_export_with_result_log_records(tmp_path: Path) -> None:
+    with OtlpReceiver("grpc") as receiver:
+        settings = settings_for(
+            tmp_path / "audit",
+            exporter="otlp_grpc",
+            endpoint=receiver.endpoint,
+            recording_logs=True,
+            service_instance_id="unit-1",
+            resource_attributes={"deployment.environment.name": "test"},
+        )
+        trail = AuditTrail(settings)
+        simple_session(trail, SESSION, ["select n from numbers"])
+        trail.close()
+        assert Shipper(settings).run(threading.Event(), until_empty=True) == 0
+        spans = receiver.spans()
+        logs = receiver.logs()
+    stmt = next(s for s in spans if s.kind == 3)
+    assert stmt.name == "SELECT numbers"
+    assert stmt.resource["deployment.environment.name"] == "test"
+    assert stmt.resource["service.instance.id"] == "unit-1"
+    (log,) = logs
+    assert log.event_name == "pgwarden.statement.result"
+    assert (log.trace_id, log.span_id) == (stmt.trace_id, stmt.span_id)
+    assert " n \n---\n 1\n(1 row)" in log.body
+
+
+def test_spool_suffix_verifies_after_delivered_segments_are_deleted(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    settings = settings_for(directory)
+    trail = AuditTrail(settings)
+    simple_session(trail, SESSION, [f"select {i} -- {'x' * 80}" for i in range(300)])
+    stream = Path(trail.spool.directory)
+    assert len(segment_names(stream)) > 3
+    key = (directory / "chain.key").read_bytes().strip()
+    # The shipper delivers and deletes the first segments while the writer is still open.
+    sink = FlakySink(failures=0)
+    shipper = Shipper(settings, sink=sink)
+    while shipper.ship_once()[0]:
+        pass
+    remaining = segment_names(stream)
+    assert remaining[0] != "00000000000000000001.seg"
+    report = verify_path(stream, key)
+    assert report.ok, report.summary()
+    (result,) = report.streams.values()
+    assert not result.anchored  # checked from a `segment` record's prev hash
+    trail.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "summary", "operation", "collection"),
+    [
+        (
+            "SELECT * FROM wuser_table WHERE username = 'x'",
+            "SELECT wuser_table",
+            "SELECT",
+            "wuser_table",
+        ),
+        (
+            "INSERT INTO shipping_details (order_id, address) "
+            "SELECT order_id, address FROM orders WHERE order_id = 1",
+            "INSERT shipping_details SELECT orders",
+            "INSERT",
+            None,
+        ),
+        (
+            "SELECT * FROM songs, artists WHERE songs.artist_id = artists.id",
+            "SELECT songs artists",
+            "SELECT",
+            None,
+        ),
+        (
+            "SELECT order_date FROM (SELECT * FROM orders o JOIN customers c "
+            "ON o.customer_id = c.customer_id) s",
+            "SELECT SELECT orders customers",
+            "SELECT",
+            None,
+        ),
+        ('SELECT * FROM "song list"', "SELECT song list", "SELECT", "song list"),
+        ("CALL refresh_totals(1)", "CALL refresh_totals", "CALL", None),
+        ("select 1; select 2", "BATCH SELECT", "BATCH SELECT", None),
+        ("begin", "BEGIN", "BEGIN", None),
+    ],
+)
+def test_query_summary_follows_the_conventions(
+    query: str, summary: str, operation: str, collection: str | None
+) -> None:
+    info = sql.analyze(query)
+    assert info.summary == summary
+    assert info.operation == operation
+    assert info.collection == collection
+
+
+def test_sanitising_uses_the_parser_and_fails_closed() -> None:
+    assert (
+        sql.sanitise("select * from t where card = '4111 1111' and n in (1, 2.5)")
+        == "select * from t where card = $1 and n in ($2, $3)"
+    )
+    assert sql.sanitise("select 'unterminated") is None
+
+
+def test_span_name_falls_back_per_the_rule() -> None:
+    name = SpanBuilder.statement_span_name
+    assert name({"db.query.summary": "SELECT t", "db.operation.name": "SELECT"}) == "SELECT t"
+    assert name({"db.operation.name": "BEGIN", "db.namespace": "shop"}) == "BEGIN shop"
+    assert name({"db.namespace": "shop"}) == "shop"
+    assert (
+        name({"server.address": "db", "server.port": 5433, "db.operation.name": "X"}) == "X db:5433"
+    )
+    assert name({}) == "postgresql"
+
+
+def test_interrupted_statement_span(tmp_path: Path) -> None:
+    builder = SpanBuilder(build_resource(settings_for(tmp_path).audit, 6432))
+    stmt = {
+        "session": SESSION,
+        "n": 3,
+        "ts": 1_000_000,
+        "sql": "select pg_sleep(60)",
+        "protocol": "simple",
+        "seq": 9,
+        "stream": "s",
+        "hash": "ab" * 32,
+    }
+    span = builder.statement({"database": "shop"}, stmt, None, interrupted_at_us=5_000_000)
+    assert span.attributes is not None
+    assert span.attributes["pgwarden.outcome"] == "interrupted"
+    assert span.attributes["error.type"] == "interrupted"
+    assert span.start_time == 1_000_000_000 and span.end_time == 5_000_000_000
+    again = builder.statement({"database": "shop"}, stmt, None, interrupted_at_us=5_000_000)
+    assert again.context == span.context
