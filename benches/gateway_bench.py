@@ -52,6 +52,7 @@ from pgbench_run import (  # noqa: E402
     QueryMode,
     pgbench_binary,
     run_pgbench,
+    warm_up,
 )
 from proxies import (  # noqa: E402
     ManagedProcess,
@@ -437,21 +438,11 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
                 continue
             label = f"round {round_no + 1}/{args.rounds} {scenario.key:<22} {endpoint.name}"
             try:
-                if args.warmup > 0:
-                    run_pgbench(endpoint, scenario, duration_s=args.warmup, log_latencies=False)
-                else:
-                    run_pgbench(
-                        endpoint,
-                        scenario,
-                        duration_s=0,
-                        log_latencies=False,
-                        transactions_per_client=20,
-                    )
+                warm_up(endpoint, scenario, args.warmup)
                 result = run_pgbench(
                     endpoint,
                     scenario,
                     duration_s=args.duration,
-                    log_latencies=True,
                     sampling_rate=args.sampling_rate,
                 )
             except PgbenchError as exc:

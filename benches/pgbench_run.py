@@ -68,19 +68,10 @@ def pgbench_binary() -> str:
     return found
 
 
-def run_pgbench(
-    endpoint: Endpoint,
-    scenario: PgbenchScenario,
-    *,
-    duration_s: int,
-    log_latencies: bool,
-    sampling_rate: float = 1.0,
-    transactions_per_client: int | None = None,
-) -> PgbenchResult:
-    """Run ``pgbench -n -S`` for ``duration_s`` seconds (or a fixed transaction count).
-
-    ``transactions_per_client`` replaces the duration (used for short warm-ups).
-    """
+def _pgbench(
+    endpoint: Endpoint, scenario: PgbenchScenario, options: list[str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``pgbench -n -S`` with the scenario's clients and mode; fail on a non-zero exit."""
     command = [
         pgbench_binary(),
         "--no-vacuum",
@@ -88,35 +79,54 @@ def run_pgbench(
         f"--protocol={scenario.mode}",
         f"--client={scenario.clients}",
         f"--jobs={scenario.threads}",
+        *options,
+        endpoint.dbname,
     ]
-    if transactions_per_client is not None:
-        command.append(f"--transactions={transactions_per_client}")
-    else:
-        command.append(f"--time={duration_s}")
+    try:
+        result = subprocess.run(
+            command,
+            env=endpoint.libpq_env(tls=scenario.tls),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise PgbenchError(f"pgbench against {endpoint.name} timed out") from exc
+    if result.returncode != 0:
+        raise PgbenchError(
+            f"pgbench against {endpoint.name} ({scenario.key}) exited with "
+            f"{result.returncode}:\n{_tail(result.stderr or result.stdout)}"
+        )
+    return result
+
+
+def warm_up(endpoint: Endpoint, scenario: PgbenchScenario, seconds: int) -> None:
+    """Unmeasured pgbench: ``seconds`` of load, or 20 transactions per client for 0.
+
+    Only the exit status matters: on a loaded machine a short warm-up may finish before
+    every client has completed its TLS handshake, and then pgbench prints no figures.
+    """
+    options = [f"--time={seconds}"] if seconds > 0 else ["--transactions=20"]
+    _pgbench(endpoint, scenario, options, timeout=seconds + 120)
+
+
+def run_pgbench(
+    endpoint: Endpoint,
+    scenario: PgbenchScenario,
+    *,
+    duration_s: int,
+    log_latencies: bool = True,
+    sampling_rate: float = 1.0,
+) -> PgbenchResult:
+    """Measure ``duration_s`` seconds of ``pgbench -n -S``, with per-transaction latencies."""
     with tempfile.TemporaryDirectory(prefix="pgwarden-bench-log-") as log_dir:
-        prefix = Path(log_dir) / "txn"
+        options = [f"--time={duration_s}"]
         if log_latencies:
-            command += ["--log", f"--log-prefix={prefix}"]
+            options += ["--log", f"--log-prefix={Path(log_dir) / 'txn'}"]
             if sampling_rate < 1.0:
-                command.append(f"--sampling-rate={sampling_rate}")
-        command.append(endpoint.dbname)
-        timeout = (duration_s if transactions_per_client is None else 60) + 120
-        try:
-            result = subprocess.run(
-                command,
-                env=endpoint.libpq_env(tls=scenario.tls),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise PgbenchError(f"pgbench against {endpoint.name} timed out") from exc
-        if result.returncode != 0:
-            raise PgbenchError(
-                f"pgbench against {endpoint.name} ({scenario.key}) exited with "
-                f"{result.returncode}:\n{_tail(result.stderr or result.stdout)}"
-            )
+                options.append(f"--sampling-rate={sampling_rate}")
+        result = _pgbench(endpoint, scenario, options, timeout=duration_s + 120)
         latencies = _read_latency_logs(Path(log_dir)) if log_latencies else []
     return _parse_summary(result.stdout, latencies, endpoint.name, scenario)
 
@@ -127,6 +137,8 @@ def _parse_summary(
     tps = _TPS.search(output)
     latency = _LATENCY_AVG.search(output)
     processed = _PROCESSED.search(output)
+    if processed is not None and int(processed.group(1)) == 0:
+        raise PgbenchError(f"pgbench completed no transaction against {target} ({scenario.key})")
     if tps is None or latency is None or processed is None:
         raise PgbenchError(
             f"cannot read pgbench output for {target} ({scenario.key}):\n{_tail(output)}"

@@ -33,5 +33,14 @@ mypy
 step "stubtest: the hand-written _wire.pyi matches the extension"
 python3 -m mypy.stubtest pgwarden._wire --allowlist python/stubtest-allowlist.txt
 
+step "docs/configuration.md and the example config match the settings model"
+python3 docs/gen_config_doc.py --check
+
 step "pytest (integration against a real PostgreSQL)"
 python3 -m pytest "$@"
+
+if [ "${PGWARDEN_SKIP_BENCH_SMOKE:-0}" != 1 ]; then
+  # Proves the benchmark harness runs end to end; it never fails on a timing.
+  step "benchmark harness smoke run (direct vs pgbouncer vs pgwarden)"
+  python3 benches/gateway_bench.py --quick --out bench-results/ci-quick.json
+fi

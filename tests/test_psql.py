@@ -114,3 +114,22 @@ def test_connection_info_shows_gateway(gateway: GatewayProcess) -> None:
     code, out, err = psql(gateway, "-c", "\\conninfo")
     assert code == 0, err
     assert f'port "{gateway.port}"' in out
+
+
+def test_non_utf8_client_encoding_is_refused_with_a_hint(gateway: GatewayProcess) -> None:
+    # The gateway reads statement text as UTF-8; another encoding must be refused clearly
+    # at startup rather than failing later on the first non-ASCII statement.
+    env = {**gateway.env(), "PGCLIENTENCODING": "LATIN1"}
+    result = run_tool(["psql", "--no-psqlrc", "-c", "select 'café'"], env)
+    assert result.returncode != 0
+    assert 'client_encoding "LATIN1" is not supported' in result.stderr
+    assert "PGCLIENTENCODING=UTF8" in result.stderr
+
+
+def test_utf8_text_round_trips(gateway: GatewayProcess) -> None:
+    env = {**gateway.env(), "PGCLIENTENCODING": "UTF8"}
+    result = run_tool(
+        ["psql", "--no-psqlrc", "--tuples-only", "--no-align", "-c", "select 'café ✓'"], env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "café ✓"

@@ -50,6 +50,10 @@ PASSED_THROUGH: Final[frozenset[str]] = frozenset(
 REFUSED: Final[dict[str, str]] = {
     "replication": "replication connections are not supported through pgwarden",
 }
+# The gateway reads statement text as UTF-8 (to log, and later to parse and decide), so a
+# client must speak UTF8; SQL_ASCII (what libpq picks in the C locale) passes bytes unchanged
+# and works as long as they are UTF-8.  Names as PostgreSQL normalises them.
+_READABLE_ENCODINGS: Final[frozenset[str]] = frozenset({"utf8", "unicode", "sqlascii"})
 # Parameters consumed by the gateway itself.
 GATEWAY_OWN: Final[frozenset[str]] = frozenset({"user", "database"})
 
@@ -74,6 +78,12 @@ def upstream_startup_params(params: Iterable[tuple[str, str]]) -> ParameterDecis
             if key == "replication" and value.lower() in ("false", "off", "no", "0"):
                 continue
             raise GatewayError(errors.FEATURE_NOT_SUPPORTED, REFUSED[key])
+        if key == "client_encoding" and _normalised_encoding(value) not in _READABLE_ENCODINGS:
+            raise GatewayError(
+                errors.FEATURE_NOT_SUPPORTED,
+                f'client_encoding "{value}" is not supported through pgwarden',
+                hint="Connect with client_encoding UTF8 (for libpq: PGCLIENTENCODING=UTF8).",
+            )
         if key in PASSED_THROUGH:
             forwarded.append((name, value))
         else:
@@ -81,3 +91,8 @@ def upstream_startup_params(params: Iterable[tuple[str, str]]) -> ParameterDecis
     if dropped:
         log.debug("startup parameters not forwarded: %s", ", ".join(dropped))
     return ParameterDecision(forwarded=forwarded, dropped=dropped)
+
+
+def _normalised_encoding(name: str) -> str:
+    """PostgreSQL's encoding-name folding: lower case, punctuation dropped ("UTF-8" -> "utf8")."""
+    return "".join(c for c in name.lower() if c.isalnum())
