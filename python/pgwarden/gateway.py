@@ -1,8 +1,9 @@
 """The state one gateway process shares between its sessions.
 
 Settings, the client TLS context, the authenticator, cancel keys, the statement log, the event
-hook, and the set of live sessions that shutdown drains.  The server (``pgwarden.server``)
-builds one per worker process and hands it every accepted connection.
+hook, the identity runtime (when ``identity`` is configured: token authentication, role-change
+guard, session deadlines), and the set of live sessions that shutdown drains.  The server
+(``pgwarden.server``) builds one per worker process and hands it every accepted connection.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -18,9 +20,12 @@ from pgwarden.audit.trail import AuditTrail
 from pgwarden.cancel import CancelForwarder, CancelRegistry
 from pgwarden.client_auth import ClientAuthenticator, StaticPasswordAuthenticator
 from pgwarden.config import Settings
-from pgwarden.hooks import ClientEventHook
+from pgwarden.hooks import ClientEventHook, SessionObserver
 from pgwarden.session import Session
 from pgwarden.statement_log import StatementLog
+
+if TYPE_CHECKING:
+    from pgwarden.identity.runtime import IdentityRuntime
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +47,29 @@ class Gateway:
         self.server_tls: ssl.SSLContext | None = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             self.server_tls = tls.server_context(settings.tls_cert_file, settings.tls_key_file)
-        self.authenticator: ClientAuthenticator = authenticator or StaticPasswordAuthenticator(
-            settings.users
-        )
         self.cancel_forwarder = cancel_forwarder
         self.cancels = CancelRegistry(worker_index, cancel_forwarder)
         self.statement_log = (
             StatementLog(settings.statement_log) if settings.statement_log is not None else None
+        )
+        # With identity configured, tokens replace the static users, and role changes are
+        # refused (until a statement policy hook takes over that check).
+        self.identity: IdentityRuntime | None = None
+        self.session_observer: SessionObserver | None = None
+        if settings.identity is not None and authenticator is None:
+            from pgwarden.identity.runtime import IdentityRuntime  # (pglast, pyjwt: only here)
+
+            self.identity = IdentityRuntime(
+                settings,
+                statement_log=self.statement_log,
+                worker_index=worker_index,
+                runtime_dir=cancel_forwarder.runtime_dir if cancel_forwarder else None,
+            )
+            authenticator = self.identity.authenticator
+            client_event_hook = client_event_hook or self.identity.role_guard
+            self.session_observer = self.identity
+        self.authenticator: ClientAuthenticator = authenticator or StaticPasswordAuthenticator(
+            settings.users
         )
         self.client_event_hook = client_event_hook
         self.audit: AuditTrail | None = None

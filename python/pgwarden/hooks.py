@@ -1,4 +1,4 @@
-"""Extension points on the relay path (statement policy, auditing): their shapes only.
+"""Extension points on the relay path (statement policy, auditing, identity): their shapes only.
 
 A :class:`ClientEventHook` registered on the gateway turns on per-statement client events in
 the codec (``SessionCodec(client_events=True)``): then every chunk that completes a Query,
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from pgwarden._wire import ClientEvent  # a type alias: exists in the stub only
+    from pgwarden.errors import GatewayError
     from pgwarden.session import Session
 
 
@@ -28,3 +29,20 @@ class ClientEventHook(Protocol):
         exception ends the session with FATAL XX000.
         """
         ...
+
+
+class SessionObserver(Protocol):
+    """Told how sessions go (identity: connection events, expiry timers).
+
+    Called on the event loop; must not block.  ``session_started`` comes once the upstream
+    login succeeded and the relay runs; ``session_ended`` follows it when the session is
+    over.  ``session_refused`` comes instead when the connection was refused with an
+    ErrorResponse before that point (startup, authentication -- the error's ``__cause__`` is
+    then the :class:`~pgwarden.client_auth.AuthError` -- or the upstream login).
+    """
+
+    def session_started(self, session: Session) -> None: ...
+
+    def session_refused(self, session: Session, error: GatewayError) -> None: ...
+
+    def session_ended(self, session: Session) -> None: ...

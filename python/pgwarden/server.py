@@ -127,6 +127,8 @@ async def serve(
                 await services.start(gateway.statement_log.run)
             if cancel_forwarder is not None:
                 await services.start(cancel_forwarder.serve, gateway.cancels)
+            if gateway.identity is not None:
+                await services.start(gateway.identity.run)
             async with anyio.create_task_group() as sessions:
                 accepting = anyio.CancelScope()
 

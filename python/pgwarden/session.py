@@ -67,6 +67,7 @@ class Session:
         self._pending_end: tuple[str, str] | None = None
         self._cancel_process_id: int | None = None
         self._backend: UpstreamBackend | None = None
+        self._observed = False  # the session observer was told the session started
         self._accepted_us = time.time_ns() // 1000
         self._stage = "startup"  # where a refusal happened, for the audit record
         self._audit_started = False  # the session record is in the audit spool
@@ -161,6 +162,9 @@ class Session:
             except GatewayError as exc:
                 log.info("session %s: refused: %s", self.id, exc)
                 self._audit_refused(exc.sqlstate, exc.message)
+                observer = self.gateway.session_observer
+                if observer is not None:
+                    observer.session_refused(self, exc)
                 await self._close_client(exc.to_wire())
                 return
         self._startup_scope = None
@@ -274,13 +278,16 @@ class Session:
         return b"".join(parts)
 
     def _context_json(self) -> str:
-        fields = {
+        fields: dict[str, object] = {
             "session": self.id,
             "user": self.identity.name if self.identity is not None else None,
             "database": self.database,
             "upstream_user": self.upstream_user,
             "client_addr": self.client_address,
         }
+        if self.identity is not None and self.identity.attributes:
+            # Who the authenticator says the caller is (issuer, subject, rule, grant, ...).
+            fields["identity"] = dict(self.identity.attributes)
         return ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in fields.items())
 
     async def _relay_phase(self, request: StartupRequest) -> None:
@@ -312,6 +319,9 @@ class Session:
         self._relay = relay
         relay.start(client_leftover, server_leftover)
         log.debug("session %s: relaying for %s", self.id, self.identity)
+        if gateway.session_observer is not None:
+            self._observed = True
+            gateway.session_observer.session_started(self)
         if gateway.draining:
             relay.request_drain()
         await relay.wait()
@@ -368,6 +378,8 @@ class Session:
         client.abort()
 
     async def _cleanup(self) -> None:
+        if self._observed and self.gateway.session_observer is not None:
+            self.gateway.session_observer.session_ended(self)
         relay = self._relay
         if relay is not None:
             relay.flush_records()  # Relay.wait() already closed or aborted both transports
