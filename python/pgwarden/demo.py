@@ -179,9 +179,16 @@ class DemoError(RuntimeError):
     """The demo could not be set up; the message says what failed."""
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(args: DemoArgs) -> int:
     """Run the demo until Ctrl-C; returns the process exit code."""
     print("pgwarden demo: starting a temporary PostgreSQL...", flush=True)
+    # SIGTERM (a supervisor, `timeout`, a closed terminal) cleans up exactly like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     cluster = TemporaryCluster(settings={**FAST_UNSAFE_SETTINGS, "max_connections": 50})
     env = DemoEnvironment(cluster=cluster, gateway_port=_choose_port(args.port))
     try:
