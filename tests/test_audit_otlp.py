@@ -292,3 +292,26 @@ def test_refused_connection_gets_a_span(
     assert refused.attributes["user.name"] == CLIENT_USER
     assert refused.attributes["client.address"] == "127.0.0.1"
     assert refused.attributes["pgwarden.session.refused_at"] == "authentication"
+
+
+def test_workers_each_write_a_stream_and_one_shipper_ships_all(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    if receiver.transport == "grpc":
+        pytest.skip("worker processes do not depend on the transport")
+    gateway = start_gateway({**audit_settings(tmp_path / "audit", receiver), "workers": 2})
+    texts = [f"select {i} as from_worker_test" for i in range(12)]
+    for text in texts:
+        result = run_tool(["psql", "--no-psqlrc", "-X", "-c", text], gateway.env())
+        assert result.returncode == 0, result.stderr
+    spans = receiver.wait_for(
+        lambda spans: set(texts) <= {s.attributes.get("db.query.text") for s in spans},
+        timeout=60,
+    )
+    streams = {
+        s.attributes["pgwarden.spool.stream"]
+        for s in spans
+        if s.attributes.get("db.query.text") in texts
+    }
+    assert 1 <= len(streams) <= 2
+    assert all(re.search(r"-w[01]-", stream) for stream in streams)

@@ -4,7 +4,7 @@ The hot path is :class:`SessionCodec`: one call per received chunk, in each
 direction.  Everything else is used during the startup phase only.
 """
 
-from typing import Final, Literal, TypeAlias, final
+from typing import Any, Final, Literal, TypeAlias, final
 
 __all__ = [
     "CANCEL_REQUEST_CODE",
@@ -46,7 +46,9 @@ __all__ = [
     "encode_sasl_response",
     "encode_ssl_request",
     "encode_startup",
+    "encode_trace_request",
     "read_startup",
+    "verify_chain",
 ]
 
 # --- constants -----------------------------------------------------------------
@@ -224,6 +226,24 @@ class SessionCodec:
         """Audit records this session could not store (relaxed audit only)."""
 
 # --- audit spool -------------------------------------------------------------------
+
+def verify_chain(key: bytes, prev: bytes, lines: list[bytes]) -> tuple[bytes, list[int]]:
+    """Check sealed record ``lines`` (no newlines) as a continuation of the chain at ``prev``.
+
+    Returns the hash of the last line and the indices of the lines that do not verify.
+    """
+
+def encode_trace_request(
+    resource_attributes: dict[str, Any],
+    resource_schema_url: str | None,
+    scope_name: str,
+    scope_version: str | None,
+    scope_schema_url: str | None,
+    spans: list[Any],
+) -> bytes:
+    """OTLP ``ExportTraceServiceRequest`` bytes for SDK ``ReadableSpan`` objects under one
+    resource and scope, identical to the SDK encoder's.  ValueError for spans with events
+    or links, or attribute values it does not cover."""
 
 class AuditSpoolError(Exception):
     """An audit record could not be stored (I/O error, or the spool is closed)."""

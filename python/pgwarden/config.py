@@ -443,11 +443,17 @@ class AuditSettings(BaseModel):
         "`pgwarden audit ship` yourself.",
     )
     shipper_nice: int = Field(
-        default=10,
+        default=19,
         ge=0,
         le=19,
-        description="CPU niceness of the shipper: statements win the CPU, the spool absorbs "
-        "bursts.",
+        description="CPU niceness of the shipper: statements win the CPU when it is short, "
+        "the spool absorbs the burst and the shipper catches up when it is not.",
+    )
+    shipper_idle_priority: bool = Field(
+        default=True,
+        description="Run the shipper under the SCHED_IDLE policy (Linux): it gets the CPU "
+        "only when no statement work wants it. Under sustained saturation the spool grows "
+        "towards its bound; set false to let the shipper compete at shipper_nice.",
     )
     batch_size: int = Field(default=512, ge=1, le=100_000, description="Spans per export request.")
     poll_interval_ms: int = Field(

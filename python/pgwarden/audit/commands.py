@@ -62,6 +62,9 @@ def cmd_ship(args: argparse.Namespace) -> int:
         return 0
     with contextlib.suppress(OSError):
         os.nice(settings.audit.shipper_nice)
+    if settings.audit.shipper_idle_priority and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     stop = threading.Event()
     signals = 0
 

@@ -15,15 +15,23 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as OTLPGrpcSpanExporter,
+)
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as OTLPHttpSpanExporter,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
 
-from pgwarden import __version__
+from pgwarden import __version__, _wire
 from pgwarden.config import AuditSettings
 
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
@@ -40,6 +48,9 @@ class ShipBatch:
 
 
 class AuditSink(Protocol):
+    #: Whether the sink delivers spans (the shipper builds none for a sink of records).
+    needs_spans: bool
+
     def export(self, batch: ShipBatch) -> bool:
         """Deliver the batch; True only if the backend accepted all of it."""
         ...
@@ -63,15 +74,28 @@ def build_resource(audit: AuditSettings, listen_port: int) -> Resource:
 class TelemetrySink:
     """Spans (and optionally log records) through OpenTelemetry exporters."""
 
-    def __init__(self, spans: SpanExporter, logs: LogRecordExporter | None) -> None:
+    needs_spans = True
+
+    def __init__(
+        self, spans: SpanExporter, logs: LogRecordExporter | None, request_size: int = 512
+    ) -> None:
         self._spans = spans
         self._logs = logs
+        self._size = request_size
 
     def export(self, batch: ShipBatch) -> bool:
-        if batch.spans and self._spans.export(batch.spans) is not SpanExportResult.SUCCESS:
-            return False
-        if batch.logs and self._logs is not None:
-            return self._logs.export(batch.logs) is LogRecordExportResult.SUCCESS
+        # One request per `request_size` spans; all must succeed (a failed batch is
+        # delivered again whole, with the same span ids).
+        for i in range(0, len(batch.spans), self._size):
+            chunk = batch.spans[i : i + self._size]
+            if self._spans.export(chunk) is not SpanExportResult.SUCCESS:
+                return False
+        for i in range(0, len(batch.logs), self._size):
+            if self._logs is not None and (
+                self._logs.export(batch.logs[i : i + self._size])
+                is not LogRecordExportResult.SUCCESS
+            ):
+                return False
         return True
 
     def shutdown(self) -> None:
@@ -82,6 +106,8 @@ class TelemetrySink:
 
 class RecordFileSink:
     """Appends the sealed records themselves to a file (verifiable with ``audit verify``)."""
+
+    needs_spans = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -102,6 +128,35 @@ class RecordFileSink:
 
     def shutdown(self) -> None:
         return None
+
+
+def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
+    """``ExportTraceServiceRequest`` bytes for ``spans``, encoded in Rust.
+
+    Byte for byte what the SDK's ``encode_spans`` produces (grouped by resource, then
+    scope), about ten times faster.  Raises ValueError for spans it does not cover (events,
+    links): callers then use the SDK's encoder.
+    """
+    groups: dict[tuple[int, int], list[ReadableSpan]] = {}
+    keys: dict[tuple[int, int], tuple[Resource, Any]] = {}
+    for span in spans:
+        key = (id(span.resource), id(span.instrumentation_scope))
+        groups.setdefault(key, []).append(span)
+        keys[key] = (span.resource, span.instrumentation_scope)
+    parts = []
+    for key, group in groups.items():
+        resource, scope = keys[key]
+        parts.append(
+            _wire.encode_trace_request(
+                dict(resource.attributes),
+                resource.schema_url or None,
+                scope.name if scope is not None else "",
+                scope.version if scope is not None else None,
+                scope.schema_url if scope is not None else None,
+                group,
+            )
+        )
+    return b"".join(parts)
 
 
 def _http_url(endpoint: str, signal: str) -> str:
@@ -140,10 +195,9 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
     certificate = str(audit.certificate_file) if audit.certificate_file else None
     if audit.exporter == "otlp_http":
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         endpoint = audit.endpoint or DEFAULT_HTTP_ENDPOINT
-        spans = OTLPSpanExporter(
+        spans = HttpSpanExporter(
             endpoint=_http_url(endpoint, "traces"),
             certificate_file=certificate,
             headers=headers,
@@ -159,13 +213,10 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
             if audit.recording_logs
             else None
         )
-        return TelemetrySink(spans, logs)
+        return TelemetrySink(spans, logs, audit.batch_size)
     import grpc  # type: ignore[import-untyped]
     from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (
         OTLPLogExporter as GrpcLogExporter,
-    )
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-        OTLPSpanExporter as GrpcSpanExporter,
     )
 
     target, insecure = _grpc_target(audit.endpoint or DEFAULT_GRPC_ENDPOINT)
@@ -190,7 +241,36 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
         if audit.recording_logs
         else None
     )
-    return TelemetrySink(grpc_spans, grpc_logs)
+    return TelemetrySink(grpc_spans, grpc_logs, audit.batch_size)
+
+
+class HttpSpanExporter(OTLPHttpSpanExporter):
+    """The official OTLP/HTTP span exporter, with the Rust encoding of the request."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        client = getattr(self, "_client", None)
+        if client is None or getattr(self, "_shutdown", False):
+            return super().export(spans)
+        try:
+            data = encode_request(spans)
+        except ValueError:
+            return super().export(spans)
+        # The exporter's own transport: its retries, timeout, headers and TLS.
+        result = client.export(data)
+        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+
+
+class GrpcSpanExporter(OTLPGrpcSpanExporter):
+    """The official OTLP/gRPC span exporter, with the Rust encoding of the request."""
+
+    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+        try:
+            request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(
+                encode_request(data)
+            )
+        except ValueError:
+            return encode_spans(data)
+        return request
 
 
 def span_ids(spans: Sequence[ReadableSpan]) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ bits, chosen by the gateway at accept) and the statement's number in the session
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 
@@ -17,11 +18,13 @@ def _derive(*parts: str, size: int) -> int:
     return value or 1  # all-zero ids are invalid in OpenTelemetry
 
 
+@functools.lru_cache(maxsize=65536)
 def trace_id(session: str) -> int:
     """The 128-bit trace id of a session."""
     return _derive("trace", session, size=16)
 
 
+@functools.lru_cache(maxsize=65536)
 def session_span_id(session: str) -> int:
     """The 64-bit span id of a session's span (the statements' parent)."""
     return _derive("span", session, "session", size=8)

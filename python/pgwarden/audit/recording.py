@@ -32,21 +32,27 @@ def session_file(directory: Path, session_id: str) -> Path:
 
 
 class SessionRecorder:
-    """Buffers recorded lines per session, then appends and fsyncs them in one go."""
+    """Buffers recorded lines per session; appends them once delivered; fsyncs on demand.
+
+    The shipper calls :meth:`write` after each acknowledged delivery and :meth:`sync` before
+    each checkpoint: a recording is on disk before the spool may forget its records.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._pending: dict[str, list[bytes]] = defaultdict(list)
+        self._unsynced: set[str] = set()
 
     def add(self, kind: str, session: str, line: bytes) -> None:
         if kind in RECORDED:
             self._pending[session].append(line)
 
     def discard(self) -> None:
+        """Forget what was buffered (its delivery failed; it will be read again)."""
         self._pending.clear()
 
-    def flush(self) -> None:
-        """Append everything buffered; durable when this returns."""
+    def write(self) -> None:
+        """Append everything buffered to the session files (not yet fsynced)."""
         if not self._pending:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -54,14 +60,31 @@ class SessionRecorder:
             path = session_file(self.directory, session)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                data = b"".join(line + b"\n" for line in lines)
-                view = memoryview(data)
+                view = memoryview(b"".join(line + b"\n" for line in lines))
                 while view:
                     view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            self._unsynced.add(session)
+        self._pending.clear()
+
+    def sync(self) -> None:
+        """fsync every session file written since the last sync."""
+        for session in self._unsynced:
+            try:
+                fd = os.open(session_file(self.directory, session), os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self._pending.clear()
+        self._unsynced.clear()
+
+    def flush(self) -> None:
+        """Append and fsync everything buffered."""
+        self.write()
+        self.sync()
 
 
 def read_session(directory: Path, session_id: str) -> list[Record]:

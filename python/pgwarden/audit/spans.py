@@ -10,6 +10,7 @@ from the same records gives the same span.  docs/audit.md lists every attribute.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
@@ -40,6 +41,11 @@ def _context(trace: int, span: int) -> SpanContext:
     return SpanContext(trace, span, is_remote=False, trace_flags=_SAMPLED)
 
 
+_UNSET: Final = Status(StatusCode.UNSET)
+_CACHE_LIMIT: Final = 8192
+
+
+@functools.lru_cache(maxsize=1024)
 def _verb(command_tag: str | None) -> str | None:
     """The command of a CommandComplete tag: 'INSERT 0 1' -> 'INSERT', 'CREATE TABLE'."""
     if not command_tag:
@@ -55,6 +61,24 @@ class SpanBuilder:
         self.resource = resource
         self.query_text = query_text
         self.scope = InstrumentationScope("pgwarden.audit", __version__, SCHEMA_URL)
+        # Per-session attributes and parent context, built once per session.
+        self._bases: dict[tuple[Any, ...], tuple[dict[str, Any], SpanContext]] = {}
+
+    def _session_base(
+        self, session: Mapping[str, Any], sid: str
+    ) -> tuple[dict[str, Any], SpanContext]:
+        key = (session.get("stream"), session.get("seq"), sid)
+        found = self._bases.get(key)
+        if found is None:
+            base: dict[str, Any] = {}
+            self._connection(session, base)
+            self._identity(session, base)
+            base["pgwarden.session.id"] = sid
+            parent = _context(ids.trace_id(sid), ids.session_span_id(sid))
+            if len(self._bases) >= _CACHE_LIMIT:
+                self._bases.clear()
+            found = self._bases[key] = (base, parent)
+        return found
 
     # --- shared attributes ---------------------------------------------------------------
 
@@ -112,8 +136,8 @@ class SpanBuilder:
         session = session or {}
         sid = str(stmt["session"])
         n = int(stmt["n"])
-        attrs: dict[str, Any] = {}
-        self._connection(session, attrs)
+        base, parent = self._session_base(session, sid)
+        attrs = dict(base)
         text = stmt.get("sql")
         info = sql.analyze(text) if text else sql.QueryInfo(parsed=False)
         if text is not None:
@@ -143,21 +167,13 @@ class SpanBuilder:
                     attrs[f"db.query.parameter.{i}"] = str(value)
         if stmt.get("function_oid") is not None:
             attrs["pgwarden.function.oid"] = int(stmt["function_oid"])
-        self._identity(session, attrs)
-        attrs["pgwarden.session.id"] = sid
         attrs["pgwarden.statement.number"] = n
         attrs["pgwarden.protocol"] = str(stmt.get("protocol", ""))
         self._spool(stmt, verified, attrs)
-        for key in ("decision", "rule", "policy_version"):
-            if stmt.get(key) is not None:
-                attrs[f"pgwarden.policy.{key if key != 'policy_version' else 'version'}"] = str(
-                    stmt[key]
-                )
-        if stmt.get("masked_columns"):
-            attrs["pgwarden.masked_columns"] = [str(c) for c in stmt["masked_columns"]]
-
+        if "decision" in stmt or "masked_columns" in stmt:
+            self._policy(stmt, attrs)
         start_us = int(stmt["ts"])
-        status = Status(StatusCode.UNSET)
+        status = _UNSET
         if end is not None:
             end_us = int(end["ts"])
             start_us = min(start_us, end_us - int(end.get("duration_us") or 0))
@@ -189,11 +205,10 @@ class SpanBuilder:
                 StatusCode.ERROR,
                 "outcome unknown: the session or the gateway ended before the statement did",
             )
-        trace = ids.trace_id(sid)
         return ReadableSpan(
             name=self.statement_span_name(attrs),
-            context=_context(trace, ids.statement_span_id(sid, n)),
-            parent=_context(trace, ids.session_span_id(sid)),
+            context=_context(parent.trace_id, ids.statement_span_id(sid, n)),
+            parent=parent,
             resource=self.resource,
             attributes=attrs,
             kind=SpanKind.CLIENT,
@@ -202,6 +217,19 @@ class SpanBuilder:
             end_time=_ns(end_us),
             instrumentation_scope=self.scope,
         )
+
+    @staticmethod
+    def _policy(stmt: Record, attrs: dict[str, Any]) -> None:
+        """The statement policy's decision, rule and version, and the masked columns."""
+        for key, name in (
+            ("decision", "decision"),
+            ("rule", "rule"),
+            ("policy_version", "version"),
+        ):
+            if stmt.get(key) is not None:
+                attrs[f"pgwarden.policy.{name}"] = str(stmt[key])
+        if stmt.get("masked_columns"):
+            attrs["pgwarden.masked_columns"] = [str(c) for c in stmt["masked_columns"]]
 
     def _query_text(self, text: str) -> str | None:
         if self.query_text == "full":
@@ -253,7 +281,7 @@ class SpanBuilder:
         if session.get("tls") is not None:
             attrs["pgwarden.session.tls"] = bool(session["tls"])
         self._spool(session, verified, attrs)
-        status = Status(StatusCode.UNSET)
+        status = _UNSET
         start_us = int(session["ts"])
         if end is not None:
             end_us = int(end["ts"])

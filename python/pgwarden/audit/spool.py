@@ -118,18 +118,12 @@ class Position:
     offset: int
 
 
-@dataclass(frozen=True)
-class SpoolLine:
-    """One record line (without its newline), where it was, and the position after it."""
-
-    line: bytes
-    segment: str
-    offset: int
-    after: Position
-
-
 class StreamReader:
-    """Reads the record lines of one stream from a position onwards."""
+    """Reads the record lines of one stream from a position onwards.
+
+    :meth:`read` returns the lines themselves (bytes, without newline); where a line was
+    is worked out only when asked (:meth:`locate`), for error messages.
+    """
 
     def __init__(self, stream_dir: Path, position: Position | None) -> None:
         self.stream_dir = stream_dir
@@ -137,59 +131,69 @@ class StreamReader:
             names = segment_names(stream_dir)
             position = Position(names[0], 0) if names else None
         self.position = position
+        # Per chunk of the last read: (segment, offset of its first line, index, count).
+        self._chunks: list[tuple[str, int, int, int]] = []
+        self._lines: list[bytes] = []
 
-    def read(self, max_lines: int) -> list[SpoolLine]:
+    def read(self, max_lines: int) -> list[bytes]:
         """Complete lines available now (at most ``max_lines``); advances the reader."""
-        out: list[SpoolLine] = []
+        out: list[bytes] = []
+        self._chunks = []
         while len(out) < max_lines and self.position is not None:
-            got, moved = self._read_segment(max_lines - len(out), out)
-            if not got and not moved:
+            if not self._read_segment(max_lines - len(out), out):
                 break
+        self._lines = out
         return out
 
-    def _read_segment(self, limit: int, out: list[SpoolLine]) -> tuple[int, bool]:
+    def locate(self, index: int) -> tuple[str, int]:
+        """(segment, byte offset) of line ``index`` of the last read."""
+        for segment, offset, first, count in self._chunks:
+            if first <= index < first + count:
+                return segment, offset + sum(len(line) + 1 for line in self._lines[first:index])
+        return "?", 0
+
+    def _read_segment(self, limit: int, out: list[bytes]) -> bool:
+        """Reads from the current segment; True if it moved on to the next one."""
         pos = self.position
         assert pos is not None
-        path = self.stream_dir / pos.segment
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.stream_dir / pos.segment, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return 0, False
-        got = 0
+            return False
         try:
-            offset = pos.offset
-            buf = b""
-            while got < limit:
-                chunk = os.pread(fd, _READ_CHUNK, offset + len(buf))
-                if not chunk:
+            size = _READ_CHUNK
+            while True:
+                data = os.pread(fd, size, pos.offset)
+                end = data.find(b"\0")
+                if end < 0:
+                    end = len(data)
+                last = data.rfind(b"\n", 0, end)
+                if last >= 0:
                     break
-                buf += chunk
-                start = 0
-                while got < limit:
-                    if start < len(buf) and buf[start] == 0:
-                        # Unwritten space: no more records for now.
-                        self.position = Position(pos.segment, offset + start)
-                        return got, False
-                    nl = buf.find(b"\n", start)
-                    if nl < 0:
-                        break
-                    line = buf[start:nl]
-                    after = Position(pos.segment, offset + nl + 1)
-                    out.append(SpoolLine(line, pos.segment, offset + start, after))
-                    got += 1
-                    start = nl + 1
-                    if line.find(_SEGMENT_END_MARK, 0, 200) >= 0:
-                        nxt = json.loads(line).get("next")
-                        self.position = Position(str(nxt), 0)
-                        return got, True
-                offset += start
-                buf = buf[start:]
-                if len(chunk) < _READ_CHUNK:
-                    break  # end of file; what is left is a line being written
-            self.position = Position(pos.segment, offset)
-            return got, False
+                if end < len(data) or len(data) < size:
+                    return False  # nothing complete yet (or a line being written)
+                size *= 4  # one line longer than the chunk
+            lines = data[:last].split(b"\n")
+            taken = lines[:limit]
+            self._chunks.append((pos.segment, pos.offset, len(out), len(taken)))
+            out.extend(taken)
+            if len(taken) < len(lines):
+                consumed = sum(len(line) + 1 for line in taken)
+                self.position = Position(pos.segment, pos.offset + consumed)
+                return False
+            tail = taken[-1]
+            if tail.find(_SEGMENT_END_MARK, 0, 200) >= 0:
+                self.position = Position(str(json.loads(tail).get("next")), 0)
+                return True
+            self.position = Position(pos.segment, pos.offset + last + 1)
+            # The chunk ended mid-data: there may be more in this segment.
+            return end == len(data) and len(data) == size and self._more_in(fd)
         finally:
             os.close(fd)
+
+    def _more_in(self, fd: int) -> bool:
+        assert self.position is not None
+        return bool(os.pread(fd, 1, self.position.offset).strip(b"\0"))
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:

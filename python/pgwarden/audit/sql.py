@@ -191,12 +191,34 @@ def _summary(tokens: list[tuple[str, str]]) -> str:
     return " ".join(out)
 
 
+_BY_FINGERPRINT: dict[str, QueryInfo] = {}
+_FINGERPRINT_CACHE_SIZE: Final = 16384
+
+
 @functools.lru_cache(maxsize=4096)
 def analyze(sql: str) -> QueryInfo:
-    """Operation, collection and summary of ``sql`` (cached per distinct text)."""
+    """Operation, collection and summary of ``sql``.
+
+    Cached per distinct text, and per libpg_query fingerprint (which ignores constants), so
+    that statements differing only in their literals are parsed once.
+    """
+    try:
+        fingerprint = str(pg.fingerprint(sql))
+    except Exception:  # pglast.parser.ParseError, or text the parser cannot take
+        return QueryInfo(parsed=False)
+    info = _BY_FINGERPRINT.get(fingerprint)
+    if info is None:
+        info = _analyze(sql)
+        if len(_BY_FINGERPRINT) >= _FINGERPRINT_CACHE_SIZE:
+            _BY_FINGERPRINT.clear()
+        _BY_FINGERPRINT[fingerprint] = info
+    return info
+
+
+def _analyze(sql: str) -> QueryInfo:
     try:
         tree = json.loads(pg.parse_sql_json(sql))
-    except Exception:  # pglast.parser.ParseError, or text the parser cannot take
+    except Exception:  # pglast.parser.ParseError
         return QueryInfo(parsed=False)
     statements = tree.get("stmts", [])
     summaries: list[str] = []

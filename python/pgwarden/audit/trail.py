@@ -128,7 +128,22 @@ class AuditTrail:
         key = chain.load_or_create_key(audit.chain_key_bytes(), audit.directory)
         self.paths.spool.mkdir(parents=True, exist_ok=True)
         os.chmod(audit.directory, 0o700)
-        self.spool = _wire.AuditSpool(
+        try:
+            self.spool = self._open_spool(settings, worker_index, key)
+        except _wire.AuditSpoolError as exc:
+            raise OSError(f"audit spool in {self.paths.spool}: {exc}") from exc
+        self._gate: SyncGate | None = None
+        log.info(
+            "audit: spool %s (mode %s, fsync %s, bound %d bytes)",
+            self.spool.directory,
+            audit.mode,
+            audit.fsync,
+            audit.max_spool_bytes,
+        )
+
+    def _open_spool(self, settings: Settings, worker_index: int, key: bytes) -> _wire.AuditSpool:
+        audit = settings.audit
+        return _wire.AuditSpool(
             str(self.paths.spool),
             new_stream_id(worker_index),
             key,
@@ -145,14 +160,6 @@ class AuditTrail:
                     "listen": f"{settings.listen_host}:{settings.listen_port}",
                 }
             ),
-        )
-        self._gate: SyncGate | None = None
-        log.info(
-            "audit: spool %s (mode %s, fsync %s, bound %d bytes)",
-            self.spool.directory,
-            audit.mode,
-            audit.fsync,
-            audit.max_spool_bytes,
         )
 
     # --- codec --------------------------------------------------------------------------

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pgwarden_wire::audit_record::{unseal, RecordChain, HASH_LEN};
 use pgwarden_wire::{Admission, FsyncPolicy, SpoolError, SpoolOptions, WireError};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
 
 use crate::{AuditSpoolError, AuditSpoolFull};
 
@@ -165,4 +167,37 @@ impl AuditSpool {
     fn notify_fd(&self) -> Option<i32> {
         self.inner.notify_fd()
     }
+}
+
+/// Checks `lines` (sealed records, no newlines) as a continuation of the chain at `prev`.
+///
+/// Returns the hash of the last line and the indices of the lines that do not verify (each
+/// is then taken at its stored hash, so one bad record does not condemn the rest).
+#[pyfunction]
+pub fn verify_chain<'py>(
+    py: Python<'py>,
+    key: &[u8],
+    prev: &[u8],
+    lines: &Bound<'py, PyList>,
+) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>)> {
+    let mut head: [u8; HASH_LEN] = prev
+        .try_into()
+        .map_err(|_| PyValueError::new_err("prev must be 32 bytes"))?;
+    let template = RecordChain::new(key, [0; HASH_LEN]);
+    let mut bad = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let line = line.cast::<PyBytes>()?;
+        match unseal(line.as_bytes()) {
+            Ok((body, stored)) => {
+                let mut chain = template.clone();
+                chain.commit(head);
+                if chain.hash_of(&body) != stored {
+                    bad.push(i);
+                }
+                head = stored;
+            }
+            Err(_) => bad.push(i),
+        }
+    }
+    Ok((PyBytes::new(py, &head), bad))
 }

@@ -3,6 +3,7 @@
 
 mod audit;
 mod codec;
+mod otlp;
 mod session;
 mod startup;
 
@@ -42,7 +43,10 @@ mod _wire {
     use super::{AuditSpoolError, AuditSpoolFull, WireError};
 
     #[pymodule_export]
-    use crate::audit::AuditSpool;
+    use crate::audit::{verify_chain, AuditSpool};
+
+    #[pymodule_export]
+    use crate::otlp::encode_trace_request;
 
     #[pymodule_export]
     use crate::startup::{read_startup, StartupPacket};

@@ -24,12 +24,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use memmap2::{Advice, MmapMut};
+use memmap2::{Advice, MmapRaw};
 
 use crate::audit_record::{hex, RecordBody, RecordChain, HASH_LEN};
 use crate::record::json_str;
@@ -97,6 +97,8 @@ const END_RESERVE: usize = 512;
 const WRITER_LOCK: &str = "writer.lock";
 pub const SEGMENT_SUFFIX: &str = ".seg";
 const PREPARED_PREFIX: &str = ".prepared-";
+/// A shipped segment the shipper handed back for reuse.
+pub const FREE_PREFIX: &str = ".free-";
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -105,10 +107,12 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// One mapped segment file.
+/// One mapped segment file.  The mapping is shared with the sync thread, which flushes
+/// the written range only (`msync`): `fdatasync` would also clean the pre-faulted pages
+/// ahead, and each would fault again at its first record.
 struct Segment {
     file: Arc<File>,
-    map: MmapMut,
+    map: Arc<MmapRaw>,
     path: PathBuf,
     pos: usize,
 }
@@ -122,15 +126,22 @@ impl Segment {
         self.capacity().saturating_sub(self.pos)
     }
 
-    /// Copies `line` (ending in a newline) in.  The newline is stored last, after a
-    /// release fence, so a reader that sees it sees the whole record.
-    fn put(&mut self, line: &[u8]) {
+    /// Copies `line` (ending in a newline) in and publishes the new length in `written`.
+    /// The newline is stored last, after a release fence, so a reader that sees it sees
+    /// the whole record.
+    fn put(&mut self, line: &[u8], written: &AtomicUsize) {
         let n = line.len();
-        debug_assert!(n <= self.room() && line.last() == Some(&b'\n'));
-        self.map[self.pos..self.pos + n - 1].copy_from_slice(&line[..n - 1]);
-        fence(Ordering::Release);
-        self.map[self.pos + n - 1] = b'\n';
+        assert!(n <= self.room() && line.last() == Some(&b'\n'));
+        // SAFETY: `pos + n <= len` (checked above); only the writer (behind the spool's
+        // mutex) writes to the mapping, and nothing reads these bytes through it.
+        unsafe {
+            let at = self.map.as_mut_ptr().add(self.pos);
+            std::ptr::copy_nonoverlapping(line.as_ptr(), at, n - 1);
+            fence(Ordering::Release);
+            *at.add(n - 1) = b'\n';
+        }
         self.pos += n;
+        written.store(self.pos, Ordering::Release);
     }
 }
 
@@ -146,13 +157,13 @@ fn create_segment(path: &Path, size: usize, prefault: bool) -> io::Result<Segmen
         // SAFETY: the file is ours (created above, never truncated while mapped), so the
         // mapping stays backed; fallocate reserved its blocks, so a write fault cannot
         // hit ENOSPC.
-        let map = unsafe { MmapMut::map_mut(&file)? };
+        let map = MmapRaw::map_raw(&file)?;
         if prefault {
             prefault_pages(&map);
         }
         Ok(Segment {
             file: Arc::new(file),
-            map,
+            map: Arc::new(map),
             path: path.to_owned(),
             pos: 0,
         })
@@ -189,12 +200,13 @@ fn allocate(file: &File, size: usize) -> io::Result<()> {
 }
 
 /// Faults every page in now, so that storing a record later costs no page fault.
-fn prefault_pages(map: &MmapMut) {
+fn prefault_pages(map: &MmapRaw) {
     if map.advise(Advice::PopulateWrite).is_err() {
         // Kernels before 5.14: reading each page at least maps it.
         let mut sum = 0u8;
         for i in (0..map.len()).step_by(4096) {
-            sum = sum.wrapping_add(map[i]);
+            // SAFETY: i < len; a read of the mapping.
+            sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(map.as_ptr().add(i)) });
         }
         std::hint::black_box(sum);
     }
@@ -236,6 +248,8 @@ struct Shared {
     usage_alloc_mark: AtomicU64,
     /// Bytes of segment files this writer ever allocated.
     allocated_total: AtomicU64,
+    /// Bytes written to the active segment (its records end there).
+    active_written: AtomicUsize,
     prep: Mutex<PrepState>,
     prep_wake: Condvar,
     sync: Mutex<SyncState>,
@@ -253,10 +267,17 @@ struct PrepState {
     wanted: bool,
 }
 
+/// A segment as the sync thread sees it.
+#[derive(Clone)]
+struct Synced {
+    map: Arc<MmapRaw>,
+}
+
 #[derive(Default)]
 struct SyncState {
-    current: Option<Arc<File>>,
-    retired: Vec<Arc<File>>,
+    current: Option<Synced>,
+    /// Segments left behind, with their final length, not yet synced.
+    retired: Vec<(Synced, usize)>,
 }
 
 impl Shared {
@@ -287,17 +308,23 @@ impl Shared {
             .join(format!("{PREPARED_PREFIX}{counter}{SEGMENT_SUFFIX}"))
     }
 
-    /// fdatasync everything written so far; returns the seq now durable.
+    /// Forces everything written so far to disk (the written ranges only, `msync`,
+    /// which also commits the metadata they need); returns the seq now durable.
     fn sync_now(&self) -> io::Result<u64> {
         let target = self.written_seq.load(Ordering::Acquire);
-        let files: Vec<Arc<File>> = {
+        let ranges: Vec<(Synced, usize)> = {
             let mut s = self.lock_sync();
-            let mut files = std::mem::take(&mut s.retired);
-            files.extend(s.current.clone());
-            files
+            let mut ranges = std::mem::take(&mut s.retired);
+            if let Some(current) = &s.current {
+                // Read under the lock: activating a segment swaps both together.
+                ranges.push((current.clone(), self.active_written.load(Ordering::Acquire)));
+            }
+            ranges
         };
-        for f in &files {
-            f.sync_data()?;
+        for (segment, len) in &ranges {
+            if *len > 0 {
+                segment.map.flush_range(0, *len)?;
+            }
         }
         self.synced_seq.fetch_max(target, Ordering::AcqRel);
         if let Some(fd) = &self.notify {
@@ -385,6 +412,7 @@ impl AuditSpool {
             usage_measured: AtomicU64::new(0),
             usage_alloc_mark: AtomicU64::new(0),
             allocated_total: AtomicU64::new(0),
+            active_written: AtomicUsize::new(0),
             prep: Mutex::new(PrepState::default()),
             prep_wake: Condvar::new(),
             sync: Mutex::new(SyncState::default()),
@@ -521,7 +549,7 @@ impl AuditSpool {
             hash = w.chain.seal(&bytes, &mut line);
         }
         let seg = w.active.as_mut().expect("a segment is active");
-        seg.put(&line);
+        seg.put(&line, &self.shared.active_written);
         w.chain.commit(hash);
         w.seq += 1;
         w.line = line;
@@ -576,7 +604,7 @@ impl AuditSpool {
         let mut line = Vec::new();
         let hash = w.chain.seal(body.finish(), &mut line);
         if let Some(seg) = w.active.as_mut() {
-            seg.put(&line);
+            seg.put(&line, &self.shared.active_written);
         }
         w.chain.commit(hash);
         w.seq += 1;
@@ -587,7 +615,10 @@ impl AuditSpool {
         body.raw("prev", prev.as_bytes());
         let mut line = Vec::new();
         let hash = w.chain.seal(body.finish(), &mut line);
-        w.active.as_mut().expect("just activated").put(&line);
+        w.active
+            .as_mut()
+            .expect("just activated")
+            .put(&line, &self.shared.active_written);
         w.chain.commit(hash);
         w.seq += 1;
         Ok(())
@@ -611,12 +642,17 @@ impl AuditSpool {
     /// Makes `seg` the active segment; the old one goes to the threads to sync and trim.
     fn activate(&self, w: &mut Writer, seg: Segment) {
         {
+            let old_len = w.active.as_ref().map_or(0, |s| s.pos);
             let mut s = self.shared.lock_sync();
-            if let Some(old) = s.current.replace(seg.file.clone()) {
+            let next = Synced {
+                map: seg.map.clone(),
+            };
+            if let Some(old) = s.current.replace(next) {
                 if self.fsync != FsyncPolicy::Never {
-                    s.retired.push(old);
+                    s.retired.push((old, old_len));
                 }
             }
+            self.shared.active_written.store(seg.pos, Ordering::Release);
         }
         if let Some(old) = w.active.replace(seg) {
             self.shared.lock_prep().retired.push(old);
@@ -636,7 +672,7 @@ impl AuditSpool {
             w.closed = true;
             let active = w.active.take();
             if let Some(seg) = active {
-                let _ = seg.map.flush();
+                let _ = seg.map.flush_range(0, seg.pos);
                 let pos = seg.pos;
                 let file = seg.file.clone();
                 drop(seg);
@@ -739,11 +775,40 @@ pub fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}{SEGMENT_SUFFIX}")
 }
 
+/// Unmaps a segment left behind.  It keeps its full size: once shipped, the shipper
+/// hands it back for reuse (`.free-*.seg`).
 fn retire(seg: Segment) {
-    let Segment { file, map, pos, .. } = seg;
-    drop(map);
-    // Give back the unused tail; the reader stops at segment_end anyway.
-    let _ = file.set_len(pos as u64);
+    drop(seg);
+}
+
+/// A shipped segment of this stream, zeroed and mapped again: reusing its blocks and its
+/// page-cache pages costs a `memset` instead of allocating and faulting in a new file.
+fn recycle(shared: &Shared, path: &Path) -> io::Result<Option<Segment>> {
+    let Ok(entries) = fs::read_dir(&shared.stream_dir) else {
+        return Ok(None);
+    };
+    let free = entries.flatten().find(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.starts_with(FREE_PREFIX) && name.ends_with(SEGMENT_SUFFIX)
+    });
+    let Some(free) = free else { return Ok(None) };
+    fs::rename(free.path(), path)?;
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    if file.metadata()?.len() != shared.segment_bytes as u64 {
+        drop(file);
+        fs::remove_file(path)?;
+        return Ok(None);
+    }
+    let map = MmapRaw::map_raw(&file)?;
+    // SAFETY: a mapping of `len` bytes of a file only this thread uses now.
+    unsafe { std::ptr::write_bytes(map.as_mut_ptr(), 0, map.len()) };
+    Ok(Some(Segment {
+        file: Arc::new(file),
+        map: Arc::new(map),
+        path: path.to_owned(),
+        pos: 0,
+    }))
 }
 
 fn prep_loop(shared: &Shared, usage_interval: Duration) {
@@ -762,8 +827,12 @@ fn prep_loop(shared: &Shared, usage_interval: Duration) {
         shared.measure_usage();
         if want {
             let size = shared.segment_bytes;
-            if shared.usage_estimate() + size as u64 <= shared.max_bytes {
-                let path = shared.prepared_path(counter);
+            let path = shared.prepared_path(counter);
+            if let Ok(Some(seg)) = recycle(shared, &path) {
+                let mut g = shared.lock_prep();
+                g.counter += 1;
+                g.ready = Some(seg);
+            } else if shared.usage_estimate() + size as u64 <= shared.max_bytes {
                 match create_segment(&path, size, true) {
                     Ok(seg) => {
                         shared

@@ -42,7 +42,7 @@ impl Capture {
     pub(crate) fn new(limits: CaptureLimits) -> Self {
         Capture {
             limits,
-            buf: Vec::new(),
+            buf: Vec::with_capacity(limits.max_bytes.min(512)),
             rows: 0,
             current: None,
             omitted_rows: 0,

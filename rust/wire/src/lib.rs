@@ -22,6 +22,7 @@ pub mod frontend;
 pub mod limits;
 pub mod masker;
 mod names;
+pub mod otlp;
 pub mod reader;
 mod record;
 mod server_stream;

@@ -235,6 +235,11 @@ impl ClientHandler<'_> {
         match tag {
             frontend::tag::QUERY => {
                 let q = Query::decode(body)?;
+                if !self.emit_events && self.tracker.audit_only() {
+                    // The audit record is written from the message: no copy of the text.
+                    self.tracker.sent_query_text(self.clock, q.sql)?;
+                    return Ok(());
+                }
                 let sql = self.wants_text().then(|| Arc::<str>::from(q.sql));
                 if self.emit_events {
                     self.events.push(ClientEvent::Query {

@@ -103,7 +103,10 @@ impl SessionAudit {
         let result = self.config.spool.append("stmt", Admission::New, |b| {
             b.raw("session", session.as_bytes());
             b.u64("n", n);
-            b.raw("protocol", quoted(s.protocol).as_bytes());
+            let v = b.key("protocol");
+            v.push(b'"');
+            v.extend_from_slice(s.protocol.as_bytes());
+            v.push(b'"');
             if let Some(sql) = s.sql {
                 b.str("sql", sql);
             }
@@ -143,10 +146,6 @@ impl SessionAudit {
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped
     }
-}
-
-fn quoted(s: &str) -> String {
-    format!("\"{s}\"")
 }
 
 fn end_members(b: &mut RecordBody, session: &str, e: &StatementEnd<'_>, capture: Option<&Capture>) {

@@ -200,6 +200,29 @@ impl StatementTracker {
         params: Option<Arc<str>>,
         function_oid: Option<u32>,
     ) -> Result<()> {
+        self.sent_with(kind, clock, sql, None, params, function_oid)
+    }
+
+    /// A simple Query whose text only the audit record needs: it is written from the
+    /// message itself, without a copy kept for the statement's end.
+    pub(crate) fn sent_query_text(&mut self, clock: &mut FeedClock, text: &str) -> Result<()> {
+        self.sent_with(Kind::Query, clock, None, Some(text), None, None)
+    }
+
+    /// Only the audit wants statement text (no statement log).
+    pub(crate) fn audit_only(&self) -> bool {
+        self.audit.is_some() && !self.json_log
+    }
+
+    fn sent_with(
+        &mut self,
+        kind: Kind,
+        clock: &mut FeedClock,
+        sql: Option<Arc<str>>,
+        text: Option<&str>,
+        params: Option<Arc<str>>,
+        function_oid: Option<u32>,
+    ) -> Result<()> {
         if kind == Kind::Sync {
             self.discarding = false;
         } else if self.discarding {
@@ -241,7 +264,7 @@ impl StatementTracker {
         if let (Some(audit), Some(d), true) = (&mut self.audit, &mut draft, kind.is_statement()) {
             d.audit_n = audit.started(StatementStart {
                 protocol: d.protocol,
-                sql: d.sql.as_deref(),
+                sql: d.sql.as_deref().or(text),
                 params: d.params.as_deref(),
                 function_oid: d.function_oid,
             })?;
@@ -589,9 +612,12 @@ impl StatementTracker {
             b.extend_from_slice(b",\"function_oid\":");
             write_u64(b, u64::from(oid));
         }
-        if let Some(p) = &d.params {
-            b.extend_from_slice(b",\"params\":");
-            b.extend_from_slice(p.as_bytes());
+        // Every record has the same fields: `params` is null when there are none (simple
+        // protocol), so consumers never need to test for a missing key.
+        b.extend_from_slice(b",\"params\":");
+        match &d.params {
+            Some(p) => b.extend_from_slice(p.as_bytes()),
+            None => b.extend_from_slice(b"null"),
         }
         let us = now.saturating_duration_since(d.started).as_micros();
         b.extend_from_slice(b",\"duration_us\":");

@@ -51,7 +51,7 @@ fn simple_query_record_and_events() {
     assert_eq!(
         records(&mut codec),
         vec![
-            json!({"session":"t1","protocol":"simple","statement":"SELECT * FROM t",
+            json!({"session":"t1","protocol":"simple","statement":"SELECT * FROM t","params":null,
             "command_tag":"SELECT 2","rows":2,"sqlstate":null,"error":null})
         ]
     );

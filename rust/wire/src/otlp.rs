@@ -1,0 +1,255 @@
+//! OTLP/protobuf encoding of spans: an `ExportTraceServiceRequest`
+//! (opentelemetry-proto `collector/trace/v1`, messages of `trace/v1`, `common/v1`,
+//! `resource/v1`), written straight into a byte buffer.
+//!
+//! The audit shipper builds its spans with the OpenTelemetry SDK and sends them with the
+//! official OTLP exporters; only the step between, encoding span objects as protobuf, is
+//! done here: the Python encoder creates two protobuf objects per attribute, which made it
+//! the shipper's bottleneck by an order of magnitude.  Fields follow proto3 rules (defaults
+//! are left out), so a decoder sees the same message the official encoder produces.
+
+/// An attribute value (`AnyValue`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnyValue<'a> {
+    Str(&'a str),
+    Bool(bool),
+    Int(i64),
+    Double(f64),
+    Bytes(&'a [u8]),
+    Array(Vec<AnyValue<'a>>),
+    KvList(Vec<(&'a str, AnyValue<'a>)>),
+}
+
+/// The instrumentation scope of a group of spans.
+#[derive(Debug, Clone, Default)]
+pub struct Scope<'a> {
+    pub name: &'a str,
+    pub version: &'a str,
+    pub schema_url: &'a str,
+}
+
+/// One span, as the SDK's `ReadableSpan` holds it.
+#[derive(Debug, Clone, Default)]
+pub struct SpanData<'a> {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub trace_state: &'a str,
+    /// The parent's span id and whether the parent context is remote.
+    pub parent: Option<([u8; 8], bool)>,
+    pub name: &'a str,
+    /// OTLP `SpanKind` (1 internal, 2 server, 3 client, 4 producer, 5 consumer).
+    pub kind: i32,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub attributes: Vec<(&'a str, AnyValue<'a>)>,
+    pub dropped_attributes: u32,
+    /// OTLP `Status.StatusCode` (0 unset, 1 ok, 2 error).
+    pub status_code: i32,
+    pub status_message: &'a str,
+}
+
+const LEN: u8 = 2;
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const FIXED32: u8 = 5;
+
+// SpanFlags (trace/v1): the parent's is_remote is known (bit 8), and its value (bit 9).
+const FLAGS_HAS_IS_REMOTE: u32 = 0x100;
+const FLAGS_IS_REMOTE: u32 = 0x200;
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn key(out: &mut Vec<u8>, field: u32, wire: u8) {
+    varint(out, (u64::from(field) << 3) | u64::from(wire));
+}
+
+fn bytes_field(out: &mut Vec<u8>, field: u32, value: &[u8]) {
+    if value.is_empty() {
+        return;
+    }
+    key(out, field, LEN);
+    varint(out, value.len() as u64);
+    out.extend_from_slice(value);
+}
+
+fn varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
+    if value != 0 {
+        key(out, field, VARINT);
+        varint(out, value);
+    }
+}
+
+/// Writes a length-delimited sub-message built by `f` (into a scratch buffer first).
+fn message(out: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut inner = Vec::new();
+    f(&mut inner);
+    key(out, field, LEN);
+    varint(out, inner.len() as u64);
+    out.extend_from_slice(&inner);
+}
+
+fn any_value(out: &mut Vec<u8>, v: &AnyValue<'_>) {
+    match v {
+        // Inside the oneof a default value is still written: it says which member is set.
+        AnyValue::Str(s) => {
+            key(out, 1, LEN);
+            varint(out, s.len() as u64);
+            out.extend_from_slice(s.as_bytes());
+        }
+        AnyValue::Bool(b) => {
+            key(out, 2, VARINT);
+            varint(out, u64::from(*b));
+        }
+        AnyValue::Int(i) => {
+            key(out, 3, VARINT);
+            varint(out, *i as u64);
+        }
+        AnyValue::Double(d) => {
+            key(out, 4, FIXED64);
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        AnyValue::Array(values) => message(out, 5, |a| {
+            for value in values {
+                message(a, 1, |m| any_value(m, value));
+            }
+        }),
+        AnyValue::KvList(values) => message(out, 6, |l| {
+            for (k, value) in values {
+                message(l, 1, |kv| key_value(kv, k, value));
+            }
+        }),
+        AnyValue::Bytes(b) => {
+            key(out, 7, LEN);
+            varint(out, b.len() as u64);
+            out.extend_from_slice(b);
+        }
+    }
+}
+
+fn key_value(out: &mut Vec<u8>, k: &str, v: &AnyValue<'_>) {
+    bytes_field(out, 1, k.as_bytes());
+    message(out, 2, |m| any_value(m, v));
+}
+
+fn attributes(out: &mut Vec<u8>, field: u32, attrs: &[(&str, AnyValue<'_>)]) {
+    for (k, v) in attrs {
+        message(out, field, |kv| key_value(kv, k, v));
+    }
+}
+
+fn span(out: &mut Vec<u8>, s: &SpanData<'_>) {
+    bytes_field(out, 1, &s.trace_id);
+    bytes_field(out, 2, &s.span_id);
+    bytes_field(out, 3, s.trace_state.as_bytes());
+    if let Some((parent, _)) = &s.parent {
+        bytes_field(out, 4, parent);
+    }
+    bytes_field(out, 5, s.name.as_bytes());
+    varint_field(out, 6, s.kind as u64);
+    if s.start_unix_nano != 0 {
+        key(out, 7, FIXED64);
+        out.extend_from_slice(&s.start_unix_nano.to_le_bytes());
+    }
+    if s.end_unix_nano != 0 {
+        key(out, 8, FIXED64);
+        out.extend_from_slice(&s.end_unix_nano.to_le_bytes());
+    }
+    attributes(out, 9, &s.attributes);
+    varint_field(out, 10, u64::from(s.dropped_attributes));
+    message(out, 15, |st| {
+        bytes_field(st, 2, s.status_message.as_bytes());
+        varint_field(st, 3, s.status_code as u64);
+    });
+    let mut flags = FLAGS_HAS_IS_REMOTE;
+    if matches!(s.parent, Some((_, true))) {
+        flags |= FLAGS_IS_REMOTE;
+    }
+    key(out, 16, FIXED32);
+    out.extend_from_slice(&flags.to_le_bytes());
+}
+
+/// Appends one `ResourceSpans` (field 1 of `ExportTraceServiceRequest`) holding `spans`
+/// under one resource and one scope.  Requests for several groups are the concatenation
+/// of their encodings (a repeated field).
+pub fn encode_resource_spans(
+    out: &mut Vec<u8>,
+    resource_attributes: &[(&str, AnyValue<'_>)],
+    resource_schema_url: &str,
+    scope: &Scope<'_>,
+    spans: &[SpanData<'_>],
+) {
+    message(out, 1, |rs| {
+        message(rs, 1, |r| attributes(r, 1, resource_attributes));
+        message(rs, 2, |ss| {
+            message(ss, 1, |sc| {
+                bytes_field(sc, 1, scope.name.as_bytes());
+                bytes_field(sc, 2, scope.version.as_bytes());
+            });
+            for s in spans {
+                message(ss, 2, |m| span(m, s));
+            }
+            bytes_field(ss, 3, scope.schema_url.as_bytes());
+        });
+        bytes_field(rs, 3, resource_schema_url.as_bytes());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints() {
+        let mut b = Vec::new();
+        varint(&mut b, 1);
+        varint(&mut b, 300);
+        varint(&mut b, u64::MAX);
+        assert_eq!(&b[..3], &[1, 0xac, 0x02]);
+        assert_eq!(b.len(), 3 + 10);
+    }
+
+    #[test]
+    fn negative_int_is_ten_byte_varint() {
+        let mut b = Vec::new();
+        any_value(&mut b, &AnyValue::Int(-1));
+        assert_eq!(b.len(), 1 + 10);
+    }
+
+    #[test]
+    fn a_span_is_framed() {
+        let s = SpanData {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent: Some(([3; 8], false)),
+            name: "SELECT t",
+            kind: 3,
+            start_unix_nano: 10,
+            end_unix_nano: 20,
+            attributes: vec![("db.system.name", AnyValue::Str("postgresql"))],
+            status_code: 2,
+            status_message: "boom",
+            ..SpanData::default()
+        };
+        let mut out = Vec::new();
+        encode_resource_spans(
+            &mut out,
+            &[("service.name", AnyValue::Str("pgwarden"))],
+            "",
+            &Scope {
+                name: "pgwarden.audit",
+                ..Scope::default()
+            },
+            &[s],
+        );
+        // field 1, length-delimited, then the whole rest of the buffer
+        assert_eq!(out[0], 0x0a);
+        let needle = b"postgresql";
+        assert!(out.windows(needle.len()).any(|w| w == needle));
+    }
+}
