@@ -76,6 +76,7 @@ class _Store:
     spans: list[ReceivedSpan] = field(default_factory=list)
     logs: list[ReceivedLog] = field(default_factory=list)
     requests: int = 0
+    headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_traces(self, request: trace_service_pb2.ExportTraceServiceRequest, via: str) -> None:
@@ -149,6 +150,8 @@ def _http_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_POST(self) -> None:
+            with store.lock:
+                store.headers.append({k.lower(): v for k, v in self.headers.items()})
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
             if self.headers.get("Content-Encoding") == "gzip":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,10 @@ from harness import (
     TEST_DATABASE,
     GatewayProcess,
     StartGateway,
+    gateway_command,
+    gateway_environment,
     run_tool,
+    settings_env,
 )
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
@@ -258,7 +263,14 @@ def test_sanitised_query_text(
 ) -> None:
     if receiver.transport == "grpc":
         pytest.skip("query text handling does not depend on the transport")
-    gateway = start_gateway(audit_settings(tmp_path / "audit", receiver, query_text="sanitised"))
+    gateway = start_gateway(
+        audit_settings(
+            tmp_path / "audit",
+            receiver,
+            query_text="sanitised",
+            headers={"authorization": "Bearer audit-token-1"},
+        )
+    )
     result = run_tool(
         ["psql", "--no-psqlrc", "-X", "-c", "select 'card-4111' as pan, 42 as n"], gateway.env()
     )
@@ -272,6 +284,8 @@ def test_sanitised_query_text(
     texts = [s.attributes.get("db.query.text") for s in spans if s.kind == SPAN_KIND_CLIENT]
     assert "select $1 as pan, $2 as n" in texts
     assert not any("4111" in str(s.attributes) for s in spans)
+    # Configured OTLP headers reach the backend.
+    assert all(h.get("authorization") == "Bearer audit-token-1" for h in receiver.store.headers)
 
 
 def test_refused_connection_gets_a_span(
@@ -315,3 +329,32 @@ def test_workers_each_write_a_stream_and_one_shipper_ships_all(
     }
     assert 1 <= len(streams) <= 2
     assert all(re.search(r"-w[01]-", stream) for stream in streams)
+
+
+def test_shipper_run_apart_with_audit_ship(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    """``audit.start_shipper = false``: records wait until ``pgwarden audit ship`` runs."""
+    if receiver.transport == "grpc":
+        pytest.skip("the command does not depend on the transport")
+    settings = audit_settings(tmp_path / "audit", receiver, start_shipper=False)
+    gateway = start_gateway(settings)
+    result = run_tool(
+        ["psql", "--no-psqlrc", "-X", "-c", "select 'shipped apart' as marker"], gateway.env()
+    )
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.0)
+    assert not receiver.spans()
+    env = gateway_environment(settings_env(settings))
+    ship = subprocess.run(
+        gateway_command("audit", "ship", "--until-empty"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # The gateway still runs (its stream stays open): --until-empty waits for the open
+    # session only, which psql has closed, so the command returns once all is delivered.
+    assert ship.returncode == 0, ship.stderr
+    texts = {s.attributes.get("db.query.text") for s in receiver.spans()}
+    assert "select 'shipped apart' as marker" in texts

@@ -463,6 +463,15 @@ class AuditSettings(BaseModel):
         default=30.0, gt=0, description="Longest wait between export retries."
     )
 
+    @model_validator(mode="after")
+    def _spool_fits_segments(self) -> AuditSettings:
+        # An active, a prepared and a reusable segment, plus room to grow.
+        if self.max_spool_bytes < 4 * self.segment_bytes:
+            raise ValueError("max_spool_bytes must be at least 4 x segment_bytes")
+        if self.exporter == "file" and self.export_path is None:
+            raise ValueError("exporter 'file' needs export_path")
+        return self
+
     def chain_key_bytes(self) -> bytes | None:
         """The configured key (file first), or None when one must be generated."""
         if self.chain_key_file is not None:

@@ -250,6 +250,8 @@ def transcript(records: Sequence[Record]) -> str:
     statements: dict[int, Record] = {}
     decisions: dict[int, Record] = {}
     session: Record = {}
+    # A prepared statement's columns come with its first execution after a Describe only.
+    columns: dict[str, str] = {}
     for r in records:
         kind = r.get("type")
         if kind == kinds.SESSION:
@@ -267,6 +269,11 @@ def transcript(records: Sequence[Record]) -> str:
             decisions[int(r["n"])] = r
         elif kind == kinds.END:
             stmt = statements.pop(int(r["n"]), None)
+            sql = str((stmt or {}).get("sql", ""))
+            if r.get("columns") is not None:
+                columns[sql] = str(r["columns"])
+            elif sql in columns and r.get("result") is not None:
+                r = {**r, "columns": columns[sql]}
             lines.extend(_statement(stmt, r, decisions.pop(int(r["n"]), None)))
         elif kind == kinds.SESSION_END:
             for stmt in statements.values():

@@ -41,6 +41,7 @@ from pgwarden.audit.recording import SessionRecorder
 from pgwarden.audit.records import Record, statement_key
 from pgwarden.audit.spans import SpanBuilder
 from pgwarden.audit.spool import (
+    FREE_PREFIX,
     AuditPaths,
     Checkpoint,
     Position,
@@ -58,6 +59,8 @@ _LOCK_RETRY_SECONDS: Final = 0.2
 #: Between checkpoints, delivered batches are only in memory: a shipper killed meanwhile
 #: delivers them again, with the same span ids.
 CHECKPOINT_INTERVAL_SECONDS: Final = 1.0
+#: Delivered segments handed back to a live writer for reuse (the rest are deleted).
+FREE_SEGMENTS_KEPT: Final = 1
 #: The head every record starts with (rust/wire/src/audit_record.rs, RecordBody::begin),
 #: and the session member that follows it in session, statement and end records.
 _HEAD: Final = re.compile(
@@ -98,8 +101,9 @@ class StreamShipper:
     def step(self, sink: AuditSink) -> str:
         """Deliver the next batch: 'idle', 'delivered', 'failed' or 'finished'."""
         alive = writer_alive(self.dir)
-        # Several export requests' worth per step: fewer fsyncs and checkpoints when behind.
-        lines = self.reader.read(self.batch_size * 8)
+        # Several export requests' worth per step (many more for a sink of records, which
+        # costs one write and one fsync per step): fewer system calls when behind.
+        lines = self.reader.read(self.batch_size * (8 if self.spans else 128))
         work = self.state.copy()
         batch = ShipBatch()
         recorder = self.recorder
@@ -153,13 +157,21 @@ class StreamShipper:
         self._delete_behind(self.state.position)
 
     def _delete_behind(self, position: Position | None) -> None:
+        """Remove the segments before ``position``; a live writer gets a couple back to
+        reuse (``.free-*``: refilling a mapped file costs less than a new one)."""
         if position is None:
             return
+        alive = writer_alive(self.dir)
+        free = sum(1 for name in os.listdir(self.dir) if name.startswith(FREE_PREFIX))
         for name in segment_names(self.dir):
             if name >= position.segment:
                 break
             with contextlib.suppress(FileNotFoundError):
-                (self.dir / name).unlink()
+                if alive and free < FREE_SEGMENTS_KEPT:
+                    (self.dir / name).rename(self.dir / f"{FREE_PREFIX}{name}")
+                    free += 1
+                else:
+                    (self.dir / name).unlink()
 
     # --- records -> spans -------------------------------------------------------------
 
@@ -473,12 +485,10 @@ class Shipper:
         return 0
 
     def _anything_left(self) -> bool:
+        """Open sessions or statements, or a stream not seen yet (after an idle pass)."""
         return any(
-            s.state.open_statements or s.state.open_sessions or writer_alive(s.dir)
-            for s in self.streams.values()
-        ) or any(
-            name not in self.streams for name in (p.name for p in list_streams(self.paths.spool))
-        )
+            s.state.open_statements or s.state.open_sessions for s in self.streams.values()
+        ) or any(p.name not in self.streams for p in list_streams(self.paths.spool))
 
     def _lock(self, stop: threading.Event) -> int | None:
         self.paths.root.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,10 @@ class SpanBuilder:
             out["user.email"] = str(user["email"])
         if user.get("issuer"):
             out["pgwarden.identity.issuer"] = str(user["issuer"])
+        if user.get("rule"):
+            out["pgwarden.identity.rule"] = str(user["rule"])
+        if user.get("grant"):
+            out["pgwarden.identity.grant"] = str(user["grant"])
         if session.get("upstream_user"):
             out["pgwarden.upstream.role"] = str(session["upstream_user"])
 

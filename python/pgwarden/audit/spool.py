@@ -7,6 +7,7 @@
       shipper.lock                    flock held by the running shipper
       spool/<stream>/writer.lock      flock held by the gateway process writing the stream
       spool/<stream>/<seq>.seg        segment files, named after the seq of their first record
+      spool/<stream>/.free-<seq>.seg  delivered segments the writer may reuse
       spool/<stream>/checkpoint.json  what the shipper has delivered (and still holds open)
       sessions/<session id>.jsonl     session recordings (written by the shipper)
 
@@ -37,6 +38,8 @@ SHIPPER_LOCK: Final = "shipper.lock"
 WRITER_LOCK: Final = "writer.lock"
 CHECKPOINT: Final = "checkpoint.json"
 SEGMENT_SUFFIX: Final = ".seg"
+#: A delivered segment given back to its (live) writer to reuse.
+FREE_PREFIX: Final = ".free-"
 _READ_CHUNK: Final = 1 << 20
 _SEGMENT_END_MARK: Final = b'"type":"segment_end"'
 

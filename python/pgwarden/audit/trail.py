@@ -57,6 +57,8 @@ def identity_fields(identity: Identity | None, fallback_user: str | None) -> dic
         ("id", ("sub", "subject", "id")),
         ("issuer", ("iss", "issuer")),
         ("email", ("email",)),
+        ("rule", ("rule",)),  # the identity rule that mapped the caller to its role
+        ("grant", ("grant",)),  # the time-bound grant the session uses
     ):
         value = getattr(identity, field, None) or next(
             (attributes[k] for k in keys if attributes.get(k)), None

@@ -40,7 +40,8 @@ pub(crate) struct Draft {
     /// The result as forwarded to the client, when sessions are recorded.
     capture: Option<Capture>,
     /// The RowDescription a Describe of this statement's text returned earlier (a
-    /// prepared statement's rows come without one), for replay.
+    /// prepared statement's rows come without one), for replay: recorded with the first
+    /// execution after the Describe only, the reader keeps it for the later ones.
     columns: Option<Arc<[u8]>>,
 }
 
@@ -270,10 +271,7 @@ impl StatementTracker {
             })?;
             d.capture = audit.new_capture();
             if d.capture.is_some() {
-                d.columns = d
-                    .sql
-                    .as_ref()
-                    .and_then(|sql| self.described.get(sql).cloned());
+                d.columns = d.sql.as_ref().and_then(|sql| self.described.remove(sql));
             }
         }
         if kind.is_statement() {
