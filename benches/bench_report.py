@@ -16,11 +16,23 @@ from typing import Any
 
 DIRECT = "direct"
 PGBOUNCER = "pgbouncer"
+PGWARDEN = "pgwarden"
 
 #: Targets from the issue: at c=1, pgwarden's latency added over a direct connection is at
 #: most 1.5x pgbouncer's; at c=16, pgwarden's TPS is at least 0.9x pgbouncer's.
 ADDED_LATENCY_GOAL = 1.5
 TPS_GOAL = 0.9
+#: With strict audit on, pgwarden keeps at least this share of its TPS without audit (c>1).
+AUDIT_TPS_GOAL = 0.9
+#: The audit shipper kept up when, at the end of a measured run, what it had not delivered
+#: yet is at most this many seconds of what the gateway wrote: a shipper that keeps pace
+#: is behind by the batch in hand and its 100 ms poll, whatever the run's length.
+KEEP_UP_SECONDS = 1.0
+#: The same, measured by the shipper's checkpoint, which trails it by up to a second more.
+KEEP_UP_SECONDS_CHECKPOINT = 2.0
+#: A drain shorter than this is reported without a rate (the polling step is 0.1 s).
+MIN_DRAIN_SECONDS = 0.5
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,114 @@ class BulkRecord:
     rows: int
     payload_bytes: int
     mb_per_s: float
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """The audit spool of one target around one measured pgbench run, and its drain.
+
+    Records are counted by seq (about two per pgbench -S transaction: stmt and end).  The
+    shipper's checkpoint says what it delivered, but trails it by up to a second while it
+    works; the sink's byte counts do not trail.  So when the harness's sink received the
+    export and the spool drained, what was delivered by the end of the run is measured at
+    the sink: the run's share of the bytes the run and the drain exported together (the
+    two delivered exactly the records the run had to deliver).  Otherwise the checkpoint
+    is used, with a larger allowance.
+    """
+
+    round: int
+    scenario: str
+    target: str
+    run_seconds: float
+    transactions: int
+    written_records: int
+    """Records the gateway appended during the measured run."""
+    delivered_records: int
+    """Records delivered during the run, by the shipper's checkpoint."""
+    backlog_start_records: int
+    """Not delivered when the run started (by the checkpoint): the warm-up's tail."""
+    backlog_end_records: int
+    """Not delivered at the end of the run, by the checkpoint."""
+    backlog_end_bytes: int
+    """Their bytes in the spool."""
+    backlog_end_segments: int
+    """Segment files holding them, and their size on disk."""
+    backlog_end_segment_bytes: int
+    spool_end_bytes: int
+    """Every segment file with records at the end of the run (delivered ones not yet
+    deleted included)."""
+    drain: str
+    """drained, stalled (nothing moved for a while), timeout or no shipper."""
+    drain_seconds: float
+    """From the end of the run until the outcome was seen."""
+    drained_records: int
+    """Delivered after the run, by the checkpoint."""
+    residual_records: int
+    """Still not delivered when the wait ended (0 when drained)."""
+    sink_requests_run: int | None
+    sink_bytes_run: int | None
+    sink_requests_drain: int | None
+    sink_bytes_drain: int | None
+
+    @property
+    def write_rate(self) -> float:
+        """Records per second the gateway wrote during the run."""
+        return self.written_records / self.run_seconds if self.run_seconds > 0 else 0.0
+
+    @property
+    def to_deliver(self) -> int:
+        """What the run gave the shipper: the backlog at its start and what it wrote."""
+        return self.backlog_start_records + self.written_records
+
+    @property
+    def basis(self) -> str:
+        """Where "shipped" comes from: ``sink`` (exact) or ``checkpoint``."""
+        if (
+            self.drain == "drained"
+            and self.sink_bytes_run is not None
+            and self.sink_bytes_drain is not None
+            and self.sink_bytes_run + self.sink_bytes_drain > 0
+        ):
+            return "sink"
+        return "checkpoint"
+
+    @property
+    def shipped_ratio(self) -> float | None:
+        """Share of :attr:`to_deliver` delivered by the end of the run: about 1 when the
+        shipper keeps pace, near 0 when the statements leave it no CPU."""
+        if self.to_deliver <= 0:
+            return None
+        if self.basis == "sink":
+            run, drain = self.sink_bytes_run or 0, self.sink_bytes_drain or 0
+            return run / (run + drain)
+        return min(1.0, self.delivered_records / self.to_deliver)
+
+    @property
+    def behind_records(self) -> float:
+        """Records not delivered at the end of the run."""
+        shipped = self.shipped_ratio
+        return 0.0 if shipped is None else (1.0 - shipped) * self.to_deliver
+
+    @property
+    def backlog_seconds(self) -> float:
+        """:attr:`behind_records` in seconds of what the gateway wrote."""
+        rate = self.write_rate
+        return self.behind_records / rate if rate > 0 else 0.0
+
+    @property
+    def drain_rate(self) -> float | None:
+        """Records per second delivered after the run (None for a drain too short to time)."""
+        if self.drain != "drained" or self.drain_seconds < MIN_DRAIN_SECONDS:
+            return None
+        return self.behind_records / self.drain_seconds
+
+    @property
+    def keep_up_limit(self) -> float:
+        return KEEP_UP_SECONDS if self.basis == "sink" else KEEP_UP_SECONDS_CHECKPOINT
+
+    @property
+    def kept_up(self) -> bool:
+        return self.backlog_seconds <= self.keep_up_limit
 
 
 @dataclass(frozen=True)
@@ -116,6 +236,112 @@ def summarize_bulk(records: Iterable[BulkRecord]) -> list[BulkSummary]:
     ]
 
 
+@dataclass(frozen=True)
+class AuditSummary:
+    """Median over rounds of the audit figures of one (scenario, target)."""
+
+    scenario: str
+    target: str
+    runs: int
+    write_rate: float
+    shipped_ratio: float | None
+    basis: str
+    """sink, checkpoint, or mixed (rounds differ)."""
+    backlog_seconds: float
+    backlog_end_records: float
+    backlog_end_bytes: float
+    backlog_end_segments: float
+    drain_seconds: float | None
+    """Median over the runs that drained; None if none did."""
+    drain_rate: float | None
+    not_drained: int
+    """Runs whose spool did not drain (stalled, timed out, or no shipper)."""
+    kept_up_runs: int
+
+    @property
+    def kept_up(self) -> bool:
+        return self.kept_up_runs * 2 > self.runs
+
+    def verdict(self) -> str:
+        text = "kept up" if self.kept_up else "fell behind"
+        if self.runs > 1 and 0 < self.kept_up_runs < self.runs:
+            text += f" ({self.kept_up_runs}/{self.runs} runs kept up)"
+        if self.not_drained:
+            text += f", {self.not_drained}/{self.runs} not drained"
+        return text
+
+
+def summarize_audit(records: Iterable[AuditRecord]) -> list[AuditSummary]:
+    groups: dict[tuple[str, str], list[AuditRecord]] = {}
+    for record in records:
+        groups.setdefault((record.scenario, record.target), []).append(record)
+    summaries = []
+    for (scenario, target), runs in groups.items():
+        drained = [r.drain_seconds for r in runs if r.drain == "drained"]
+        ratios = [ratio for r in runs if (ratio := r.shipped_ratio) is not None]
+        rates = [rate for r in runs if (rate := r.drain_rate) is not None]
+        bases = {r.basis for r in runs}
+        summaries.append(
+            AuditSummary(
+                scenario=scenario,
+                target=target,
+                runs=len(runs),
+                write_rate=statistics.median(r.write_rate for r in runs),
+                shipped_ratio=statistics.median(ratios) if ratios else None,
+                basis=bases.pop() if len(bases) == 1 else "mixed",
+                backlog_seconds=statistics.median(r.backlog_seconds for r in runs),
+                backlog_end_records=statistics.median(r.backlog_end_records for r in runs),
+                backlog_end_bytes=statistics.median(r.backlog_end_bytes for r in runs),
+                backlog_end_segments=statistics.median(r.backlog_end_segments for r in runs),
+                drain_seconds=statistics.median(drained) if drained else None,
+                drain_rate=statistics.median(rates) if rates else None,
+                not_drained=len(runs) - len(drained),
+                kept_up_runs=sum(1 for r in runs if r.kept_up),
+            )
+        )
+    return summaries
+
+
+@dataclass(frozen=True)
+class VariantRatio:
+    """A pgwarden variant's TPS over the base pgwarden target's, round by round."""
+
+    scenario: str
+    target: str
+    clients: int
+    ratio: float
+    """Median of the per-round ratios."""
+    per_round: tuple[float, ...]
+
+
+def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> list[VariantRatio]:
+    """Each variant against ``base`` within the same round and scenario: the two ran
+    seconds apart, so the per-round ratio cancels most of the machine's drift."""
+    by_key: dict[tuple[int, str, str], PgbenchRecord] = {
+        (r.round, r.scenario, r.target): r for r in records
+    }
+    groups: dict[tuple[str, str], list[float]] = {}
+    clients: dict[str, int] = {}
+    for (round_no, scenario, target), record in by_key.items():
+        if target in (DIRECT, PGBOUNCER, base):
+            continue
+        reference = by_key.get((round_no, scenario, base))
+        if reference is None or reference.tps <= 0:
+            continue
+        groups.setdefault((scenario, target), []).append(record.tps / reference.tps)
+        clients[scenario] = record.clients
+    return [
+        VariantRatio(
+            scenario=scenario,
+            target=target,
+            clients=clients[scenario],
+            ratio=statistics.median(ratios),
+            per_round=tuple(round(r, 4) for r in ratios),
+        )
+        for (scenario, target), ratios in groups.items()
+    ]
+
+
 def gateway_targets(targets: Sequence[str]) -> list[str]:
     """Targets that are pgwarden configurations (everything but the two references)."""
     return [t for t in targets if t not in (DIRECT, PGBOUNCER)]
@@ -180,14 +406,67 @@ def goal_checks(summaries: Sequence[PgbenchSummary], targets: Sequence[str]) -> 
     return checks
 
 
-def format_pgbench_table(summaries: Sequence[PgbenchSummary], targets: Sequence[str]) -> str:
+def audit_goal_checks(
+    ratios: Sequence[VariantRatio],
+    summaries: Sequence[PgbenchSummary],
+    audit: Sequence[AuditSummary],
+    audit_targets: Sequence[str],
+) -> list[GoalCheck]:
+    """With strict audit on, TPS stays at >= 0.9x pgwarden's without audit (c>1); the
+    detail says whether the shipper kept up during those runs."""
+    tps = {(s.scenario, s.target): s.tps for s in summaries}
+    shipping = {(a.scenario, a.target): a for a in audit}
+    checks = []
+    for ratio in ratios:
+        if ratio.target not in audit_targets or ratio.clients <= 1:
+            continue
+        detail = (
+            f"{ratio.target} {tps.get((ratio.scenario, ratio.target), 0):,.0f}, "
+            f"{PGWARDEN} {tps.get((ratio.scenario, PGWARDEN), 0):,.0f} TPS"
+        )
+        if len(ratio.per_round) > 1:
+            detail += " (rounds: " + ", ".join(f"{r:.2f}" for r in ratio.per_round) + ")"
+        shipper = shipping.get((ratio.scenario, ratio.target))
+        if shipper is not None:
+            detail += f"; shipper {shipper.verdict()}"
+            if shipper.not_drained:
+                detail += " (the spool did not drain: shipping cost not measured)"
+            elif not shipper.kept_up and shipper.shipped_ratio is not None:
+                detail += (
+                    f" ({shipper.shipped_ratio:.0%} shipped by the end of the run: the rest "
+                    "of the shipping, and its CPU, came after the measured time)"
+                )
+        checks.append(
+            GoalCheck(
+                scenario=ratio.scenario,
+                target=ratio.target,
+                metric=f"TPS vs {PGWARDEN}'s without audit",
+                value=ratio.ratio,
+                goal=f">= {AUDIT_TPS_GOAL}x",
+                met=ratio.ratio >= AUDIT_TPS_GOAL,
+                detail=detail,
+            )
+        )
+    return checks
+
+
+def format_pgbench_table(
+    summaries: Sequence[PgbenchSummary],
+    targets: Sequence[str],
+    vs_base: Sequence[VariantRatio] = (),
+) -> str:
+    """One row per (scenario, target); with ``vs_base``, a ``TPS/pgw`` column: the median
+    of the per-round ratios to the base pgwarden target."""
     index = {(s.scenario, s.target): s for s in summaries}
+    base_ratio = {(r.scenario, r.target): r.ratio for r in vs_base}
     scenarios = list(dict.fromkeys(s.scenario for s in summaries))
     width = max([len("target"), *(len(t) for t in targets)])
     header = (
         f"{'scenario':<24} {'target':<{width}} {'TPS':>9} {'spread':>7} {'avg ms':>8} "
         f"{'p99 ms':>8} {'TPS/direct':>10} {'TPS/pgb':>8} {'added us':>9}"
     )
+    if base_ratio:
+        header += f" {'TPS/pgw':>8}"
     lines = [header, "-" * len(header)]
     for scenario in scenarios:
         direct = index.get((scenario, DIRECT))
@@ -206,11 +485,57 @@ def format_pgbench_table(summaries: Sequence[PgbenchSummary], targets: Sequence[
                 added = f"{(row.latency_avg_ms - direct.latency_avg_ms) * 1000:+.0f}"
             p99 = f"{row.latency_p99_ms:.3f}" if row.latency_p99_ms is not None else "-"
             spread = f"±{row.tps_spread:.0%}" if row.runs > 1 else ""
-            lines.append(
+            line = (
                 f"{scenario if first else '':<24} {target:<{width}} {row.tps:>9,.0f} {spread:>7} "
                 f"{row.latency_avg_ms:>8.3f} {p99:>8} {vs_direct:>10} {vs_bouncer:>8} {added:>9}"
             )
+            if base_ratio:
+                ratio = base_ratio.get((scenario, target))
+                line += f" {'' if ratio is None else f'{ratio:.2f}':>8}"
+            lines.append(line)
             first = False
+    if base_ratio:
+        lines.append(
+            f"TPS/pgw: median over rounds of the TPS ratio to {PGWARDEN} in the same round."
+        )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_audit_table(summaries: Sequence[AuditSummary]) -> str:
+    """The audit spool around each measured run: what was written, what the shipper
+    delivered meanwhile, what was left at the end and how long it took to drain."""
+    if not summaries:
+        return ""
+    width = max([len("target"), *(len(s.target) for s in summaries)])
+    header = (
+        f"{'audit shipper':<24} {'target':<{width}} {'written/s':>10} {'shipped':>8} "
+        f"{'behind':>7} {'spool at end':>19} {'drained in':>11} {'drain/s':>8}  verdict"
+    )
+    lines = [header, "-" * len(header)]
+    previous = ""
+    for row in summaries:
+        shipped = "" if row.shipped_ratio is None else f"{row.shipped_ratio:.2f}"
+        if row.basis != "sink":
+            shipped += "*"
+        spool = f"{row.backlog_end_segments:.0f} seg / {row.backlog_end_bytes / MIB:.1f} MiB"
+        drained = "-" if row.drain_seconds is None else f"{row.drain_seconds:.1f} s"
+        rate = "" if row.drain_rate is None else f"{row.drain_rate:,.0f}"
+        lines.append(
+            f"{row.scenario if row.scenario != previous else '':<24} {row.target:<{width}} "
+            f"{row.write_rate:>10,.0f} {shipped:>8} {row.backlog_seconds:>5.1f} s {spool:>19} "
+            f"{drained:>11} {rate:>8}  {row.verdict()}"
+        )
+        previous = row.scenario
+    footnote = f"""\
+written/s: spool records/s the gateway wrote during the measured run. shipped: share of what
+the run gave the shipper (backlog at its start + records written) that reached the OTLP sink
+by the end of the run (* from the shipper's checkpoint instead, which trails it by up to
+1 s). behind: what was left, in seconds of writing; kept up: behind <= {KEEP_UP_SECONDS:g} s \
+(* {KEEP_UP_SECONDS_CHECKPOINT:g} s).
+spool at end: segment files and MiB not delivered by the checkpoint at the end of the run.
+drained in: from the end of the run until everything written was delivered; drain/s: records
+per second delivered meanwhile (drains under {MIN_DRAIN_SECONDS:g} s are not timed)."""
+    lines += footnote.splitlines()
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -245,7 +570,10 @@ def format_bulk_table(summaries: Sequence[BulkSummary], targets: Sequence[str]) 
 
 def format_goals(checks: Sequence[GoalCheck]) -> str:
     if not checks:
-        return "Goals: not evaluated (needs direct, pgbouncer and a pgwarden target)."
+        return (
+            "Goals: not evaluated (needs direct, pgbouncer and a pgwarden target; the audit "
+            "goal needs pgwarden and an audit variant at c>1)."
+        )
     lines = ["Goals (informational; a benchmark never fails a build):"]
     for check in checks:
         if check.value is None:
@@ -278,17 +606,38 @@ def write_json(
     pgbench_summary: Sequence[PgbenchSummary],
     bulk_summary: Sequence[BulkSummary],
     goals: Sequence[GoalCheck],
+    vs_base: Sequence[VariantRatio] = (),
+    audit: Sequence[AuditRecord] = (),
+    audit_summary: Sequence[AuditSummary] = (),
 ) -> None:
     document = {
         "meta": meta,
         "summary": {
             "pgbench": [asdict(s) for s in pgbench_summary],
             "bulk": [asdict(s) for s in bulk_summary],
+            f"variants_vs_{PGWARDEN}": [asdict(r) for r in vs_base],
+            "audit": [
+                asdict(a) | {"kept_up": a.kept_up, "verdict": a.verdict()} for a in audit_summary
+            ],
             "goals": [asdict(g) for g in goals],
         },
         "runs": {
             "pgbench": [asdict(r) for r in pgbench],
             "bulk": [asdict(r) for r in bulk],
+            "audit": [
+                asdict(r)
+                | {
+                    "write_rate": round(r.write_rate, 1),
+                    "to_deliver": r.to_deliver,
+                    "basis": r.basis,
+                    "shipped_ratio": r.shipped_ratio,
+                    "behind_records": round(r.behind_records),
+                    "backlog_seconds": round(r.backlog_seconds, 3),
+                    "drain_rate": r.drain_rate,
+                    "kept_up": r.kept_up,
+                }
+                for r in audit
+            ],
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
     python benches/gateway_bench.py                 # throwaway server, full run (~5 min)
     python benches/gateway_bench.py --quick         # smoke run (~1 min)
     python benches/gateway_bench.py --dsn 'postgresql://bench:secret@db.internal/bench'
+    python benches/gateway_bench.py --targets pgwarden --no-tls --no-bulk --audit
 
 Targets alternate scenario by scenario (direct, pgbouncer, pgwarden, then the next
 scenario), so every ratio compares figures taken seconds apart on the same machine.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import os
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,14 @@ except ImportError:  # a source checkout without `pip install -e .`
 from psycopg import pq  # noqa: E402
 
 import bench_report  # noqa: E402
+from audit_probe import (  # noqa: E402
+    Drain,
+    OtlpSink,
+    SpoolProbe,
+    SpoolState,
+    start_sink,
+    wait_drained,
+)
 from bulk_read import (  # noqa: E402
     BulkReadError,
     BulkScenario,
@@ -68,8 +79,19 @@ from proxies import (  # noqa: E402
 
 DIRECT = bench_report.DIRECT
 PGBOUNCER = bench_report.PGBOUNCER
-PGWARDEN = "pgwarden"
+PGWARDEN = bench_report.PGWARDEN
 BENCH_ROLE = "bench"
+#: The target --audit adds, and the --variant value that means "a fresh audit directory
+#: in the work directory, shipped to a sink the harness runs".
+AUDIT_VARIANT = "audit"
+AUDIT_DIRECTORY_VALUE = "audit"
+AUDIT_DIRECTORY = "PGWARDEN_AUDIT__DIRECTORY"
+#: No key file generated; the records are not kept after the run anyway.
+BENCH_CHAIN_KEY = "pgwarden-bench-chain-key"
+#: A drain that shows no progress at all for this long has stalled (shipper dead or
+#: export failing); shorter waits would give up on a SCHED_IDLE shipper that a busy
+#: shared machine starves for a moment.
+DRAIN_QUIET_SECONDS = 10.0
 
 
 class BenchSetupError(RuntimeError):
@@ -181,7 +203,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="LABEL:KEY=VALUE",
         help="an extra pgwarden target 'pgwarden-LABEL' = the pgwarden settings plus KEY=VALUE; "
         "repeat with the same LABEL to add settings (value 'statement-log' for "
-        "statement_log means a file in the work directory)",
+        "statement_log means a file in the work directory; value 'audit' for "
+        "audit__directory means a fresh spool in the work directory, shipped by OTLP/HTTP "
+        "to a local sink the harness starts unless audit__exporter or audit__endpoint is "
+        "given)",
+    )
+    gateway.add_argument(
+        "--audit",
+        action="store_true",
+        help="add the target 'pgwarden-audit': strict audit, spool in the work directory, "
+        "the shipper started by the gateway exporting OTLP/HTTP to a local sink; reports "
+        "its TPS against pgwarden's and the spool backlog and drain time after each run "
+        "(same as --variant audit:audit__directory=audit; add settings with "
+        "--variant audit:KEY=VALUE)",
+    )
+    gateway.add_argument(
+        "--audit-drain-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait after each measured run of an audit target for the shipper "
+        "to deliver the spool (default 120, quick 30)",
     )
     gateway.add_argument(
         "--pgwarden-command",
@@ -208,6 +249,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.bulk_repeats = 1
         args.scale = args.scale or 1
     args.scale = args.scale or 10
+    if args.audit_drain_timeout is None:
+        args.audit_drain_timeout = 30.0 if args.quick else 120.0
+    if args.audit_drain_timeout < 0:
+        parser.error("--audit-drain-timeout must be at least 0")
     if args.duration < 1 or args.rounds < 1 or args.bulk_repeats < 1:
         parser.error("--duration, --rounds and --bulk-repeats must be at least 1")
     if not 0 < args.sampling_rate <= 1:
@@ -216,6 +261,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.target_list) - {DIRECT, PGBOUNCER, PGWARDEN}
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.audit and PGWARDEN not in args.target_list:
+        parser.error("--audit needs the pgwarden target (--targets)")
     external = args.dsn or args.host or args.port or args.dbname
     if args.dsn and (args.host or args.port):
         parser.error("give --dsn or --host/--port, not both")
@@ -256,7 +303,11 @@ def pgwarden_variants(args: argparse.Namespace, workdir: Path) -> list[PgWardenV
         base[key] = value
     variants = [PgWardenVariant(label=PGWARDEN, env=base, command=command)]
     extra: dict[str, dict[str, str]] = {}
-    for item in args.variant:
+    audit = [
+        f"{AUDIT_VARIANT}:audit__directory={AUDIT_DIRECTORY_VALUE}",
+        f"{AUDIT_VARIANT}:audit__mode=strict",
+    ]
+    for item in [*(audit if args.audit else []), *args.variant]:
         label, sep, assignment = item.partition(":")
         if not sep or not label:
             raise SystemExit(f"--variant expects LABEL:KEY=VALUE, got {item!r}")
@@ -268,7 +319,54 @@ def pgwarden_variants(args: argparse.Namespace, workdir: Path) -> list[PgWardenV
     variants += [
         PgWardenVariant(label=name, env=env, command=command) for name, env in extra.items()
     ]
-    return variants
+    return [_resolve_audit_directory(v, workdir) for v in variants]
+
+
+def _resolve_audit_directory(variant: PgWardenVariant, workdir: Path) -> PgWardenVariant:
+    """An absolute audit directory: ``audit`` is a fresh one per target in the work
+    directory (with a fixed chain key); another relative path is the one pgwarden would
+    use, under the target's own directory."""
+    value = variant.env.get(AUDIT_DIRECTORY)
+    if not value:
+        return variant
+    env = dict(variant.env)
+    if value == AUDIT_DIRECTORY_VALUE:
+        directory = workdir / f"audit-{_file_name(variant.label)}"
+        directory.mkdir()
+        env.setdefault("PGWARDEN_AUDIT__CHAIN_KEY", BENCH_CHAIN_KEY)
+    else:
+        directory = workdir / _file_name(variant.label) / value
+    env[AUDIT_DIRECTORY] = str(directory.resolve())
+    return dataclasses.replace(variant, env=env)
+
+
+def _file_name(label: str) -> str:
+    """The directory name start_pgwarden gives a target (same rule)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
+
+
+def _needs_sink(variant: PgWardenVariant) -> bool:
+    """Audit on and shipped, over OTLP/HTTP, and no endpoint given: the harness's sink."""
+    env = variant.env
+    return (
+        AUDIT_DIRECTORY in env
+        and _starts_shipper(variant)
+        and env.get("PGWARDEN_AUDIT__EXPORTER", "otlp_http") == "otlp_http"
+        and "PGWARDEN_AUDIT__ENDPOINT" not in env
+    )
+
+
+def _starts_shipper(variant: PgWardenVariant) -> bool:
+    value = variant.env.get("PGWARDEN_AUDIT__START_SHIPPER", "true")
+    return value.strip().lower() not in ("false", "0", "no", "off")
+
+
+def audit_targets(variants: Sequence[PgWardenVariant]) -> list[str]:
+    """Variants with audit on, compared against a base pgwarden that has it off."""
+    base_audited = any(v.label == PGWARDEN and AUDIT_DIRECTORY in v.env for v in variants)
+    if base_audited:
+        return []
+    return [v.label for v in variants if v.label != PGWARDEN and AUDIT_DIRECTORY in v.env]
 
 
 # --- the server under test -----------------------------------------------------------
@@ -389,11 +487,24 @@ def _scalar(conn: pq.abc.PGconn, sql: str) -> str:
 
 
 @dataclass
+class AuditedTarget:
+    """A pgwarden target with audit on: its spool, and the sink its shipper exports to."""
+
+    label: str
+    directory: Path
+    sink: OtlpSink | None
+    shipper: bool
+    probe: SpoolProbe
+
+
+@dataclass
 class RunState:
     args: argparse.Namespace
     targets: list[Endpoint]
+    audited: dict[str, AuditedTarget] = field(default_factory=dict)
     pgbench: list[bench_report.PgbenchRecord] = field(default_factory=list)
     bulk: list[bench_report.BulkRecord] = field(default_factory=list)
+    audit: list[bench_report.AuditRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -437,8 +548,10 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
             if scenario.tls and not endpoint.tls:
                 continue
             label = f"round {round_no + 1}/{args.rounds} {scenario.key:<22} {endpoint.name}"
+            audited = state.audited.get(endpoint.name)
             try:
                 warm_up(endpoint, scenario, args.warmup)
+                before = audited.probe.look() if audited is not None else None
                 result = run_pgbench(
                     endpoint,
                     scenario,
@@ -448,6 +561,11 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
             except PgbenchError as exc:
                 state.errors.append(f"{label}: {exc}")
                 _progress(f"{label}: FAILED\n{exc}")
+                if audited is not None and audited.shipper:
+                    # Whatever was spooled is shipped before the next target runs.
+                    timeout = args.audit_drain_timeout
+                    since = time.monotonic()
+                    wait_drained(audited.probe, since=since, timeout=timeout, quiet=_quiet(timeout))
                 continue
             p99 = f"{result.latency_p99_ms:.3f}" if result.latency_p99_ms is not None else "-"
             avg = result.latency_avg_ms
@@ -466,6 +584,104 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
                     failed=result.failed,
                 )
             )
+            if audited is not None and before is not None:
+                record = measure_audit(
+                    audited,
+                    before,
+                    round_no=round_no + 1,
+                    scenario=scenario.key,
+                    transactions=result.transactions,
+                    drain_timeout=args.audit_drain_timeout,
+                )
+                state.audit.append(record)
+                _progress(f"{label}: {describe_audit(record)}")
+
+
+def _quiet(timeout: float) -> float:
+    return min(DRAIN_QUIET_SECONDS, timeout)
+
+
+def measure_audit(
+    audited: AuditedTarget,
+    before: SpoolState,
+    *,
+    round_no: int,
+    scenario: str,
+    transactions: int,
+    drain_timeout: float,
+) -> bench_report.AuditRecord:
+    """The spool right at the end of the run, then the wait until the shipper drained it
+    (so the next target runs on a quiet machine)."""
+    end = audited.probe.look()
+    if audited.shipper:
+        drain = wait_drained(
+            audited.probe, since=end.at, timeout=drain_timeout, quiet=_quiet(drain_timeout)
+        )
+    else:
+        drain = Drain("no shipper", 0.0, end)
+    after = drain.state
+
+    def sink_delta(first: SpoolState, second: SpoolState, metric: str) -> int | None:
+        if first.sink is None or second.sink is None:
+            return None
+        return int(getattr(second.sink, metric)) - int(getattr(first.sink, metric))
+
+    return bench_report.AuditRecord(
+        round=round_no,
+        scenario=scenario,
+        target=audited.label,
+        run_seconds=round(end.at - before.at, 3),
+        transactions=transactions,
+        written_records=max(0, end.written_records - before.written_records),
+        delivered_records=max(0, end.delivered_records - before.delivered_records),
+        backlog_start_records=before.backlog_records,
+        backlog_end_records=end.backlog_records,
+        backlog_end_bytes=end.backlog_bytes,
+        backlog_end_segments=end.segments,
+        backlog_end_segment_bytes=end.segment_bytes,
+        spool_end_bytes=end.file_bytes,
+        drain=drain.outcome,
+        drain_seconds=round(drain.seconds, 3),
+        drained_records=max(0, after.delivered_records - end.delivered_records),
+        residual_records=after.backlog_records,
+        sink_requests_run=sink_delta(before, end, "requests"),
+        sink_bytes_run=sink_delta(before, end, "bytes"),
+        sink_requests_drain=sink_delta(end, after, "requests"),
+        sink_bytes_drain=sink_delta(end, after, "bytes"),
+    )
+
+
+def describe_audit(record: bench_report.AuditRecord) -> str:
+    """One progress line: what was written and shipped, the backlog, the drain."""
+    mib = bench_report.MIB
+    shipped = record.shipped_ratio
+    text = (
+        f"audit: wrote {record.written_records:,} records ({record.write_rate:,.0f}/s); "
+        f"shipped {'-' if shipped is None else f'{shipped:.2f}'} of the run's "
+        f"{record.to_deliver:,} by its end ({record.basis}), "
+        f"{record.backlog_seconds:.1f} s of writing behind; "
+        f"spool at end of run: {record.backlog_end_segments} "
+        f"segment{'' if record.backlog_end_segments == 1 else 's'} / "
+        f"{record.backlog_end_bytes / mib:.1f} MiB not delivered "
+        f"({record.backlog_end_records:,} records by the checkpoint)"
+    )
+    if record.drain == "drained":
+        text += f", drained in {record.drain_seconds:.1f} s"
+        if record.drain_rate is not None:
+            text += f" ({record.drain_rate:,.0f} records/s)"
+    elif record.drain == "no shipper":
+        text += ", no shipper to drain it (audit.start_shipper = false)"
+    else:
+        text += (
+            f", NOT drained ({record.drain} after {record.drain_seconds:.1f} s, "
+            f"{record.residual_records:,} records left)"
+        )
+    if record.sink_bytes_run is not None and record.sink_bytes_drain is not None:
+        text += (
+            f"; sink got {record.sink_bytes_run / mib:.1f} MiB during the run, "
+            f"{record.sink_bytes_drain / mib:.1f} MiB after"
+        )
+    return text + f" -> {'kept up' if record.kept_up else 'fell behind'}"
 
 
 def run_bulk_phase(state: RunState, round_no: int, direct: Endpoint) -> None:
@@ -584,12 +800,61 @@ def collect_meta(
             "version": pgwarden_version,
             "git_revision": _git_revision(),
             "variants": {
-                v.label: {k: v for k, v in v.env.items() if "PASSWORD" not in k} for v in variants
+                v.label: {
+                    k: v for k, v in v.env.items() if "PASSWORD" not in k and "CHAIN_KEY" not in k
+                }
+                for v in variants
             },
         },
         "libpq_bulk_client": pq.version(),
         "args": secret_free_args,
     }
+
+
+def check_shippers(state: RunState, processes: Sequence[ManagedProcess]) -> None:
+    """A shipper that exported nothing while records were written is a broken setup, not
+    a slow shipper: say so, with the gateway's log (which has the shipper's errors)."""
+    for label, audited in state.audited.items():
+        if audited.sink is None or not audited.shipper:
+            continue
+        written = sum(r.written_records for r in state.audit if r.target == label)
+        if written == 0:
+            continue
+        try:
+            requests = audited.sink.stats().requests
+        except (OSError, ValueError):
+            continue  # reported by audit_meta
+        if requests == 0:
+            log = next((p.log_tail() for p in processes if p.name == label), "")
+            state.errors.append(
+                f"{label}: the audit shipper exported nothing although {written:,} records "
+                f"were written; gateway log tail:\n{log}"
+            )
+
+
+def audit_meta(state: RunState, variants: Sequence[PgWardenVariant]) -> dict[str, Any]:
+    """Per audit target: its settings of note and its sink's totals (before the stop)."""
+    info: dict[str, Any] = {}
+    for label, audited in state.audited.items():
+        env = next((v.env for v in variants if v.label == label), {})
+        entry: dict[str, Any] = {
+            "directory": str(audited.directory),
+            "exporter": env.get("PGWARDEN_AUDIT__EXPORTER", "otlp_http"),
+            "endpoint": env.get("PGWARDEN_AUDIT__ENDPOINT"),
+            "mode": env.get("PGWARDEN_AUDIT__MODE", "strict"),
+            "shipper": audited.shipper,
+            "drain_timeout_seconds": state.args.audit_drain_timeout,
+            "keep_up_seconds": bench_report.KEEP_UP_SECONDS,
+            "keep_up_seconds_by_checkpoint": bench_report.KEEP_UP_SECONDS_CHECKPOINT,
+        }
+        if audited.sink is not None:
+            try:
+                entry["sink_stats"] = dataclasses.asdict(audited.sink.stats())
+            except (OSError, ValueError) as exc:
+                entry["sink_stats"] = None
+                state.errors.append(f"OTLP sink of {label}: no statistics ({exc})")
+        info[label] = entry
+    return info
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -653,13 +918,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 processes.append(process)
                 targets.append(endpoint)
             variants = pgwarden_variants(args, workdir) if PGWARDEN in args.target_list else []
-            for variant in variants:
+            audited: dict[str, AuditedTarget] = {}
+            for index, variant in enumerate(variants):
+                sink = None
+                if _needs_sink(variant):
+                    # Started before the gateway, so it is stopped after it (and its
+                    # shipper's last export on the way out still gets an answer).
+                    sink = start_sink(workdir / "otlp-sinks", f"otlp-sink-{variant.label}")
+                    processes.append(sink.process)
+                    variant = dataclasses.replace(
+                        variant, env={**variant.env, "PGWARDEN_AUDIT__ENDPOINT": sink.endpoint}
+                    )
+                    variants[index] = variant
                 _progress(f"starting {variant.label}")
                 endpoint, process = start_pgwarden(
                     server.endpoint, workdir, tls_files, variant, upstream_tls=upstream_tls
                 )
                 processes.append(process)
                 targets.append(endpoint)
+                if AUDIT_DIRECTORY in variant.env:
+                    directory = Path(variant.env[AUDIT_DIRECTORY])
+                    audited[variant.label] = AuditedTarget(
+                        label=variant.label,
+                        directory=directory,
+                        sink=sink,
+                        shipper=_starts_shipper(variant),
+                        probe=SpoolProbe(directory, sink),
+                    )
         except (BenchSetupError, ProxyError) as exc:
             _progress(f"setup failed: {exc}")
             return 2
@@ -668,23 +953,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
         meta = collect_meta(args, server, variants, started)
-        state = RunState(args=args, targets=targets)
+        state = RunState(args=args, targets=targets, audited=audited)
         for round_no in range(args.rounds):
             run_pgbench_phase(state, round_no)
             run_bulk_phase(state, round_no, server.endpoint)
         for process in processes:
             if not process.alive:
                 state.errors.append(f"{process.name} exited during the run:\n{process.log_tail()}")
+        check_shippers(state, processes)
         meta["host"]["load_average_at_end"] = list(os.getloadavg())
         meta["duration_seconds"] = round(
             (datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1
         )
         meta["errors"] = state.errors
+        meta["audit"] = audit_meta(state, variants)
 
     target_names = [t.name for t in targets]
     pgbench_summary = bench_report.summarize_pgbench(state.pgbench)
     bulk_summary = bench_report.summarize_bulk(state.bulk)
+    vs_base = bench_report.variant_ratios(state.pgbench, PGWARDEN)
+    audit_summary = bench_report.summarize_audit(state.audit)
     goals = bench_report.goal_checks(pgbench_summary, target_names)
+    goals += bench_report.audit_goal_checks(
+        vs_base, pgbench_summary, audit_summary, audit_targets(variants)
+    )
     bench_report.write_json(
         out_json,
         meta=meta,
@@ -693,6 +985,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pgbench_summary=pgbench_summary,
         bulk_summary=bulk_summary,
         goals=goals,
+        vs_base=vs_base,
+        audit=state.audit,
+        audit_summary=audit_summary,
     )
     title = (
         f"pgwarden gateway bench {started:%Y-%m-%d %H:%M} UTC - PostgreSQL {server.version}, "
@@ -712,7 +1007,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(title)
     print()
     if pgbench_summary:
-        print(bench_report.format_pgbench_table(pgbench_summary, target_names))
+        print(bench_report.format_pgbench_table(pgbench_summary, target_names, vs_base))
+        print()
+    if audit_summary:
+        print(bench_report.format_audit_table(audit_summary))
+        for label, info in meta["audit"].items():
+            sink_stats = info.get("sink_stats")
+            if sink_stats:
+                print(
+                    f"OTLP sink of {label}: {sink_stats['requests']:,} requests, "
+                    f"{sink_stats['bytes'] / bench_report.MIB:.1f} MiB received, "
+                    f"{sink_stats['cpu_seconds']:.1f} s CPU for the whole run"
+                )
         print()
     if bulk_summary:
         print(bench_report.format_bulk_table(bulk_summary, target_names))

@@ -18,6 +18,13 @@ pg_bindir() {
 pg_bindir >/dev/null || need_apt+=(postgresql postgresql-contrib)
 command -v psql >/dev/null || need_apt+=(postgresql-client)
 [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null || need_apt+=(pgbouncer)
+# libpg_query's Rust binding is generated at build time by bindgen: libclang and the
+# compiler's own headers.
+has_libclang() {
+  ldconfig -p 2>/dev/null | grep -qE 'libclang(-[0-9]+)?\.so' &&
+    compgen -G '/usr/lib/llvm-*/lib/clang/*/include/stddef.h' >/dev/null
+}
+has_libclang || need_apt+=(libclang-dev)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need_apt[*]}"
   SUDO=""

@@ -16,8 +16,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
-step "cargo test (codec unit and property tests)"
-cargo test -p pgwarden-wire
+step "cargo test (codec unit and property tests, span assembly)"
+cargo test -p pgwarden-wire -p pgwarden-ship
 
 step "fuzz: ${FUZZ_SECONDS}s per target"
 if ! cargo fuzz --version >/dev/null 2>&1; then

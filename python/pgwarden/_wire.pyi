@@ -4,6 +4,7 @@ The hot path is :class:`SessionCodec`: one call per received chunk, in each
 direction.  Everything else is used during the startup phase only.
 """
 
+from collections.abc import Callable
 from typing import Any, Final, Literal, TypeAlias, final
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "AuditSpoolFull",
     "MessageFramer",
     "SessionCodec",
+    "SpanAssembler",
     "StartupPacket",
     "WireError",
     "decode_authentication",
@@ -46,7 +48,6 @@ __all__ = [
     "encode_sasl_response",
     "encode_ssl_request",
     "encode_startup",
-    "encode_trace_request",
     "read_startup",
     "verify_chain",
 ]
@@ -233,17 +234,53 @@ def verify_chain(key: bytes, prev: bytes, lines: list[bytes]) -> tuple[bytes, li
     Returns the hash of the last line and the indices of the lines that do not verify.
     """
 
-def encode_trace_request(
-    resource_attributes: dict[str, Any],
-    resource_schema_url: str | None,
-    scope_name: str,
-    scope_version: str | None,
-    scope_schema_url: str | None,
-    spans: list[Any],
-) -> bytes:
-    """OTLP ``ExportTraceServiceRequest`` bytes for SDK ``ReadableSpan`` objects under one
-    resource and scope, identical to the SDK encoder's.  ValueError for spans with events
-    or links, or attribute values it does not cover."""
+class SpanAssembler:
+    """One audit stream's records to OTLP ``ExportTraceServiceRequest`` bodies.
+
+    ``process`` verifies the hash chain, pairs ``stmt`` with ``end`` records, builds the
+    spans and encodes them; its result is staged until ``commit`` (after the backend
+    acknowledged it) or ``rollback``.  ``analyze(sql)`` is called once per query shape and
+    returns (parsed, statements, operation, collection, procedure, summary).
+    """
+
+    def __init__(
+        self,
+        *,
+        key: bytes,
+        resource: dict[str, Any],
+        resource_schema_url: str,
+        scope_name: str,
+        scope_version: str,
+        scope_schema_url: str,
+        query_text: str,
+        request_spans: int,
+        recorded: list[str],
+        result_logs: bool,
+        state: bytes | None,
+        analyze: Callable[[str], tuple[bool, int, str | None, str | None, str | None, str | None]],
+    ) -> None: ...
+    def process(
+        self, lines: list[bytes], writer_alive: bool
+    ) -> tuple[
+        list[bytes],
+        int,
+        list[tuple[str, bytes]],
+        list[tuple[bytes, int]],
+        list[tuple[int | None, str]],
+        int,
+        bool,
+    ]:
+        """Assemble the next lines: (requests, span count, [(session, recorded lines)],
+        [(stmt record JSON, index of its end line)], [(line index, problem)], chain
+        failures, finishing)."""
+    def commit(self) -> None:
+        """Make the staged batch the stream's state."""
+    def rollback(self) -> None:
+        """Forget the staged batch."""
+    def state(self) -> bytes:
+        """The committed state, as checkpoint JSON."""
+    def open_counts(self) -> tuple[int, int, int]:
+        """(open sessions, open statements, last seq) of the committed state."""
 
 class AuditSpoolError(Exception):
     """An audit record could not be stored (I/O error, or the spool is closed)."""

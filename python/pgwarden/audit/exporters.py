@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as OTLPGrpcSpanExporter,
 )
@@ -28,10 +26,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExportResult
 
-from pgwarden import __version__, _wire
+from pgwarden import __version__
+from pgwarden.audit.console import format_request
 from pgwarden.config import AuditSettings
 
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
@@ -40,11 +38,21 @@ DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 
 @dataclass
 class ShipBatch:
-    """One delivery: the sealed record lines it covers, and what they became."""
+    """One delivery: the sealed record lines it covers, and what they became: OTLP
+    ``ExportTraceServiceRequest`` bodies (built in Rust) and result log records."""
 
     lines: list[bytes] = field(default_factory=list)
-    spans: list[ReadableSpan] = field(default_factory=list)
+    requests: list[bytes] = field(default_factory=list)
+    span_count: int = 0
     logs: list[ReadableLogRecord] = field(default_factory=list)
+
+
+class EncodedSpanExporter(Protocol):
+    def export_encoded(self, request: bytes) -> bool:
+        """Send one encoded ``ExportTraceServiceRequest``; True once it is acknowledged."""
+        ...
+
+    def shutdown(self) -> None: ...
 
 
 class AuditSink(Protocol):
@@ -77,18 +85,17 @@ class TelemetrySink:
     needs_spans = True
 
     def __init__(
-        self, spans: SpanExporter, logs: LogRecordExporter | None, request_size: int = 512
+        self, spans: EncodedSpanExporter, logs: LogRecordExporter | None, request_size: int = 512
     ) -> None:
         self._spans = spans
         self._logs = logs
         self._size = request_size
 
     def export(self, batch: ShipBatch) -> bool:
-        # One request per `request_size` spans; all must succeed (a failed batch is
-        # delivered again whole, with the same span ids).
-        for i in range(0, len(batch.spans), self._size):
-            chunk = batch.spans[i : i + self._size]
-            if self._spans.export(chunk) is not SpanExportResult.SUCCESS:
+        # Every request must succeed (a failed batch is delivered again whole, with the
+        # same span ids).
+        for request in batch.requests:
+            if not self._spans.export_encoded(request):
                 return False
         for i in range(0, len(batch.logs), self._size):
             if self._logs is not None and (
@@ -102,6 +109,22 @@ class TelemetrySink:
         self._spans.shutdown()
         if self._logs is not None:
             self._logs.shutdown()  # type: ignore[no-untyped-call]
+
+
+class ConsoleSpanWriter:
+    """One JSON object per span on a text stream (the demo's exporter)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def export_encoded(self, request: bytes) -> bool:
+        self.out.write(format_request(request))
+        self.out.flush()
+        return True
+
+    def shutdown(self) -> None:
+        if self.out not in (sys.stdout, sys.stderr):
+            self.out.close()
 
 
 class RecordFileSink:
@@ -128,35 +151,6 @@ class RecordFileSink:
 
     def shutdown(self) -> None:
         return None
-
-
-def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
-    """``ExportTraceServiceRequest`` bytes for ``spans``, encoded in Rust.
-
-    Byte for byte what the SDK's ``encode_spans`` produces (grouped by resource, then
-    scope), about ten times faster.  Raises ValueError for spans it does not cover (events,
-    links): callers then use the SDK's encoder.
-    """
-    groups: dict[tuple[int, int], list[ReadableSpan]] = {}
-    keys: dict[tuple[int, int], tuple[Resource, Any]] = {}
-    for span in spans:
-        key = (id(span.resource), id(span.instrumentation_scope))
-        groups.setdefault(key, []).append(span)
-        keys[key] = (span.resource, span.instrumentation_scope)
-    parts = []
-    for key, group in groups.items():
-        resource, scope = keys[key]
-        parts.append(
-            _wire.encode_trace_request(
-                dict(resource.attributes),
-                resource.schema_url or None,
-                scope.name if scope is not None else "",
-                scope.version if scope is not None else None,
-                scope.schema_url if scope is not None else None,
-                group,
-            )
-        )
-    return b"".join(parts)
 
 
 def _http_url(endpoint: str, signal: str) -> str:
@@ -187,11 +181,7 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
         stream: IO[str] = out or sys.stdout
         if audit.export_path is not None:
             stream = audit.export_path.open("a", encoding="utf-8")
-            return TelemetrySink(
-                ConsoleSpanExporter(out=stream, formatter=lambda s: s.to_json(indent=None) + "\n"),
-                None,
-            )
-        return TelemetrySink(ConsoleSpanExporter(out=stream), None)
+        return TelemetrySink(ConsoleSpanWriter(stream), None)
     certificate = str(audit.certificate_file) if audit.certificate_file else None
     if audit.exporter == "otlp_http":
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
@@ -245,34 +235,47 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
 
 
 class HttpSpanExporter(OTLPHttpSpanExporter):
-    """The official OTLP/HTTP span exporter, with the Rust encoding of the request."""
+    """The official OTLP/HTTP span exporter, sending requests encoded in Rust through its
+    own transport (its retries, timeout, headers, compression and TLS)."""
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        client = getattr(self, "_client", None)
-        if client is None or getattr(self, "_shutdown", False):
-            return super().export(spans)
-        try:
-            data = encode_request(spans)
-        except ValueError:
-            return super().export(spans)
-        # The exporter's own transport: its retries, timeout, headers and TLS.
-        result = client.export(data)
-        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+    def export_encoded(self, request: bytes) -> bool:
+        if getattr(self, "_shutdown", False):
+            return False
+        return bool(self._client.export(request).success)
+
+
+class _Encoded:
+    """An encoded request passed through the gRPC exporter's export path."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+
+    def __len__(self) -> int:
+        return 1
 
 
 class GrpcSpanExporter(OTLPGrpcSpanExporter):
-    """The official OTLP/gRPC span exporter, with the Rust encoding of the request."""
+    """The official OTLP/gRPC span exporter (its channel, retries, metadata and TLS), for
+    requests encoded in Rust."""
 
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-        try:
-            request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(
-                encode_request(data)
-            )
-        except ValueError:
-            return encode_spans(data)
-        return request
+    def export_encoded(self, request: bytes) -> bool:
+        result = self._export(_Encoded(request))  # type: ignore[arg-type]
+        return result is SpanExportResult.SUCCESS
+
+    def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
+        if isinstance(data, _Encoded):
+            request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(data.request)
+            return request
+        translated: ExportTraceServiceRequest = super()._translate_data(data)
+        return translated
 
 
-def span_ids(spans: Sequence[ReadableSpan]) -> list[tuple[int, int]]:
-    """(trace id, span id) of each span: what a backend de-duplicates on."""
-    return [(s.context.trace_id, s.context.span_id) for s in spans if s.context is not None]
+def request_span_ids(request: bytes) -> list[tuple[int, int]]:
+    """(trace id, span id) of each span of an encoded request: what a backend de-duplicates on."""
+    decoded = ExportTraceServiceRequest.FromString(request)
+    return [
+        (int.from_bytes(span.trace_id, "big"), int.from_bytes(span.span_id, "big"))
+        for rs in decoded.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    ]

@@ -45,7 +45,11 @@ class SessionRecorder:
 
     def add(self, kind: str, session: str, line: bytes) -> None:
         if kind in RECORDED:
-            self._pending[session].append(line)
+            self._pending[session].append(line + b"\n")
+
+    def add_lines(self, session: str, lines: bytes) -> None:
+        """Newline-terminated recorded lines of one session (already filtered by kind)."""
+        self._pending[session].append(lines)
 
     def discard(self) -> None:
         """Forget what was buffered (its delivery failed; it will be read again)."""
@@ -60,7 +64,7 @@ class SessionRecorder:
             path = session_file(self.directory, session)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(b"".join(line + b"\n" for line in lines))
+                view = memoryview(b"".join(lines))
                 while view:
                     view = view[os.write(fd, view) :]
             finally:

@@ -30,6 +30,7 @@ from typing import Final
 
 from opentelemetry._logs import LogRecord, SeverityNumber
 from opentelemetry.sdk._logs import ReadableLogRecord
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 from orjson import loads  # the shipper parses every record: ~4x faster than json
 
@@ -38,8 +39,8 @@ from pgwarden.audit import chain, ids, replay
 from pgwarden.audit import records as kinds
 from pgwarden.audit.exporters import AuditSink, ShipBatch, build_resource, build_sink
 from pgwarden.audit.recording import SessionRecorder
-from pgwarden.audit.records import Record, statement_key
-from pgwarden.audit.spans import SpanBuilder
+from pgwarden.audit.records import Record
+from pgwarden.audit.spans import QueryTextMode, new_assembler, scope
 from pgwarden.audit.spool import (
     FREE_PREFIX,
     AuditPaths,
@@ -53,6 +54,8 @@ from pgwarden.audit.spool import (
 from pgwarden.config import Settings
 
 log = logging.getLogger(__name__)
+
+_SCOPE: Final = scope()
 
 _LOCK_RETRY_SECONDS: Final = 0.2
 #: How often a stream's checkpoint is written (and recordings fsynced, segments freed).
@@ -69,32 +72,51 @@ _HEAD: Final = re.compile(
 
 
 class StreamShipper:
-    """Ships one stream, batch by batch, from its checkpoint."""
+    """Ships one stream, batch by batch, from its checkpoint.
+
+    With a sink of spans, each batch is one call into the Rust assembler (chain check,
+    spans, OTLP encoding); with a sink of records, the lines go as they are.
+    """
 
     def __init__(
         self,
         stream_dir: Path,
         *,
         key: bytes,
-        builder: SpanBuilder,
+        resource: Resource,
+        query_text: QueryTextMode,
+        spans: bool,
         recordings: Path | None,
         recording_logs: bool,
         batch_size: int,
     ) -> None:
         self.dir = stream_dir
         self.key = key
-        self.builder = builder
+        self.resource = resource
         self.recordings = recordings
         self.recording_logs = recording_logs
         self.batch_size = batch_size
+        self.spans = spans
         self.state = Checkpoint.load(stream_dir)
         self.reader = StreamReader(stream_dir, self.state.position)
         self.recorder = SessionRecorder(recordings) if recordings is not None else None
+        self.assembler = (
+            new_assembler(
+                key=key,
+                resource=resource,
+                query_text=query_text,
+                request_spans=batch_size,
+                recording=recordings is not None,
+                result_logs=recording_logs,
+                state=self.state.state_json(),
+            )
+            if spans
+            else None
+        )
         self.saved = self.state.copy()  # what the checkpoint file says
         self._last_save = time.monotonic()
         self.chain_failures = 0
         self.delivered_spans = 0
-        self.spans = True  # build spans (a sink of records needs none)
 
     # --- one step ---------------------------------------------------------------------
 
@@ -104,21 +126,30 @@ class StreamShipper:
         # Several export requests' worth per step (many more for a sink of records, which
         # costs one write and one fsync per step): fewer system calls when behind.
         lines = self.reader.read(self.batch_size * (8 if self.spans else 128))
-        work = self.state.copy()
-        batch = ShipBatch()
         recorder = self.recorder
         if recorder is not None:
             recorder.discard()
-        bad = self._verify_chain(work, lines)
-        if self.spans:
-            for index, line in enumerate(lines):
-                self._apply(work, index, line, batch, recorder, index not in bad)
+        batch = ShipBatch(lines=lines)
+        if self.assembler is not None:
+            work = self.state
+            finishing = self._assemble(self.assembler, lines, alive, batch)
         else:
-            self._pass_through(work, lines, batch, recorder)
-        finishing = work.closed or (not lines and not alive)
-        if finishing:
-            self._interrupt_all(work, batch, recorder)
+            work = self.state.copy()
+            bad = self._verify_chain(work, lines)
+            for index in bad:
+                log.error(
+                    "audit stream %s: the record at %s does not match the hash chain",
+                    self.dir.name,
+                    self._where(index),
+                )
+            self._pass_through(work, lines, recorder)
+            finishing = work.closed or (not lines and not alive)
+            if finishing:
+                work.open_statements.clear()
+                work.open_sessions.clear()
         if not lines and not finishing:
+            if self.assembler is not None:
+                self.assembler.rollback()
             return "idle"
         try:
             delivered = sink.export(batch)
@@ -128,13 +159,18 @@ class StreamShipper:
         if not delivered:
             if recorder is not None:
                 recorder.discard()
+            if self.assembler is not None:
+                self.assembler.rollback()
             self.reader = StreamReader(self.dir, self.state.position)
             return "failed"
+        if self.assembler is not None:
+            self.assembler.commit()
+            work = Checkpoint.from_state(self.assembler.state())
         if recorder is not None:
             recorder.write()
         work.position = self.reader.position
         self.state = work
-        self.delivered_spans += len(batch.spans)
+        self.delivered_spans += batch.span_count
         if finishing:
             if recorder is not None:
                 recorder.sync()
@@ -143,6 +179,26 @@ class StreamShipper:
         if time.monotonic() - self._last_save >= CHECKPOINT_INTERVAL_SECONDS:
             self.checkpoint()
         return "delivered"
+
+    def _assemble(
+        self, assembler: _wire.SpanAssembler, lines: list[bytes], alive: bool, batch: ShipBatch
+    ) -> bool:
+        """Records to OTLP requests (Rust); returns whether the stream is finishing."""
+        requests, count, recorded, results, problems, failures, finishing = assembler.process(
+            lines, alive
+        )
+        self.chain_failures += failures
+        for index, problem in problems:
+            where = self._where(index) if index is not None else "?"
+            log.error("audit stream %s: %s (at %s)", self.dir.name, problem, where)
+        batch.requests = requests
+        batch.span_count = count
+        if self.recorder is not None:
+            for session, data in recorded:
+                self.recorder.add_lines(session, data)
+        for stmt, index in results:
+            batch.logs.append(self._result_log(loads(stmt), loads(lines[index])))
+        return finishing
 
     def checkpoint(self) -> None:
         """Make what was delivered permanent: recordings fsynced, checkpoint written, the
@@ -173,7 +229,7 @@ class StreamShipper:
                 else:
                     (self.dir / name).unlink()
 
-    # --- records -> spans -------------------------------------------------------------
+    # --- records ----------------------------------------------------------------------
 
     def _where(self, index: int) -> str:
         segment, offset = self.reader.locate(index)
@@ -190,25 +246,14 @@ class StreamShipper:
                 prev = bytes.fromhex(str(json.loads(lines[0]).get("prev", "00" * 32)))
         last, bad = _wire.verify_chain(self.key, prev, lines)
         work.prev_hash = last.hex()
-        for index in bad:
-            self.chain_failures += 1
-            log.error(
-                "audit stream %s: the record at %s does not match the hash chain",
-                self.dir.name,
-                self._where(index),
-            )
+        self.chain_failures += len(bad)
         return set(bad)
 
     def _pass_through(
-        self,
-        work: Checkpoint,
-        lines: list[bytes],
-        batch: ShipBatch,
-        recorder: SessionRecorder | None,
+        self, work: Checkpoint, lines: list[bytes], recorder: SessionRecorder | None
     ) -> None:
         """A sink of records needs no spans: the lines go as they are, read only as far as
         their head (seq, type, session; the layout the Rust writer guarantees)."""
-        batch.lines.extend(lines)
         match = _HEAD.match
         for line in lines:
             head = match(line)
@@ -230,128 +275,6 @@ class StreamShipper:
                 work.closed = True
             elif recorder is not None and head[3] is not None:
                 recorder.add(kind, head[3].decode(), line)
-
-    def _apply(
-        self,
-        work: Checkpoint,
-        index: int,
-        line: bytes,
-        batch: ShipBatch,
-        recorder: SessionRecorder | None,
-        verified: bool,
-    ) -> None:
-        batch.lines.append(line)
-        try:
-            record: Record = loads(line)
-        except ValueError:
-            self.chain_failures += 1
-            log.error("audit stream %s: unreadable record at %s", self.dir.name, self._where(index))
-            return
-        seq = int(record.get("seq", 0))
-        if work.seq and seq != work.seq + 1:
-            verified = False
-            log.error(
-                "audit stream %s: records %d..%d are missing", self.dir.name, work.seq + 1, seq - 1
-            )
-        work.seq = seq
-        if not verified:
-            record["_unverified"] = True
-        kind = record.get("type")
-        work.last_ts = max(work.last_ts, int(record.get("ts", 0)))
-        session = str(record.get("session", ""))
-        if recorder is not None and session:
-            recorder.add(str(kind), session, line)
-        if kind == kinds.STMT:
-            work.open_statements[statement_key(session, int(record["n"]))] = record
-        elif kind == kinds.END:
-            key = statement_key(session, int(record["n"]))
-            stmt = work.open_statements.pop(key, None)
-            if stmt is None:  # its stmt record was lost: keep what the end says
-                stmt = {
-                    "session": session,
-                    "n": record["n"],
-                    "ts": record["ts"],
-                    "_unverified": True,
-                }
-            if self.spans:
-                batch.spans.append(
-                    self.builder.statement(
-                        work.open_sessions.get(session),
-                        stmt,
-                        record,
-                        verified=verified and not stmt.get("_unverified"),
-                    )
-                )
-            if self.recording_logs and record.get("result") is not None:
-                batch.logs.append(self._result_log(stmt, record))
-        elif kind == kinds.DECISION:
-            key = statement_key(session, int(record["n"]))
-            if key in work.open_statements:
-                merged = dict(work.open_statements[key])
-                for field in ("decision", "rule", "policy_version", "masked_columns"):
-                    if field in record:
-                        merged[field] = record[field]
-                work.open_statements[key] = merged
-        elif kind == kinds.SESSION:
-            work.open_sessions[session] = record
-        elif kind == kinds.SESSION_END:
-            prefix = session + "/"
-            for key in [k for k in work.open_statements if k.startswith(prefix)]:
-                stmt = work.open_statements.pop(key)
-                if not self.spans:
-                    continue
-                batch.spans.append(
-                    self.builder.statement(
-                        work.open_sessions.get(session),
-                        stmt,
-                        None,
-                        verified=not stmt.get("_unverified"),
-                        interrupted_at_us=int(record["ts"]),
-                    )
-                )
-            opened = work.open_sessions.pop(session, None)
-            if opened is not None and self.spans:
-                batch.spans.append(
-                    self.builder.session(
-                        opened,
-                        record,
-                        verified=verified and not opened.get("_unverified"),
-                    )
-                )
-        elif kind == kinds.REFUSED:
-            if self.spans:
-                batch.spans.append(self.builder.refused(record, verified=verified))
-        elif kind == kinds.OPEN:
-            work.stream_info = {
-                k: v for k, v in record.items() if k not in ("prev", "hash", "type")
-            }
-        elif kind == kinds.CLOSE:
-            work.closed = True
-
-    def _interrupt_all(
-        self, work: Checkpoint, batch: ShipBatch, recorder: SessionRecorder | None
-    ) -> None:
-        """The stream is over: whatever is still open ends now, as interrupted."""
-        at = work.last_ts
-        if not self.spans:
-            work.open_statements.clear()
-            work.open_sessions.clear()
-            return
-        for stmt in work.open_statements.values():
-            session = work.open_sessions.get(str(stmt.get("session")))
-            batch.spans.append(
-                self.builder.statement(
-                    session, stmt, None, verified=not stmt.get("_unverified"), interrupted_at_us=at
-                )
-            )
-        for session in work.open_sessions.values():
-            batch.spans.append(
-                self.builder.session(
-                    session, None, verified=not session.get("_unverified"), interrupted_at_us=at
-                )
-            )
-        work.open_statements.clear()
-        work.open_sessions.clear()
 
     def _result_log(self, stmt: Record, end: Record) -> ReadableLogRecord:
         session = str(stmt["session"])
@@ -380,7 +303,7 @@ class StreamShipper:
             },
             event_name="pgwarden.statement.result",
         )
-        return ReadableLogRecord(record, self.builder.resource, self.builder.scope)
+        return ReadableLogRecord(record, self.resource, _SCOPE)
 
 
 class Shipper:
@@ -394,7 +317,7 @@ class Shipper:
         self.paths = AuditPaths(audit.directory)
         self.key = chain.load_or_create_key(audit.chain_key_bytes(), audit.directory)
         self.sink = sink if sink is not None else build_sink(audit)
-        self.builder = SpanBuilder(build_resource(audit, settings.listen_port), audit.query_text)
+        self.resource = build_resource(audit, settings.listen_port)
         self.streams: dict[str, StreamShipper] = {}
         self._backoff = 0.0
         self.exports_failed = 0
@@ -406,12 +329,13 @@ class Shipper:
             shipper = StreamShipper(
                 stream_dir,
                 key=self.key,
-                builder=self.builder,
+                resource=self.resource,
+                query_text=audit.query_text,
+                spans=getattr(self.sink, "needs_spans", True),
                 recordings=self.paths.sessions if audit.recording else None,
                 recording_logs=audit.recording_logs,
                 batch_size=audit.batch_size,
             )
-            shipper.spans = getattr(self.sink, "needs_spans", True)
             self.streams[stream_dir.name] = shipper
         return shipper
 

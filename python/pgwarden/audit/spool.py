@@ -245,6 +245,35 @@ class Checkpoint:
             closed=bool(data.get("closed", False)),
         )
 
+    def state_json(self) -> bytes:
+        """Everything but the position, as the span assembler resumes from it."""
+        return json.dumps(self._state(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_state(cls, state: bytes) -> Checkpoint:
+        """A checkpoint (position not set) from the span assembler's state."""
+        data: dict[str, Any] = json.loads(state)
+        return cls(
+            seq=int(data.get("seq", 0)),
+            prev_hash=str(data.get("prev_hash", "00" * 32)),
+            last_ts=int(data.get("last_ts", 0)),
+            stream_info=dict(data.get("stream_info") or {}),
+            open_sessions=dict(data.get("open_sessions") or {}),
+            open_statements=dict(data.get("open_statements") or {}),
+            closed=bool(data.get("closed", False)),
+        )
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "prev_hash": self.prev_hash,
+            "last_ts": self.last_ts,
+            "stream_info": self.stream_info,
+            "open_sessions": self.open_sessions,
+            "open_statements": self.open_statements,
+            "closed": self.closed,
+        }
+
     def copy(self) -> Checkpoint:
         return Checkpoint(
             position=self.position,
@@ -265,13 +294,7 @@ class Checkpoint:
                 if self.position
                 else None
             ),
-            "seq": self.seq,
-            "prev_hash": self.prev_hash,
-            "last_ts": self.last_ts,
-            "stream_info": self.stream_info,
-            "open_sessions": self.open_sessions,
-            "open_statements": self.open_statements,
-            "closed": self.closed,
+            **self._state(),
         }
         path = stream_dir / CHECKPOINT
         tmp = stream_dir / f".{CHECKPOINT}.tmp"

@@ -3,8 +3,8 @@
 
 mod audit;
 mod codec;
-mod otlp;
 mod session;
+mod ship;
 mod startup;
 
 use pyo3::prelude::*;
@@ -46,7 +46,7 @@ mod _wire {
     use crate::audit::{verify_chain, AuditSpool};
 
     #[pymodule_export]
-    use crate::otlp::encode_trace_request;
+    use crate::ship::SpanAssembler;
 
     #[pymodule_export]
     use crate::startup::{read_startup, StartupPacket};

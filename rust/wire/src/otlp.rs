@@ -42,6 +42,8 @@ pub struct SpanData<'a> {
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
     pub attributes: Vec<(&'a str, AnyValue<'a>)>,
+    /// More attributes, already encoded by [`encode_attributes`] (shared by many spans).
+    pub raw_attributes: &'a [u8],
     pub dropped_attributes: u32,
     /// OTLP `Status.StatusCode` (0 unset, 1 ok, 2 error).
     pub status_code: i32,
@@ -86,14 +88,23 @@ fn varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
 }
 
 /// Writes a length-delimited sub-message built by `f` (into a scratch buffer first).
+/// A length-delimited field written in place: one byte is reserved for the length (most
+/// messages here are shorter than 128 bytes) and the content is moved along in the rare
+/// case the length needs more, so nesting allocates nothing.
 fn message(out: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    f(&mut inner);
     key(out, field, LEN);
-    varint(out, inner.len() as u64);
-    out.extend_from_slice(&inner);
+    let at = out.len();
+    out.push(0);
+    f(out);
+    let len = out.len() - at - 1;
+    if len < 0x80 {
+        out[at] = len as u8;
+    } else {
+        let mut prefix = Vec::with_capacity(10);
+        varint(&mut prefix, len as u64);
+        out.splice(at..=at, prefix);
+    }
 }
-
 fn any_value(out: &mut Vec<u8>, v: &AnyValue<'_>) {
     match v {
         // Inside the oneof a default value is still written: it says which member is set.
@@ -161,6 +172,7 @@ fn span(out: &mut Vec<u8>, s: &SpanData<'_>) {
         out.extend_from_slice(&s.end_unix_nano.to_le_bytes());
     }
     attributes(out, 9, &s.attributes);
+    out.extend_from_slice(s.raw_attributes);
     varint_field(out, 10, u64::from(s.dropped_attributes));
     message(out, 15, |st| {
         bytes_field(st, 2, s.status_message.as_bytes());
@@ -174,6 +186,11 @@ fn span(out: &mut Vec<u8>, s: &SpanData<'_>) {
     out.extend_from_slice(&flags.to_le_bytes());
 }
 
+/// `attrs` encoded as span attributes, for [`SpanData::raw_attributes`].
+pub fn encode_attributes(out: &mut Vec<u8>, attrs: &[(&str, AnyValue<'_>)]) {
+    attributes(out, 9, attrs);
+}
+
 /// Appends one `ResourceSpans` (field 1 of `ExportTraceServiceRequest`) holding `spans`
 /// under one resource and one scope.  Requests for several groups are the concatenation
 /// of their encodings (a repeated field).
@@ -184,6 +201,34 @@ pub fn encode_resource_spans(
     scope: &Scope<'_>,
     spans: &[SpanData<'_>],
 ) {
+    let mut framed = Vec::new();
+    for s in spans {
+        encode_framed_span(&mut framed, s);
+    }
+    encode_resource_framed_spans(
+        out,
+        resource_attributes,
+        resource_schema_url,
+        scope,
+        &framed,
+    );
+}
+
+/// Appends `s` as one element of `ScopeSpans.spans` (field 2, length-delimited): spans
+/// encoded one by one as they are built, then wrapped by
+/// [`encode_resource_framed_spans`].
+pub fn encode_framed_span(out: &mut Vec<u8>, s: &SpanData<'_>) {
+    message(out, 2, |m| span(m, s));
+}
+
+/// [`encode_resource_spans`] for spans already framed by [`encode_framed_span`].
+pub fn encode_resource_framed_spans(
+    out: &mut Vec<u8>,
+    resource_attributes: &[(&str, AnyValue<'_>)],
+    resource_schema_url: &str,
+    scope: &Scope<'_>,
+    framed_spans: &[u8],
+) {
     message(out, 1, |rs| {
         message(rs, 1, |r| attributes(r, 1, resource_attributes));
         message(rs, 2, |ss| {
@@ -191,9 +236,7 @@ pub fn encode_resource_spans(
                 bytes_field(sc, 1, scope.name.as_bytes());
                 bytes_field(sc, 2, scope.version.as_bytes());
             });
-            for s in spans {
-                message(ss, 2, |m| span(m, s));
-            }
+            ss.extend_from_slice(framed_spans);
             bytes_field(ss, 3, scope.schema_url.as_bytes());
         });
         bytes_field(rs, 3, resource_schema_url.as_bytes());

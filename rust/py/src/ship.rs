@@ -1,0 +1,193 @@
+//! `SpanAssembler` for Python: the shipper's per-stream loop (records to OTLP requests) in
+//! one call per batch.  Query texts are analysed by a Python callable, once per shape.
+
+use pgwarden_ship::spans::{QueryText, Val};
+use pgwarden_ship::{AssemblerConfig, QueryAnalyzer, QueryInfo, StreamAssembler};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
+
+struct PyAnalyzer<'a, 'py> {
+    callable: &'a Bound<'py, PyAny>,
+}
+
+type Analysis = (
+    bool,
+    u32,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+impl QueryAnalyzer for PyAnalyzer<'_, '_> {
+    fn analyze(&mut self, sql: &str) -> QueryInfo {
+        // A failing analysis leaves the statement unparsed; the span still goes out.
+        match self
+            .callable
+            .call1((sql,))
+            .and_then(|r| r.extract::<Analysis>())
+        {
+            Ok((parsed, statements, operation, collection, procedure, summary)) => QueryInfo {
+                parsed,
+                statements,
+                operation,
+                collection,
+                procedure,
+                summary,
+            },
+            Err(_) => QueryInfo::default(),
+        }
+    }
+}
+
+fn resource_value(v: &Bound<'_, PyAny>) -> PyResult<Val<'static>> {
+    if let Ok(b) = v.cast::<PyBool>() {
+        return Ok(Val::Bool(b.is_true()));
+    }
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(Val::Str(s.to_str()?.to_owned().into()));
+    }
+    if v.is_instance_of::<PyInt>() {
+        return Ok(Val::Int(v.extract()?));
+    }
+    if let Ok(f) = v.cast::<PyFloat>() {
+        return Ok(Val::Double(f.value()));
+    }
+    Ok(Val::Str(v.str()?.to_str()?.to_owned().into()))
+}
+
+/// Assembles one audit stream's records into OTLP `ExportTraceServiceRequest` bodies.
+#[pyclass(module = "pgwarden._wire", unsendable)]
+pub struct SpanAssembler {
+    inner: StreamAssembler,
+    analyze: Py<PyAny>,
+}
+
+type Batch<'py> = (
+    Vec<Bound<'py, PyBytes>>,
+    usize,
+    Vec<(String, Bound<'py, PyBytes>)>,
+    Vec<(Bound<'py, PyBytes>, usize)>,
+    Vec<(Option<usize>, String)>,
+    usize,
+    bool,
+);
+
+#[pymethods]
+impl SpanAssembler {
+    #[new]
+    #[pyo3(signature = (*, key, resource, resource_schema_url, scope_name, scope_version, scope_schema_url, query_text, request_spans, recorded, result_logs, state, analyze))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        key: &[u8],
+        resource: &Bound<'_, PyDict>,
+        resource_schema_url: &str,
+        scope_name: &str,
+        scope_version: &str,
+        scope_schema_url: &str,
+        query_text: &str,
+        request_spans: usize,
+        recorded: Vec<String>,
+        result_logs: bool,
+        state: Option<&[u8]>,
+        analyze: Py<PyAny>,
+    ) -> PyResult<Self> {
+        let query_text = match query_text {
+            "full" => QueryText::Full,
+            "sanitised" => QueryText::Sanitised,
+            "none" => QueryText::None,
+            other => return Err(PyValueError::new_err(format!("query_text {other:?}"))),
+        };
+        let mut attrs = Vec::new();
+        for (k, v) in resource.iter() {
+            attrs.push((
+                k.cast_into::<PyString>()?.to_str()?.to_owned(),
+                resource_value(&v)?,
+            ));
+        }
+        let state = match state {
+            Some(s) => serde_json::from_slice(s)
+                .map_err(|e| PyValueError::new_err(format!("checkpoint state: {e}")))?,
+            None => Default::default(),
+        };
+        Ok(SpanAssembler {
+            inner: StreamAssembler::new(
+                AssemblerConfig {
+                    key: key.to_vec(),
+                    resource: attrs,
+                    resource_schema_url: resource_schema_url.to_owned(),
+                    scope_name: scope_name.to_owned(),
+                    scope_version: scope_version.to_owned(),
+                    scope_schema_url: scope_schema_url.to_owned(),
+                    query_text,
+                    request_spans,
+                    recorded,
+                    result_logs,
+                },
+                state,
+            ),
+            analyze,
+        })
+    }
+
+    /// Assemble the next lines of the stream; the result is staged until `commit()`.
+    ///
+    /// Returns (requests, span count, [(session, recorded lines)], [(stmt JSON, end line
+    /// index)], [(line index or None, problem)], chain failures, finishing).
+    fn process<'py>(
+        &mut self,
+        py: Python<'py>,
+        lines: &Bound<'py, PyList>,
+        writer_alive: bool,
+    ) -> PyResult<Batch<'py>> {
+        let held: Vec<Bound<'py, PyBytes>> = lines
+            .iter()
+            .map(|l| l.cast_into::<PyBytes>().map_err(PyErr::from))
+            .collect::<PyResult<_>>()?;
+        let slices: Vec<&[u8]> = held.iter().map(|b| b.as_bytes()).collect();
+        let callable = self.analyze.bind(py).clone();
+        let mut analyzer = PyAnalyzer {
+            callable: &callable,
+        };
+        let out = self.inner.process(&slices, writer_alive, &mut analyzer);
+        Ok((
+            out.requests.iter().map(|r| PyBytes::new(py, r)).collect(),
+            out.spans,
+            out.recordings
+                .iter()
+                .map(|(s, b)| (s.clone(), PyBytes::new(py, b)))
+                .collect(),
+            out.results
+                .iter()
+                .map(|(s, i)| (PyBytes::new(py, s), *i))
+                .collect(),
+            out.problems,
+            out.chain_failures,
+            out.finishing,
+        ))
+    }
+
+    /// Make the staged batch the stream's state (the backend acknowledged it).
+    fn commit(&mut self) {
+        self.inner.commit();
+    }
+
+    /// Forget the staged batch (its export failed; the records will be read again).
+    fn rollback(&mut self) {
+        self.inner.rollback();
+    }
+
+    /// The committed state as checkpoint JSON.
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let data = serde_json::to_vec(self.inner.state())
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// (open sessions, open statements, last sequence number) of the committed state.
+    fn open_counts(&self) -> (usize, usize, u64) {
+        let s = self.inner.state();
+        (s.open_sessions.len(), s.open_statements.len(), s.seq)
+    }
+}

@@ -1,0 +1,83 @@
+//! Times the assembler over a spool segment: `cargo run --release --example assemble SEG`.
+use std::time::Instant;
+
+use pgwarden_ship::records::Line;
+use pgwarden_ship::spans::QueryText;
+use pgwarden_ship::{AssemblerConfig, QueryAnalyzer, QueryInfo, StreamAssembler};
+
+struct Fixed;
+
+impl QueryAnalyzer for Fixed {
+    fn analyze(&mut self, _sql: &str) -> QueryInfo {
+        QueryInfo {
+            parsed: true,
+            statements: 1,
+            operation: Some("SELECT".into()),
+            collection: Some("t".into()),
+            procedure: None,
+            summary: Some("SELECT t".into()),
+        }
+    }
+}
+
+fn main() {
+    let path = std::env::args().nth(1).expect("segment file");
+    let data = std::fs::read(path).expect("read");
+    let lines: Vec<&[u8]> = data
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty() && l[0] == b'{')
+        .collect();
+    let n = lines.len() as f64;
+    let t = Instant::now();
+    for l in &lines {
+        std::hint::black_box(pgwarden_wire::audit_record::unseal(l).ok());
+    }
+    println!(
+        "unseal        {:.2} us/line",
+        t.elapsed().as_secs_f64() / n * 1e6
+    );
+    let t = Instant::now();
+    for l in &lines {
+        std::hint::black_box(serde_json::from_slice::<Line<'_>>(l).ok());
+    }
+    println!(
+        "parse         {:.2} us/line",
+        t.elapsed().as_secs_f64() / n * 1e6
+    );
+    let t = Instant::now();
+    for l in &lines {
+        if let Ok(line) = serde_json::from_slice::<Line<'_>>(l) {
+            if let Some(sql) = line.sql.as_deref() {
+                std::hint::black_box(pgwarden_ship::shape::query_shape(sql));
+            }
+        }
+    }
+    println!(
+        "parse+shape   {:.2} us/line",
+        t.elapsed().as_secs_f64() / n * 1e6
+    );
+    let config = AssemblerConfig {
+        key: b"k".to_vec(),
+        resource: vec![],
+        resource_schema_url: String::new(),
+        scope_name: "pgwarden.audit".into(),
+        scope_version: "0".into(),
+        scope_schema_url: String::new(),
+        query_text: QueryText::Full,
+        request_spans: 512,
+        recorded: vec![],
+        result_logs: false,
+    };
+    let mut asm = StreamAssembler::new(config, Default::default());
+    let t = Instant::now();
+    let mut spans = 0;
+    for chunk in lines.chunks(4096) {
+        let out = asm.process(chunk, true, &mut Fixed);
+        spans += out.spans;
+        asm.commit();
+    }
+    println!(
+        "process       {:.2} us/line ({spans} spans)",
+        t.elapsed().as_secs_f64() / n * 1e6
+    );
+}

@@ -1,0 +1,667 @@
+//! One audit stream, batch by batch: verify the hash chain, pair `stmt` with `end`, build
+//! the spans and encode them as OTLP requests.  A batch is staged: [`StreamAssembler::commit`]
+//! makes it the stream's state once the backend has acknowledged it, and
+//! [`StreamAssembler::rollback`] forgets it (the same records are read again, giving the
+//! same spans with the same ids).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use pgwarden_wire::audit_record::{unseal, RecordChain, HASH_LEN};
+use pgwarden_wire::otlp::{encode_resource_framed_spans, AnyValue, Scope};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::records::{statement_key, Line, SessionRec, StmtRec};
+use crate::shape::{query_shape, sanitise};
+use crate::spans::{self, QueryText, SessionBase, Span, StatementInput, Val};
+
+/// What PostgreSQL's parser says a query text does (`pgwarden.audit.sql.analyze`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueryInfo {
+    pub parsed: bool,
+    pub statements: u32,
+    pub operation: Option<String>,
+    pub collection: Option<String>,
+    pub procedure: Option<String>,
+    pub summary: Option<String>,
+}
+
+/// Analyses a query text; called once per distinct query shape.
+pub trait QueryAnalyzer {
+    fn analyze(&mut self, sql: &str) -> QueryInfo;
+}
+
+/// Analyses kept per shape; cleared whole when full (a workload has few shapes).
+const QUERY_CACHE_LIMIT: usize = 16_384;
+
+#[derive(Debug, Clone)]
+pub struct AssemblerConfig {
+    pub key: Vec<u8>,
+    pub resource: Vec<(String, Val<'static>)>,
+    pub resource_schema_url: String,
+    pub scope_name: String,
+    pub scope_version: String,
+    pub scope_schema_url: String,
+    pub query_text: QueryText,
+    /// Spans per export request.
+    pub request_spans: usize,
+    /// Record types copied to the session recordings (empty: no recording).
+    pub recorded: Vec<String>,
+    /// Return the `end` records carrying a result (for result log records).
+    pub result_logs: bool,
+}
+
+/// What the stream has delivered, and what it still holds open: the checkpoint's content
+/// (besides the read position, which the reader owns).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StreamState {
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default = "zero_hash")]
+    pub prev_hash: String,
+    #[serde(default)]
+    pub last_ts: u64,
+    #[serde(default)]
+    pub stream_info: Map<String, Value>,
+    #[serde(default)]
+    pub open_sessions: BTreeMap<String, SessionRec>,
+    #[serde(default)]
+    pub open_statements: BTreeMap<String, StmtRec>,
+    #[serde(default)]
+    pub closed: bool,
+}
+
+fn zero_hash() -> String {
+    "00".repeat(HASH_LEN)
+}
+
+/// One batch, assembled.
+#[derive(Debug, Default)]
+pub struct Assembled {
+    /// `ExportTraceServiceRequest` bodies, at most `request_spans` spans each.
+    pub requests: Vec<Vec<u8>>,
+    pub spans: usize,
+    /// Per session, the recorded lines (newline-terminated), in order.
+    pub recordings: Vec<(String, Vec<u8>)>,
+    /// (the `stmt` record as JSON, index of its `end` line) for results to log.
+    pub results: Vec<(Vec<u8>, usize)>,
+    /// (line index, message) for each record that failed the chain or could not be read.
+    pub problems: Vec<(Option<usize>, String)>,
+    pub chain_failures: usize,
+    /// The stream is over (closed, or its writer gone and nothing left to read).
+    pub finishing: bool,
+}
+
+pub struct StreamAssembler {
+    config: AssemblerConfig,
+    resource_attrs: Vec<(String, Val<'static>)>,
+    state: StreamState,
+    staged: Option<StreamState>,
+    bases: HashMap<String, Rc<SessionBase>>,
+    analyses: HashMap<String, Rc<QueryInfo>>,
+}
+
+fn from_hex(s: &str) -> Option<[u8; HASH_LEN]> {
+    if s.len() != 2 * HASH_LEN {
+        return None;
+    }
+    let mut out = [0u8; HASH_LEN];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl StreamAssembler {
+    pub fn new(config: AssemblerConfig, state: StreamState) -> Self {
+        StreamAssembler {
+            resource_attrs: config.resource.clone(),
+            config,
+            state,
+            staged: None,
+            bases: HashMap::new(),
+            analyses: HashMap::new(),
+        }
+    }
+
+    pub fn state(&self) -> &StreamState {
+        &self.state
+    }
+
+    /// Accept the staged batch's state.
+    pub fn commit(&mut self) {
+        if let Some(s) = self.staged.take() {
+            self.state = s;
+        }
+    }
+
+    /// Forget the staged batch.
+    pub fn rollback(&mut self) {
+        self.staged = None;
+    }
+
+    fn base(&mut self, state: &StreamState, sid: &str) -> Rc<SessionBase> {
+        if let Some(b) = self.bases.get(sid) {
+            return b.clone();
+        }
+        let base = Rc::new(SessionBase::new(state.open_sessions.get(sid), sid));
+        if state.open_sessions.contains_key(sid) {
+            if self.bases.len() >= QUERY_CACHE_LIMIT {
+                self.bases.clear();
+            }
+            self.bases.insert(sid.to_owned(), base.clone());
+        }
+        base
+    }
+
+    fn analysis(&mut self, sql: &str, analyzer: &mut dyn QueryAnalyzer) -> Rc<QueryInfo> {
+        if sql.is_empty() {
+            return Rc::new(QueryInfo::default());
+        }
+        let key = query_shape(sql).unwrap_or_else(|| sql.to_owned());
+        if let Some(info) = self.analyses.get(&key) {
+            return info.clone();
+        }
+        let info = Rc::new(analyzer.analyze(sql));
+        if self.analyses.len() >= QUERY_CACHE_LIMIT {
+            self.analyses.clear();
+        }
+        self.analyses.insert(key, info.clone());
+        info
+    }
+
+    /// Build statement `stmt`'s span and append it to `spans`.
+    #[allow(clippy::too_many_arguments)]
+    fn statement_span(
+        &mut self,
+        state: &StreamState,
+        stmt: &StmtRec,
+        end: Option<&Line<'_>>,
+        verified: bool,
+        interrupted_at_us: u64,
+        analyzer: &mut dyn QueryAnalyzer,
+        spans: &mut Framed,
+    ) {
+        let base = self.base(state, &stmt.session);
+        let info = match stmt.sql.as_deref() {
+            Some(sql) => self.analysis(sql, analyzer),
+            None => Rc::new(QueryInfo::default()),
+        };
+        let shown_text = match (self.config.query_text, stmt.sql.as_deref()) {
+            (QueryText::Full, Some(t)) => Some(Cow::Borrowed(t)),
+            (QueryText::Sanitised, Some(t)) => sanitise(t).map(Cow::Owned),
+            _ => None,
+        };
+        spans.push(&spans::statement(StatementInput {
+            base: &base,
+            stmt,
+            end,
+            verified,
+            interrupted_at_us,
+            info: &info,
+            shown_text,
+        }));
+    }
+
+    /// Assemble the next `lines` of the stream (sealed records, no newline).  With no lines
+    /// and `writer_alive` false, or after the stream's `close` record, the stream is over:
+    /// whatever is still open ends as interrupted.
+    pub fn process(
+        &mut self,
+        lines: &[&[u8]],
+        writer_alive: bool,
+        analyzer: &mut dyn QueryAnalyzer,
+    ) -> Assembled {
+        let mut work = self.state.clone();
+        let mut out = Assembled::default();
+        let mut built = Framed::new(self.config.request_spans);
+        let mut recordings: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut recording_index: HashMap<String, usize> = HashMap::new();
+        let template = RecordChain::new(&self.config.key, [0; HASH_LEN]);
+        let mut head = from_hex(&work.prev_hash).unwrap_or([0; HASH_LEN]);
+        for (index, raw) in lines.iter().enumerate() {
+            let parsed: Result<Line<'_>, _> = serde_json::from_slice(raw);
+            if index == 0 && work.seq == 0 {
+                // No checkpoint yet: the stream's first record names the hash before it.
+                if let Some(prev) = serde_json::from_slice::<Value>(raw)
+                    .ok()
+                    .and_then(|v| v.get("prev").and_then(Value::as_str).and_then(from_hex))
+                {
+                    head = prev;
+                }
+            }
+            let mut verified = match unseal(raw) {
+                Ok((body, stored)) => {
+                    let mut chain = template.clone();
+                    chain.commit(head);
+                    let ok = chain.hash_of(&body) == stored;
+                    head = stored;
+                    ok
+                }
+                Err(_) => false,
+            };
+            if !verified {
+                out.chain_failures += 1;
+                out.problems.push((
+                    Some(index),
+                    "the record does not match the hash chain".into(),
+                ));
+            }
+            let line = match parsed {
+                Ok(l) => l,
+                Err(e) => {
+                    out.chain_failures += 1;
+                    out.problems
+                        .push((Some(index), format!("unreadable record: {e}")));
+                    continue;
+                }
+            };
+            if work.seq != 0 && line.seq != work.seq + 1 {
+                verified = false;
+                out.problems.push((
+                    Some(index),
+                    format!(
+                        "records {}..{} are missing",
+                        work.seq + 1,
+                        line.seq.saturating_sub(1)
+                    ),
+                ));
+            }
+            work.seq = line.seq;
+            work.last_ts = work.last_ts.max(line.ts);
+            let sid = line.session_id().to_owned();
+            if !sid.is_empty() && self.config.recorded.iter().any(|k| *k == line.kind) {
+                let slot = *recording_index.entry(sid.clone()).or_insert_with(|| {
+                    recordings.push((sid.clone(), Vec::new()));
+                    recordings.len() - 1
+                });
+                let buf = &mut recordings[slot].1;
+                buf.extend_from_slice(raw);
+                buf.push(b'\n');
+            }
+            match line.kind.as_ref() {
+                "stmt" => {
+                    let n = line.n.unwrap_or(0);
+                    work.open_statements
+                        .insert(statement_key(&sid, n), line.stmt(!verified));
+                }
+                "end" => {
+                    let n = line.n.unwrap_or(0);
+                    let stmt = work
+                        .open_statements
+                        .remove(&statement_key(&sid, n))
+                        .unwrap_or_else(|| StmtRec {
+                            // its stmt record was lost: keep what the end says
+                            session: sid.clone(),
+                            n,
+                            ts: line.ts,
+                            unverified: true,
+                            ..StmtRec::default()
+                        });
+                    let ok = verified && !stmt.unverified;
+                    self.statement_span(&work, &stmt, Some(&line), ok, 0, analyzer, &mut built);
+                    if self.config.result_logs && line.result.is_some() {
+                        out.results
+                            .push((serde_json::to_vec(&stmt).unwrap_or_default(), index));
+                    }
+                }
+                "decision" => {
+                    let key = statement_key(&sid, line.n.unwrap_or(0));
+                    if let Some(stmt) = work.open_statements.get_mut(&key) {
+                        for (field, value) in [
+                            (&mut stmt.decision, &line.decision),
+                            (&mut stmt.rule, &line.rule),
+                            (&mut stmt.policy_version, &line.policy_version),
+                            (&mut stmt.masked_columns, &line.masked_columns),
+                        ] {
+                            if value.is_some() {
+                                field.clone_from(value);
+                            }
+                        }
+                    }
+                }
+                "session" => {
+                    self.bases.remove(&sid);
+                    work.open_sessions
+                        .insert(sid.clone(), line.session_rec(!verified));
+                }
+                "session_end" => {
+                    let prefix = format!("{sid}/");
+                    let keys: Vec<String> = work
+                        .open_statements
+                        .range(prefix.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&prefix))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in keys {
+                        if let Some(stmt) = work.open_statements.remove(&key) {
+                            let ok = !stmt.unverified;
+                            self.statement_span(
+                                &work, &stmt, None, ok, line.ts, analyzer, &mut built,
+                            );
+                        }
+                    }
+                    if let Some(opened) = work.open_sessions.remove(&sid) {
+                        let ok = verified && !opened.unverified;
+                        built.push(&spans::session(&opened, Some(&line), ok, 0));
+                    }
+                    self.bases.remove(&sid);
+                }
+                "refused" => built.push(&spans::refused(&line, verified)),
+                "open" => {
+                    if let Ok(Value::Object(mut info)) = serde_json::from_slice::<Value>(raw) {
+                        for k in ["prev", "hash", "type"] {
+                            info.remove(k);
+                        }
+                        work.stream_info = info;
+                    }
+                }
+                "close" => work.closed = true,
+                _ => {}
+            }
+        }
+        work.prev_hash = pgwarden_wire::audit_record::hex(&head);
+        out.finishing = work.closed || (lines.is_empty() && !writer_alive);
+        if out.finishing {
+            let at = work.last_ts;
+            let stmts: Vec<StmtRec> = std::mem::take(&mut work.open_statements)
+                .into_values()
+                .collect();
+            for stmt in &stmts {
+                self.statement_span(
+                    &work,
+                    stmt,
+                    None,
+                    !stmt.unverified,
+                    at,
+                    analyzer,
+                    &mut built,
+                );
+            }
+            for session in std::mem::take(&mut work.open_sessions).into_values() {
+                built.push(&spans::session(&session, None, !session.unverified, at));
+            }
+            self.bases.clear();
+        }
+        out.spans = built.count;
+        out.requests = self.wrap(built.finish());
+        out.recordings = recordings;
+        self.staged = Some(work);
+        out
+    }
+
+    /// Each chunk of framed spans as one `ExportTraceServiceRequest`.
+    fn wrap(&self, chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let resource: Vec<(&str, AnyValue<'_>)> = self
+            .resource_attrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.any()))
+            .collect();
+        let scope = Scope {
+            name: &self.config.scope_name,
+            version: &self.config.scope_version,
+            schema_url: &self.config.scope_schema_url,
+        };
+        chunks
+            .iter()
+            .map(|framed| {
+                let mut request = Vec::with_capacity(framed.len() + 512);
+                encode_resource_framed_spans(
+                    &mut request,
+                    &resource,
+                    &self.config.resource_schema_url,
+                    &scope,
+                    framed,
+                );
+                request
+            })
+            .collect()
+    }
+}
+
+/// Spans encoded as they are built, in chunks of at most `per_request`.
+pub struct Framed {
+    per_request: usize,
+    in_chunk: usize,
+    chunks: Vec<Vec<u8>>,
+    pub count: usize,
+}
+
+impl Framed {
+    fn new(per_request: usize) -> Self {
+        Framed {
+            per_request: per_request.max(1),
+            in_chunk: 0,
+            chunks: Vec::new(),
+            count: 0,
+        }
+    }
+
+    fn push(&mut self, span: &Span<'_>) {
+        if self.chunks.is_empty() || self.in_chunk == self.per_request {
+            self.chunks.push(Vec::with_capacity(64 * 1024));
+            self.in_chunk = 0;
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            span.encode(chunk);
+        }
+        self.in_chunk += 1;
+        self.count += 1;
+    }
+
+    fn finish(self) -> Vec<Vec<u8>> {
+        self.chunks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwarden_wire::audit_record::RecordBody;
+
+    struct Table;
+
+    impl QueryAnalyzer for Table {
+        fn analyze(&mut self, sql: &str) -> QueryInfo {
+            QueryInfo {
+                parsed: true,
+                statements: 1,
+                operation: Some("SELECT".into()),
+                collection: sql.rsplit(' ').next().map(str::to_owned),
+                procedure: None,
+                summary: None,
+            }
+        }
+    }
+
+    struct Counting(usize);
+
+    impl QueryAnalyzer for Counting {
+        fn analyze(&mut self, _sql: &str) -> QueryInfo {
+            self.0 += 1;
+            QueryInfo {
+                parsed: true,
+                statements: 1,
+                ..QueryInfo::default()
+            }
+        }
+    }
+
+    fn config() -> AssemblerConfig {
+        AssemblerConfig {
+            key: b"k".to_vec(),
+            resource: vec![("service.name".into(), Val::Str("pgwarden".into()))],
+            resource_schema_url: String::new(),
+            scope_name: "pgwarden.audit".into(),
+            scope_version: "0".into(),
+            scope_schema_url: String::new(),
+            query_text: QueryText::Full,
+            request_spans: 2,
+            recorded: vec!["stmt".into(), "end".into()],
+            result_logs: false,
+        }
+    }
+
+    /// Sealed record lines as the gateway writes them, chained from zero.
+    fn stream(records: &[(&str, &str)]) -> Vec<Vec<u8>> {
+        let mut chain = RecordChain::new(b"k", [0; HASH_LEN]);
+        let mut out = Vec::new();
+        for (seq, (kind, members)) in records.iter().enumerate() {
+            let mut body = RecordBody::default();
+            body.begin(seq as u64 + 1, "\"s1\"", 1_000 + seq as u64, kind);
+            if !members.is_empty() {
+                body.members(members);
+            }
+            let mut line = Vec::new();
+            let hash = chain.seal(body.finish(), &mut line);
+            chain.commit(hash);
+            line.pop(); // the newline
+            out.push(line);
+        }
+        out
+    }
+
+    fn refs(lines: &[Vec<u8>]) -> Vec<&[u8]> {
+        lines.iter().map(Vec::as_slice).collect()
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    #[test]
+    fn statements_pair_up_and_requests_are_chunked() {
+        let lines = stream(&[
+            (
+                "session",
+                r#""session":"a1","database":"shop","user":{"name":"ann"}"#,
+            ),
+            (
+                "stmt",
+                r#""session":"a1","n":1,"protocol":"simple","sql":"select * from t1""#,
+            ),
+            (
+                "end",
+                r#""session":"a1","n":1,"command_tag":"SELECT 3","rows":3,"data_rows":3"#,
+            ),
+            (
+                "stmt",
+                r#""session":"a1","n":2,"protocol":"simple","sql":"select * from t2""#,
+            ),
+            (
+                "end",
+                r#""session":"a1","n":2,"command_tag":"SELECT 0","rows":0"#,
+            ),
+            (
+                "session_end",
+                r#""session":"a1","reason":"client_terminate""#,
+            ),
+        ]);
+        let mut asm = StreamAssembler::new(config(), StreamState::default());
+        let out = asm.process(&refs(&lines), true, &mut Table);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        assert_eq!(out.spans, 3);
+        assert_eq!(out.requests.len(), 2, "two spans per request");
+        assert!(contains(&out.requests[0], "SELECT t1"));
+        assert!(contains(&out.requests[0], "ann"));
+        assert!(contains(&out.requests[1], "pgwarden session"));
+        assert_eq!(out.recordings.len(), 1);
+        assert_eq!(
+            out.recordings[0].1.iter().filter(|b| **b == b'\n').count(),
+            4
+        );
+        asm.commit();
+        assert!(asm.state().open_sessions.is_empty());
+        assert_eq!(asm.state().seq, 6);
+    }
+
+    #[test]
+    fn a_rolled_back_batch_is_assembled_again_the_same() {
+        let lines = stream(&[
+            ("session", r#""session":"b2","database":"shop""#),
+            (
+                "stmt",
+                r#""session":"b2","n":1,"protocol":"simple","sql":"select 1""#,
+            ),
+        ]);
+        let mut asm = StreamAssembler::new(config(), StreamState::default());
+        let first = asm.process(&refs(&lines), true, &mut Table);
+        asm.rollback();
+        let again = asm.process(&refs(&lines), true, &mut Table);
+        assert_eq!(first.requests, again.requests);
+        asm.commit();
+        assert_eq!(asm.state().open_statements.len(), 1);
+        // The open statement survives a checkpoint round trip and ends, interrupted, when
+        // the writer is gone.
+        let json = serde_json::to_vec(asm.state()).unwrap();
+        let state: StreamState = serde_json::from_slice(&json).unwrap();
+        let mut resumed = StreamAssembler::new(config(), state);
+        let out = resumed.process(&[], false, &mut Table);
+        assert!(out.finishing);
+        assert_eq!(out.spans, 2, "the statement and the session");
+        let request = &out.requests[0];
+        assert!(contains(request, "interrupted"));
+        assert!(contains(request, "outcome unknown"));
+    }
+
+    #[test]
+    fn a_tampered_record_is_reported_and_marked() {
+        let mut lines = stream(&[
+            (
+                "stmt",
+                r#""session":"c3","n":1,"protocol":"simple","sql":"select 1""#,
+            ),
+            (
+                "end",
+                r#""session":"c3","n":1,"command_tag":"SELECT 1","rows":1"#,
+            ),
+        ]);
+        let text = String::from_utf8(lines[0].clone()).unwrap();
+        lines[0] = text.replace("select 1", "select 2").into_bytes();
+        let mut asm = StreamAssembler::new(config(), StreamState::default());
+        let out = asm.process(&refs(&lines), true, &mut Table);
+        assert_eq!(out.chain_failures, 1);
+        assert_eq!(out.problems[0].0, Some(0));
+        // verified=false is encoded as the boolean attribute pgwarden.chain.verified
+        assert!(contains(&out.requests[0], "pgwarden.chain.verified"));
+    }
+
+    #[test]
+    fn one_analysis_per_query_shape() {
+        let lines = stream(&[
+            (
+                "stmt",
+                r#""session":"d4","n":1,"protocol":"simple","sql":"select a from t where id = 1""#,
+            ),
+            (
+                "end",
+                r#""session":"d4","n":1,"command_tag":"SELECT 1","rows":1"#,
+            ),
+            (
+                "stmt",
+                r#""session":"d4","n":2,"protocol":"simple","sql":"select a from t where id = 2""#,
+            ),
+            (
+                "end",
+                r#""session":"d4","n":2,"command_tag":"SELECT 1","rows":1"#,
+            ),
+            (
+                "stmt",
+                r#""session":"d4","n":3,"protocol":"simple","sql":"select a from t_2 where id = 2""#,
+            ),
+            (
+                "end",
+                r#""session":"d4","n":3,"command_tag":"SELECT 1","rows":1"#,
+            ),
+        ]);
+        let mut asm = StreamAssembler::new(config(), StreamState::default());
+        let mut analyzer = Counting(0);
+        let out = asm.process(&refs(&lines), true, &mut analyzer);
+        assert_eq!(out.spans, 3);
+        assert_eq!(analyzer.0, 2);
+    }
+}

@@ -1,0 +1,17 @@
+//! The audit shipper's hot loop, without Python: sealed audit records in, OTLP
+//! `ExportTraceServiceRequest` bodies out.
+//!
+//! * [`shape`]: the literal-insensitive shape of a query text, from PostgreSQL's own
+//!   scanner (libpg_query), so that what the SQL says is analysed once per shape;
+//! * [`records`]: the record lines as the gateway writes them;
+//! * [`spans`]: records to spans (the attribute rules of docs/audit.md);
+//! * [`assembler`]: one stream's state (open sessions and statements), batch by batch,
+//!   staged until the backend acknowledges the batch.
+
+pub mod assembler;
+pub mod ids;
+pub mod records;
+pub mod shape;
+pub mod spans;
+
+pub use assembler::{Assembled, AssemblerConfig, QueryAnalyzer, QueryInfo, StreamAssembler};

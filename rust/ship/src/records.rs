@@ -1,0 +1,215 @@
+//! Audit record lines as the gateway writes them (python/pgwarden/audit/records.py lists
+//! every type and field).  [`Line`] borrows from the sealed line; the records a stream
+//! keeps open across batches (`session`, `stmt`) are owned, and serialise as the record
+//! objects they came from, which is how a shipper checkpoint carries them.
+
+use std::borrow::Cow;
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One record line, parsed without copying its strings where JSON allows.
+#[derive(Debug, Deserialize)]
+pub struct Line<'a> {
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(borrow, default)]
+    pub stream: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub ts: u64,
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub session: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub n: Option<u64>,
+    #[serde(borrow, default)]
+    pub hash: Option<Cow<'a, str>>,
+    // stmt
+    #[serde(borrow, default)]
+    pub protocol: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub sql: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub params: Option<Vec<Value>>,
+    #[serde(default)]
+    pub function_oid: Option<i64>,
+    // end
+    #[serde(default)]
+    pub duration_us: Option<u64>,
+    #[serde(borrow, default)]
+    pub command_tag: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub rows: Option<i64>,
+    #[serde(default)]
+    pub data_rows: Option<i64>,
+    #[serde(borrow, default)]
+    pub sqlstate: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub error: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub result: Option<IgnoredAny>,
+    #[serde(default)]
+    pub result_omitted: Option<Value>,
+    // session, refused
+    #[serde(default)]
+    pub user: Option<Value>,
+    #[serde(borrow, default)]
+    pub client_address: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub database: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub upstream_user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub server_address: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub server_port: Option<i64>,
+    #[serde(borrow, default)]
+    pub application_name: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub tls: Option<bool>,
+    // session_end, refused
+    #[serde(borrow, default)]
+    pub reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub statements: Option<i64>,
+    #[serde(borrow, default)]
+    pub message: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub stage: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub started: Option<u64>,
+    // decision
+    #[serde(default)]
+    pub decision: Option<Value>,
+    #[serde(default)]
+    pub rule: Option<Value>,
+    #[serde(default)]
+    pub policy_version: Option<Value>,
+    #[serde(default)]
+    pub masked_columns: Option<Value>,
+}
+
+/// A `stmt` record waiting for its `end` (possibly across batches and checkpoints).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StmtRec {
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default)]
+    pub stream: String,
+    #[serde(default)]
+    pub ts: u64,
+    #[serde(default)]
+    pub session: String,
+    #[serde(default)]
+    pub n: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_oid: Option<i64>,
+    #[serde(default)]
+    pub hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked_columns: Option<Value>,
+    #[serde(rename = "_unverified", default, skip_serializing_if = "is_false")]
+    pub unverified: bool,
+}
+
+/// A `session` record whose `session_end` has not been read yet.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionRec {
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default)]
+    pub stream: String,
+    #[serde(default)]
+    pub ts: u64,
+    #[serde(default)]
+    pub session: String,
+    #[serde(default)]
+    pub hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_port: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
+    #[serde(rename = "_unverified", default, skip_serializing_if = "is_false")]
+    pub unverified: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn owned(s: &Option<Cow<'_, str>>) -> Option<String> {
+    s.as_ref().map(|c| c.to_string())
+}
+
+impl Line<'_> {
+    pub fn session_id(&self) -> &str {
+        self.session.as_deref().unwrap_or("")
+    }
+
+    pub fn stmt(&self, unverified: bool) -> StmtRec {
+        StmtRec {
+            seq: self.seq,
+            stream: self.stream.as_deref().unwrap_or("").to_owned(),
+            ts: self.ts,
+            session: self.session_id().to_owned(),
+            n: self.n.unwrap_or(0),
+            protocol: owned(&self.protocol),
+            sql: owned(&self.sql),
+            params: self.params.clone(),
+            function_oid: self.function_oid,
+            hash: self.hash.as_deref().unwrap_or("").to_owned(),
+            unverified,
+            ..StmtRec::default()
+        }
+    }
+
+    pub fn session_rec(&self, unverified: bool) -> SessionRec {
+        SessionRec {
+            seq: self.seq,
+            stream: self.stream.as_deref().unwrap_or("").to_owned(),
+            ts: self.ts,
+            session: self.session_id().to_owned(),
+            hash: self.hash.as_deref().unwrap_or("").to_owned(),
+            user: self.user.clone(),
+            client_address: owned(&self.client_address),
+            database: owned(&self.database),
+            upstream_user: owned(&self.upstream_user),
+            server_address: owned(&self.server_address),
+            server_port: self.server_port,
+            application_name: owned(&self.application_name),
+            tls: self.tls,
+            unverified,
+        }
+    }
+}
+
+/// How a statement is named across records and in a checkpoint: `session/n`.
+pub fn statement_key(session: &str, n: u64) -> String {
+    format!("{session}/{n}")
+}
