@@ -211,3 +211,28 @@ def test_sanitising_uses_the_parser_and_fails_closed() -> None:
         == "select * from t where card = $1 and n in ($2, $3)"
     )
     assert sql.sanitise("select 'unterminated") is None
+
+
+def test_statements_differing_in_literals_or_table_names(tmp_path: Path) -> None:
+    """Analyses are shared per query shape: literals do not matter, table names do (even
+    numeric suffixes, which libpg_query's fingerprint ignores)."""
+    with OtlpReceiver("http") as receiver:
+        settings = settings_for(tmp_path / "audit", endpoint=receiver.endpoint)
+        trail = AuditTrail(settings)
+        queries = [
+            "select * from orders_2024_01 where id = 1",
+            "select * from orders_2024_02 where id = 1",
+            "select * from orders_2024_01 where id = 2",
+            "select * from orders_2024_01 where id = 'x'",
+        ]
+        simple_session(trail, SESSION, queries)
+        trail.close()
+        assert Shipper(settings).run(threading.Event(), until_empty=True) == 0
+        spans = {s.attributes["db.query.text"]: s for s in receiver.spans() if s.kind == 3}
+    assert [spans[q].attributes["db.collection.name"] for q in queries] == [
+        "orders_2024_01",
+        "orders_2024_02",
+        "orders_2024_01",
+        "orders_2024_01",
+    ]
+    assert spans[queries[1]].name == "SELECT orders_2024_02"

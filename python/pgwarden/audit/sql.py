@@ -1,6 +1,6 @@
 """What a statement's SQL text says, read with PostgreSQL's own parser (libpg_query, pglast).
 
-Used by the shipper, off the statement's path, and cached per distinct text:
+Used by the shipper, off the statement's path, once per query shape:
 
 - the operation(s) and the tables, functions and procedures they touch, in the order they
   appear, for ``db.query.summary`` (OpenTelemetry's "Generating a summary of the query");
@@ -191,28 +191,13 @@ def _summary(tokens: list[tuple[str, str]]) -> str:
     return " ".join(out)
 
 
-_BY_FINGERPRINT: dict[str, QueryInfo] = {}
-_FINGERPRINT_CACHE_SIZE: Final = 16384
-
-
 @functools.lru_cache(maxsize=4096)
 def analyze(sql: str) -> QueryInfo:
-    """Operation, collection and summary of ``sql``.
+    """Operation, collection and summary of ``sql`` (cached per distinct text).
 
-    Cached per distinct text, and per libpg_query fingerprint (which ignores constants), so
-    that statements differing only in their literals are parsed once.
+    The shipper asks once per query shape (rust/ship ``shape``), not per statement.
     """
-    try:
-        fingerprint = str(pg.fingerprint(sql))
-    except Exception:  # pglast.parser.ParseError, or text the parser cannot take
-        return QueryInfo(parsed=False)
-    info = _BY_FINGERPRINT.get(fingerprint)
-    if info is None:
-        info = _analyze(sql)
-        if len(_BY_FINGERPRINT) >= _FINGERPRINT_CACHE_SIZE:
-            _BY_FINGERPRINT.clear()
-        _BY_FINGERPRINT[fingerprint] = info
-    return info
+    return _analyze(sql)
 
 
 def _analyze(sql: str) -> QueryInfo:

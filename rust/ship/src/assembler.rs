@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-use pgwarden_wire::audit_record::{unseal, RecordChain, HASH_LEN};
+use pgwarden_wire::audit_record::{unseal_parts, RecordChain, HASH_LEN};
 use pgwarden_wire::otlp::{encode_resource_framed_spans, AnyValue, Scope};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -232,11 +232,11 @@ impl StreamAssembler {
                     head = prev;
                 }
             }
-            let mut verified = match unseal(raw) {
+            let mut verified = match unseal_parts(raw) {
                 Ok((body, stored)) => {
                     let mut chain = template.clone();
                     chain.commit(head);
-                    let ok = chain.hash_of(&body) == stored;
+                    let ok = chain.hash_of_parts(&[body, b"}"]) == stored;
                     head = stored;
                     ok
                 }

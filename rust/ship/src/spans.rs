@@ -202,14 +202,29 @@ fn spool<'a>(out: &mut Attrs<'a>, stream: &'a str, seq: u64, hash: &'a str, veri
 /// The command of a CommandComplete tag: 'INSERT 0 1' -> 'INSERT', 'CREATE TABLE'.
 pub fn verb(tag: Option<&str>) -> Option<Cow<'_, str>> {
     let tag = tag?;
-    let keep = |w: &&str| w.is_empty() || !w.bytes().all(|b| b.is_ascii_digit());
-    if tag.split(' ').all(|w| keep(&w)) {
-        return (!tag.is_empty()).then_some(Cow::Borrowed(tag));
+    let number = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit());
+    // The usual shape: the words, then the counts ("INSERT 0 1"): a slice of the tag.
+    let mut end = tag.len();
+    while let Some(space) = tag[..end].rfind(' ') {
+        if !number(&tag[space + 1..end]) {
+            break;
+        }
+        end = space;
     }
-    let joined = tag.split(' ').filter(keep).collect::<Vec<_>>().join(" ");
+    let head = &tag[..end];
+    if number(head) {
+        return None;
+    }
+    if !head.split(' ').any(number) {
+        return (!head.is_empty()).then_some(Cow::Borrowed(head));
+    }
+    let joined = tag
+        .split(' ')
+        .filter(|w| !number(w))
+        .collect::<Vec<_>>()
+        .join(" ");
     (!joined.is_empty()).then_some(Cow::Owned(joined))
 }
-
 /// The per-session part of every statement span, encoded once per session.
 #[derive(Debug, Clone)]
 pub struct SessionBase {
@@ -565,6 +580,8 @@ mod tests {
         assert_eq!(verb(Some("CREATE TABLE")).as_deref(), Some("CREATE TABLE"));
         assert_eq!(verb(Some("SELECT 12")).as_deref(), Some("SELECT"));
         assert_eq!(verb(Some("")), None);
+        assert_eq!(verb(Some("42")), None);
+        assert_eq!(verb(Some("FETCH 2 x 3")).as_deref(), Some("FETCH x"));
         assert_eq!(verb(None), None);
     }
 }

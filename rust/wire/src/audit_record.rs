@@ -67,6 +67,17 @@ impl RecordChain {
         mac.finalize().into_bytes().into()
     }
 
+    /// [`hash_of`](Self::hash_of) for a body given as its parts (a sealed line without its
+    /// hash member is the line's head and a closing brace): nothing is copied.
+    pub fn hash_of_parts(&self, parts: &[&[u8]]) -> [u8; HASH_LEN] {
+        let mut mac = self.keyed.clone();
+        mac.update(&self.prev);
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
     /// Appends the sealed line for `body` (a complete JSON object) to `out` and returns
     /// its hash.  The chain does not move until [`commit`](Self::commit): a line that
     /// could not be stored must not become anyone's `prev`.
@@ -99,6 +110,14 @@ pub enum ChainBreak {
 /// Splits a sealed line (without its newline) into the body it was sealed from and the
 /// stored hash.
 pub fn unseal(line: &[u8]) -> Result<(Vec<u8>, [u8; HASH_LEN]), ChainBreak> {
+    let (head, hash) = unseal_parts(line)?;
+    let mut body = Vec::with_capacity(head.len() + 1);
+    body.extend_from_slice(head);
+    body.push(b'}');
+    Ok((body, hash))
+}
+/// [`unseal`] without copying: the body is the returned head followed by `}`.
+pub fn unseal_parts(line: &[u8]) -> Result<(&[u8], [u8; HASH_LEN]), ChainBreak> {
     let tail = HASH_MEMBER_PREFIX.len() + 2 * HASH_LEN + 2;
     if line.len() < tail + 2 || !line.ends_with(b"\"}") {
         return Err(ChainBreak::NotSealed);
@@ -109,10 +128,7 @@ pub fn unseal(line: &[u8]) -> Result<(Vec<u8>, [u8; HASH_LEN]), ChainBreak> {
     }
     let hex_digits = &line[cut + HASH_MEMBER_PREFIX.len()..line.len() - 2];
     let hash = parse_hex(hex_digits).ok_or(ChainBreak::NotSealed)?;
-    let mut body = Vec::with_capacity(cut + 1);
-    body.extend_from_slice(&line[..cut]);
-    body.push(b'}');
-    Ok((body, hash))
+    Ok((&line[..cut], hash))
 }
 
 /// Checks that `line` continues the chain whose head is `prev`; returns its hash.

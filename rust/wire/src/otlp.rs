@@ -92,17 +92,32 @@ fn varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
 /// messages here are shorter than 128 bytes) and the content is moved along in the rare
 /// case the length needs more, so nesting allocates nothing.
 fn message(out: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
+    message_reserving(out, field, 1, f);
+}
+
+/// [`message`] reserving `reserve` bytes for the length: the expected size of its varint.
+/// The encoding stays canonical whatever the actual length (the content moves when the
+/// guess was wrong).
+fn message_reserving(out: &mut Vec<u8>, field: u32, reserve: usize, f: impl FnOnce(&mut Vec<u8>)) {
     key(out, field, LEN);
     let at = out.len();
-    out.push(0);
+    out.resize(at + reserve, 0);
     f(out);
-    let len = out.len() - at - 1;
-    if len < 0x80 {
-        out[at] = len as u8;
+    let len = out.len() - at - reserve;
+    let mut prefix = [0u8; 10];
+    let mut n = 0;
+    let mut v = len as u64;
+    while v >= 0x80 {
+        prefix[n] = (v as u8) | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    prefix[n] = v as u8;
+    n += 1;
+    if n == reserve {
+        out[at..at + n].copy_from_slice(&prefix[..n]);
     } else {
-        let mut prefix = Vec::with_capacity(10);
-        varint(&mut prefix, len as u64);
-        out.splice(at..=at, prefix);
+        out.splice(at..at + reserve, prefix[..n].iter().copied());
     }
 }
 fn any_value(out: &mut Vec<u8>, v: &AnyValue<'_>) {
@@ -218,7 +233,8 @@ pub fn encode_resource_spans(
 /// encoded one by one as they are built, then wrapped by
 /// [`encode_resource_framed_spans`].
 pub fn encode_framed_span(out: &mut Vec<u8>, s: &SpanData<'_>) {
-    message(out, 2, |m| span(m, s));
+    // A span with its attributes is most often 128 bytes to 16 KiB: a two-byte length.
+    message_reserving(out, 2, 2, |m| span(m, s));
 }
 
 /// [`encode_resource_spans`] for spans already framed by [`encode_framed_span`].
@@ -229,9 +245,10 @@ pub fn encode_resource_framed_spans(
     scope: &Scope<'_>,
     framed_spans: &[u8],
 ) {
-    message(out, 1, |rs| {
+    // A request of a few hundred spans: lengths of three bytes (up to 2 MiB).
+    message_reserving(out, 1, 3, |rs| {
         message(rs, 1, |r| attributes(r, 1, resource_attributes));
-        message(rs, 2, |ss| {
+        message_reserving(rs, 2, 3, |ss| {
             message(ss, 1, |sc| {
                 bytes_field(sc, 1, scope.name.as_bytes());
                 bytes_field(sc, 2, scope.version.as_bytes());
