@@ -41,6 +41,6 @@ python3 -m pytest "$@"
 
 if [ "${PGWARDEN_SKIP_BENCH_SMOKE:-0}" != 1 ]; then
   # Proves the benchmark harness runs end to end; it never fails on a timing.
-  step "benchmark harness smoke run (direct vs pgbouncer vs pgwarden)"
-  python3 benches/gateway_bench.py --quick --out bench-results/ci-quick.json
+  step "benchmark harness smoke run (direct vs pgbouncer vs pgwarden, with and without audit)"
+  python3 benches/gateway_bench.py --quick --audit --out bench-results/ci-quick.json
 fi
