@@ -234,16 +234,9 @@ class Checkpoint:
         except FileNotFoundError:
             return cls()
         pos = data.get("position")
-        return cls(
-            position=Position(pos["segment"], int(pos["offset"])) if pos else None,
-            seq=int(data.get("seq", 0)),
-            prev_hash=str(data.get("prev_hash", "00" * 32)),
-            last_ts=int(data.get("last_ts", 0)),
-            stream_info=dict(data.get("stream_info") or {}),
-            open_sessions=dict(data.get("open_sessions") or {}),
-            open_statements=dict(data.get("open_statements") or {}),
-            closed=bool(data.get("closed", False)),
-        )
+        loaded = cls._from(data)
+        loaded.position = Position(pos["segment"], int(pos["offset"])) if pos else None
+        return loaded
 
     def state_json(self) -> bytes:
         """Everything but the position, as the span assembler resumes from it."""
@@ -252,7 +245,10 @@ class Checkpoint:
     @classmethod
     def from_state(cls, state: bytes) -> Checkpoint:
         """A checkpoint (position not set) from the span assembler's state."""
-        data: dict[str, Any] = json.loads(state)
+        return cls._from(json.loads(state))
+
+    @classmethod
+    def _from(cls, data: dict[str, Any]) -> Checkpoint:
         return cls(
             seq=int(data.get("seq", 0)),
             prev_hash=str(data.get("prev_hash", "00" * 32)),

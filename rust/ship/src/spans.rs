@@ -192,6 +192,55 @@ fn identity<'a>(out: &mut Attrs<'a>, user: Option<&'a Value>, upstream_user: Opt
     }
 }
 
+/// Who a session is: its connection and identity, from a `session` or `refused` record.
+pub struct Who<'a> {
+    pub database: Option<&'a str>,
+    pub server_address: Option<&'a str>,
+    pub server_port: Option<i64>,
+    pub client_address: Option<&'a str>,
+    pub user: Option<&'a Value>,
+    pub upstream_user: Option<&'a str>,
+}
+
+impl SessionRec {
+    pub fn who(&self) -> Who<'_> {
+        Who {
+            database: self.database.as_deref(),
+            server_address: self.server_address.as_deref(),
+            server_port: self.server_port,
+            client_address: self.client_address.as_deref(),
+            user: self.user.as_ref(),
+            upstream_user: self.upstream_user.as_deref(),
+        }
+    }
+}
+
+impl<'a> Line<'a> {
+    pub fn who(&'a self) -> Who<'a> {
+        Who {
+            database: self.database.as_deref(),
+            server_address: self.server_address.as_deref(),
+            server_port: self.server_port,
+            client_address: self.client_address.as_deref(),
+            user: self.user.as_ref(),
+            upstream_user: self.upstream_user.as_deref(),
+        }
+    }
+}
+
+/// The connection and identity attributes, and the session id.
+fn session_attrs<'a>(out: &mut Attrs<'a>, who: &Who<'a>, sid: &'a str) {
+    connection(
+        out,
+        who.database,
+        who.server_address,
+        who.server_port,
+        who.client_address,
+    );
+    identity(out, who.user, who.upstream_user);
+    out.str("pgwarden.session.id", sid);
+}
+
 fn spool<'a>(out: &mut Attrs<'a>, stream: &'a str, seq: u64, hash: &'a str, verified: bool) {
     out.str("pgwarden.spool.stream", stream);
     out.put("pgwarden.spool.seq", Val::Int(seq as i64));
@@ -241,15 +290,7 @@ impl SessionBase {
         let empty = SessionRec::default();
         let s = session.unwrap_or(&empty);
         let mut attrs = Attrs::default();
-        connection(
-            &mut attrs,
-            s.database.as_deref(),
-            s.server_address.as_deref(),
-            s.server_port,
-            s.client_address.as_deref(),
-        );
-        identity(&mut attrs, s.user.as_ref(), s.upstream_user.as_deref());
-        attrs.str("pgwarden.session.id", sid);
+        session_attrs(&mut attrs, &s.who(), sid);
         let mut encoded = Vec::new();
         encode_attributes(&mut encoded, &attrs.pairs());
         let server = some(s.server_address.as_deref())
@@ -458,19 +499,7 @@ pub fn session<'a>(
 ) -> Span<'a> {
     let sid = session.session.as_str();
     let mut attrs = Attrs::default();
-    connection(
-        &mut attrs,
-        session.database.as_deref(),
-        session.server_address.as_deref(),
-        session.server_port,
-        session.client_address.as_deref(),
-    );
-    identity(
-        &mut attrs,
-        session.user.as_ref(),
-        session.upstream_user.as_deref(),
-    );
-    attrs.str("pgwarden.session.id", sid);
+    session_attrs(&mut attrs, &session.who(), sid);
     if let Some(a) = some(session.application_name.as_deref()) {
         attrs.str("pgwarden.session.application_name", a);
     }
@@ -522,19 +551,7 @@ pub fn session<'a>(
 pub fn refused<'a>(record: &'a Line<'a>, verified: bool) -> Span<'a> {
     let sid = record.session_id();
     let mut attrs = Attrs::default();
-    connection(
-        &mut attrs,
-        record.database.as_deref(),
-        record.server_address.as_deref(),
-        record.server_port,
-        record.client_address.as_deref(),
-    );
-    identity(
-        &mut attrs,
-        record.user.as_ref(),
-        record.upstream_user.as_deref(),
-    );
-    attrs.str("pgwarden.session.id", sid);
+    session_attrs(&mut attrs, &record.who(), sid);
     attrs.put("pgwarden.session.refused", Val::Bool(true));
     if let Some(stage) = some(record.stage.as_deref()) {
         attrs.str("pgwarden.session.refused_at", stage);
