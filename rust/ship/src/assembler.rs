@@ -664,4 +664,33 @@ mod tests {
         assert_eq!(out.spans, 3);
         assert_eq!(analyzer.0, 2);
     }
+
+    proptest::proptest! {
+        /// Whatever a spool holds (a damaged or hostile file), the assembler reports it
+        /// and carries on: it never panics.
+        #[test]
+        fn arbitrary_lines_never_panic(
+            lines in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..20),
+            mutate in proptest::collection::vec((0usize..6, 0usize..400, proptest::num::u8::ANY), 0..8),
+        ) {
+            let mut asm = StreamAssembler::new(config(), StreamState::default());
+            let raw: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
+            asm.process(&raw, true, &mut Table);
+            // Valid records with bytes changed here and there.
+            let mut valid = stream(&[
+                ("session", r#""session":"e5","user":"x","server_port":5432"#),
+                ("stmt", r#""session":"e5","n":1,"sql":"select 'a' from t","params":[1,null,"x"]"#),
+                ("decision", r#""session":"e5","n":1,"decision":"deny","masked_columns":["a"]"#),
+                ("end", r#""session":"e5","n":1,"command_tag":"SELECT 1","rows":1,"result_omitted":{"rows":3}"#),
+                ("refused", r#""session":"f6","sqlstate":"28000","started":5"#),
+                ("session_end", r#""session":"e5","statements":1"#),
+            ]);
+            for (line, at, byte) in mutate {
+                let l = &mut valid[line];
+                let at = at % l.len();
+                l[at] = byte;
+            }
+            asm.process(&refs(&valid), false, &mut Table);
+        }
+    }
 }
