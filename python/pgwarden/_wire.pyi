@@ -234,6 +234,7 @@ def verify_chain(key: bytes, prev: bytes, lines: list[bytes]) -> tuple[bytes, li
     Returns the hash of the last line and the indices of the lines that do not verify.
     """
 
+@final
 class SpanAssembler:
     """One audit stream's records to OTLP ``ExportTraceServiceRequest`` bodies.
 
@@ -243,8 +244,8 @@ class SpanAssembler:
     returns (parsed, statements, operation, collection, procedure, summary).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         key: bytes,
         resource: dict[str, Any],
@@ -258,7 +259,7 @@ class SpanAssembler:
         result_logs: bool,
         state: bytes | None,
         analyze: Callable[[str], tuple[bool, int, str | None, str | None, str | None, str | None]],
-    ) -> None: ...
+    ) -> SpanAssembler: ...
     def process(
         self, lines: list[bytes], writer_alive: bool
     ) -> tuple[
