@@ -46,6 +46,20 @@ def _die_with_parent(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc keep the memory a batch frees for the next one.
+
+    Each batch allocates and frees the same few MiB (segment reads, lines, requests);
+    by default glibc hands it back to the kernel at once and the next batch faults it in
+    again, page by page: a third of the shipper's CPU went to those faults.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_trim_threshold, 256 << 20)
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+
+
 def cmd_ship(args: argparse.Namespace) -> int:
     settings = _load_settings(args.config)
     if isinstance(settings, int):
@@ -60,6 +74,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.parent_pid is not None and not _die_with_parent(args.parent_pid):
         return 0
+    _keep_freed_memory()
     with contextlib.suppress(OSError):
         os.nice(settings.audit.shipper_nice)
     if settings.audit.shipper_idle_priority and hasattr(os, "SCHED_IDLE"):

@@ -117,6 +117,8 @@ class StreamShipper:
         self._last_save = time.monotonic()
         self.chain_failures = 0
         self.delivered_spans = 0
+        #: The last read was a full batch: more is waiting.
+        self.behind = False
 
     # --- one step ---------------------------------------------------------------------
 
@@ -125,7 +127,9 @@ class StreamShipper:
         alive = writer_alive(self.dir)
         # Several export requests' worth per step (many more for a sink of records, which
         # costs one write and one fsync per step): fewer system calls when behind.
-        lines = self.reader.read(self.batch_size * (8 if self.spans else 128))
+        max_lines = self.batch_size * (8 if self.spans else 128)
+        lines = self.reader.read(max_lines)
+        self.behind = len(lines) >= max_lines
         recorder = self.recorder
         if recorder is not None:
             recorder.discard()
@@ -358,6 +362,8 @@ class Shipper:
                     self.streams.pop(stream_dir.name, None)
                     log.info("audit stream %s shipped and removed", stream_dir.name)
                     break
+                if not shipper.behind:
+                    break  # caught up with this stream: what comes next waits for a poll
             if failed:
                 break
         for name in list(self.streams):
@@ -400,7 +406,11 @@ class Shipper:
                 stop.wait(self._backoff)
                 continue
             self._backoff = 0.0
-            if not progressed:
+            if progressed and not any(s.behind for s in self.streams.values()):
+                # Caught up: let records gather for a poll interval, so that a busy gateway
+                # is shipped in batches rather than a few records per read.
+                stop.wait(audit.poll_interval_ms / 1000)
+            elif not progressed:
                 for shipper in self.streams.values():
                     shipper.checkpoint()  # idle: make everything delivered permanent
                 if until_empty and not self._anything_left():

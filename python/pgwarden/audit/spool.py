@@ -40,7 +40,10 @@ CHECKPOINT: Final = "checkpoint.json"
 SEGMENT_SUFFIX: Final = ".seg"
 #: A delivered segment given back to its (live) writer to reuse.
 FREE_PREFIX: Final = ".free-"
-_READ_CHUNK: Final = 1 << 20
+#: Reads start small (a reader that keeps up finds little new data) and grow while
+#: every read comes back full.
+_READ_CHUNK_MIN: Final = 64 << 10
+_READ_CHUNK_MAX: Final = 1 << 20
 _SEGMENT_END_MARK: Final = b'"type":"segment_end"'
 
 
@@ -137,6 +140,7 @@ class StreamReader:
         # Per chunk of the last read: (segment, offset of its first line, index, count).
         self._chunks: list[tuple[str, int, int, int]] = []
         self._lines: list[bytes] = []
+        self._chunk = _READ_CHUNK_MIN
 
     def read(self, max_lines: int) -> list[bytes]:
         """Complete lines available now (at most ``max_lines``); advances the reader."""
@@ -164,12 +168,16 @@ class StreamReader:
         except FileNotFoundError:
             return False
         try:
-            size = _READ_CHUNK
+            size = self._chunk
             while True:
                 data = os.pread(fd, size, pos.offset)
                 end = data.find(b"\0")
                 if end < 0:
                     end = len(data)
+                full = end == len(data) == size
+                self._chunk = (
+                    min(_READ_CHUNK_MAX, size * 2) if full else max(_READ_CHUNK_MIN, size // 2)
+                )
                 last = data.rfind(b"\n", 0, end)
                 if last >= 0:
                     break
