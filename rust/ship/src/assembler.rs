@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::records::{statement_key, Line, SessionRec, StmtRec};
-use crate::shape::{query_shape, sanitise};
+use crate::shape::{sanitise, shape_and_literals};
 use crate::spans::{self, QueryText, SessionBase, Span, StatementInput, Val};
 
 /// What PostgreSQL's parser says a query text does (`pgwarden.audit.sql.analyze`).
@@ -101,6 +101,8 @@ pub struct StreamAssembler {
     staged: Option<StreamState>,
     bases: HashMap<String, Rc<SessionBase>>,
     analyses: HashMap<String, Rc<QueryInfo>>,
+    /// Texts without literals (prepared statements, mostly), straight to their analysis.
+    literal_free: HashMap<String, Rc<QueryInfo>>,
 }
 
 fn from_hex(s: &str) -> Option<[u8; HASH_LEN]> {
@@ -123,6 +125,7 @@ impl StreamAssembler {
             staged: None,
             bases: HashMap::new(),
             analyses: HashMap::new(),
+            literal_free: HashMap::new(),
         }
     }
 
@@ -160,15 +163,27 @@ impl StreamAssembler {
         if sql.is_empty() {
             return Rc::new(QueryInfo::default());
         }
-        let key = query_shape(sql).unwrap_or_else(|| sql.to_owned());
-        if let Some(info) = self.analyses.get(&key) {
+        if let Some(info) = self.literal_free.get(sql) {
             return info.clone();
         }
-        let info = Rc::new(analyzer.analyze(sql));
-        if self.analyses.len() >= QUERY_CACHE_LIMIT {
-            self.analyses.clear();
+        let (key, literals) = shape_and_literals(sql).unwrap_or_else(|| (sql.to_owned(), true));
+        let info = match self.analyses.get(&key) {
+            Some(info) => info.clone(),
+            None => {
+                let info = Rc::new(analyzer.analyze(sql));
+                if self.analyses.len() >= QUERY_CACHE_LIMIT {
+                    self.analyses.clear();
+                }
+                self.analyses.insert(key, info.clone());
+                info
+            }
+        };
+        if !literals {
+            if self.literal_free.len() >= QUERY_CACHE_LIMIT {
+                self.literal_free.clear();
+            }
+            self.literal_free.insert(sql.to_owned(), info.clone());
         }
-        self.analyses.insert(key, info.clone());
         info
     }
 

@@ -31,8 +31,36 @@ pub fn session_span_id(session: &str) -> [u8; 8] {
 
 /// The span id of statement `n` of a session.
 pub fn statement_span_id(session: &str, n: u64) -> [u8; 8] {
-    let mut number = itoa::Buffer::new();
-    derive(&["span", session, "statement", number.format(n)])
+    StatementIds::new(session).span_id(n)
+}
+
+/// [`statement_span_id`] for the statements of one session: the hash of the common
+/// prefix is computed once.
+#[derive(Debug, Clone)]
+pub struct StatementIds(Sha256);
+
+impl StatementIds {
+    pub fn new(session: &str) -> Self {
+        let mut h = Sha256::new();
+        for part in ["pgwarden", "span", session, "statement"] {
+            h.update(part.as_bytes());
+            h.update(b"\0");
+        }
+        StatementIds(h)
+    }
+
+    pub fn span_id(&self, n: u64) -> [u8; 8] {
+        let mut h = self.0.clone();
+        let mut number = itoa::Buffer::new();
+        h.update(number.format(n).as_bytes());
+        let digest = h.finalize();
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&digest[..8]);
+        if out == [0; 8] {
+            out[7] = 1;
+        }
+        out
+    }
 }
 
 #[cfg(test)]

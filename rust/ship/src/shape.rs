@@ -20,8 +20,15 @@ fn is_constant(token: Token) -> bool {
 
 /// The shape of `sql`; None when the scanner rejects it (an unterminated quote, say).
 pub fn query_shape(sql: &str) -> Option<String> {
+    shape_and_literals(sql).map(|(shape, _)| shape)
+}
+
+/// The shape of `sql` and whether it had any literal (a text without literals is its own
+/// shape's only spelling with this spacing).
+pub fn shape_and_literals(sql: &str) -> Option<(String, bool)> {
     let tokens = pg_query::scan_tokens(sql).ok()?;
     let mut out = String::with_capacity(sql.len());
+    let mut literals = false;
     for token in tokens {
         if !out.is_empty() {
             out.push(' ');
@@ -30,11 +37,12 @@ pub fn query_shape(sql: &str) -> Option<String> {
         let end = usize::try_from(token.end).ok()?;
         if is_constant(token.token()) {
             out.push('?');
+            literals = true;
         } else {
             out.push_str(sql.get(start..end)?);
         }
     }
-    Some(out)
+    Some((out, literals))
 }
 
 /// libpg_query's normalisation: every literal replaced by a `$n` placeholder.

@@ -281,6 +281,7 @@ pub struct SessionBase {
     pub encoded: Vec<u8>,
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
+    statement_ids: ids::StatementIds,
     database: Option<String>,
     server: Option<String>,
 }
@@ -299,6 +300,7 @@ impl SessionBase {
             encoded,
             trace_id: ids::trace_id(sid),
             span_id: ids::session_span_id(sid),
+            statement_ids: ids::StatementIds::new(sid),
             database: s.database.clone().filter(|d| !d.is_empty()),
             server,
         }
@@ -458,7 +460,7 @@ pub fn statement<'a>(input: StatementInput<'a>) -> Span<'a> {
     }
     Span {
         trace_id: base.trace_id,
-        span_id: ids::statement_span_id(&stmt.session, stmt.n),
+        span_id: base.statement_ids.span_id(stmt.n),
         parent: Some(base.span_id),
         name: statement_name(info, operation.as_deref(), base),
         kind: KIND_CLIENT,
