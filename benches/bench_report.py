@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,13 @@ class PgbenchRecord:
     latency_p99_ms: float | None
     transactions: int
     failed: int
+    cpu_us_per_tx: float | None = None
+    """Busy CPU time of the whole machine (every core: user, nice, system, irq, softirq)
+    from pgbench's start to its exit, per transaction; None where /proc/stat is missing."""
+    steal_share: float | None = None
+    """CPU time the host stole in that window, as a share of all CPU time in it."""
+    cpu_window_seconds: float | None = None
+    """Length of that window (the run plus pgbench connecting and disconnecting)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,10 @@ class PgbenchSummary:
     runs: int
     tps_min: float
     tps_max: float
+    cpu_us_per_tx: float | None = None
+    """Median over the rounds that have the figure."""
+    steal_share: float | None = None
+    """Median over the rounds that have the figure."""
 
     @property
     def tps_spread(self) -> float:
@@ -203,6 +215,8 @@ def summarize_pgbench(records: Iterable[PgbenchRecord]) -> list[PgbenchSummary]:
     summaries = []
     for (scenario, target), runs in groups.items():
         p99s = [r.latency_p99_ms for r in runs if r.latency_p99_ms is not None]
+        cpus = [r.cpu_us_per_tx for r in runs if r.cpu_us_per_tx is not None]
+        steals = [r.steal_share for r in runs if r.steal_share is not None]
         summaries.append(
             PgbenchSummary(
                 scenario=scenario,
@@ -214,6 +228,8 @@ def summarize_pgbench(records: Iterable[PgbenchRecord]) -> list[PgbenchSummary]:
                 runs=len(runs),
                 tps_min=min(r.tps for r in runs),
                 tps_max=max(r.tps for r in runs),
+                cpu_us_per_tx=statistics.median(cpus) if cpus else None,
+                steal_share=statistics.median(steals) if steals else None,
             )
         )
     return summaries
@@ -304,7 +320,8 @@ def summarize_audit(records: Iterable[AuditRecord]) -> list[AuditSummary]:
 
 @dataclass(frozen=True)
 class VariantRatio:
-    """A pgwarden variant's TPS over the base pgwarden target's, round by round."""
+    """A pgwarden variant's TPS over the base pgwarden target's, round by round, and the
+    same comparison by CPU time per transaction."""
 
     scenario: str
     target: str
@@ -312,6 +329,10 @@ class VariantRatio:
     ratio: float
     """Median of the per-round ratios."""
     per_round: tuple[float, ...]
+    cpu_ratio: float | None = None
+    """Median over rounds of the base's CPU time per transaction over the variant's: on a
+    machine whose CPU is saturated, the TPS ratio without the host's noise."""
+    cpu_per_round: tuple[float, ...] = ()
 
 
 def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> list[VariantRatio]:
@@ -321,6 +342,7 @@ def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> li
         (r.round, r.scenario, r.target): r for r in records
     }
     groups: dict[tuple[str, str], list[float]] = {}
+    cpu_groups: dict[tuple[str, str], list[float]] = {}
     clients: dict[str, int] = {}
     for (round_no, scenario, target), record in by_key.items():
         if target in (DIRECT, PGBOUNCER, base):
@@ -329,17 +351,32 @@ def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> li
         if reference is None or reference.tps <= 0:
             continue
         groups.setdefault((scenario, target), []).append(record.tps / reference.tps)
+        cpu_ratio = _cpu_ratio(reference.cpu_us_per_tx, record.cpu_us_per_tx)
+        if cpu_ratio is not None:
+            cpu_groups.setdefault((scenario, target), []).append(cpu_ratio)
         clients[scenario] = record.clients
-    return [
-        VariantRatio(
-            scenario=scenario,
-            target=target,
-            clients=clients[scenario],
-            ratio=statistics.median(ratios),
-            per_round=tuple(round(r, 4) for r in ratios),
+    result = []
+    for (scenario, target), ratios in groups.items():
+        cpu_ratios = cpu_groups.get((scenario, target), [])
+        result.append(
+            VariantRatio(
+                scenario=scenario,
+                target=target,
+                clients=clients[scenario],
+                ratio=statistics.median(ratios),
+                per_round=tuple(round(r, 4) for r in ratios),
+                cpu_ratio=statistics.median(cpu_ratios) if cpu_ratios else None,
+                cpu_per_round=tuple(round(r, 4) for r in cpu_ratios),
+            )
         )
-        for (scenario, target), ratios in groups.items()
-    ]
+    return result
+
+
+def _cpu_ratio(reference_us: float | None, target_us: float | None) -> float | None:
+    """The reference's CPU time per transaction over the target's (higher: cheaper)."""
+    if reference_us is None or target_us is None or reference_us <= 0 or target_us <= 0:
+        return None
+    return reference_us / target_us
 
 
 def gateway_targets(targets: Sequence[str]) -> list[str]:
@@ -357,6 +394,9 @@ class GoalCheck:
     goal: str
     met: bool | None
     detail: str
+    cpu_value: float | None = None
+    """The same ratio by CPU time per transaction (reference's over the target's), where
+    the goal is a throughput ratio on a CPU-bound machine; None otherwise or unmeasured."""
 
 
 def goal_checks(summaries: Sequence[PgbenchSummary], targets: Sequence[str]) -> list[GoalCheck]:
@@ -401,6 +441,7 @@ def goal_checks(summaries: Sequence[PgbenchSummary], targets: Sequence[str]) -> 
                         goal=f">= {TPS_GOAL}x",
                         met=ratio >= TPS_GOAL,
                         detail=f"{target} {gateway.tps:,.0f}, pgbouncer {bouncer.tps:,.0f} TPS",
+                        cpu_value=_cpu_ratio(bouncer.cpu_us_per_tx, gateway.cpu_us_per_tx),
                     )
                 )
     return checks
@@ -426,6 +467,8 @@ def audit_goal_checks(
         )
         if len(ratio.per_round) > 1:
             detail += " (rounds: " + ", ".join(f"{r:.2f}" for r in ratio.per_round) + ")"
+        if len(ratio.cpu_per_round) > 1:
+            detail += "; cpu-based by round: " + ", ".join(f"{r:.2f}" for r in ratio.cpu_per_round)
         shipper = shipping.get((ratio.scenario, ratio.target))
         if shipper is not None:
             detail += f"; shipper {shipper.verdict()}"
@@ -445,6 +488,7 @@ def audit_goal_checks(
                 goal=f">= {AUDIT_TPS_GOAL}x",
                 met=ratio.ratio >= AUDIT_TPS_GOAL,
                 detail=detail,
+                cpu_value=ratio.cpu_ratio,
             )
         )
     return checks
@@ -455,18 +499,24 @@ def format_pgbench_table(
     targets: Sequence[str],
     vs_base: Sequence[VariantRatio] = (),
 ) -> str:
-    """One row per (scenario, target); with ``vs_base``, a ``TPS/pgw`` column: the median
-    of the per-round ratios to the base pgwarden target."""
+    """One row per (scenario, target); with ``vs_base``, ``TPS/pgw`` and ``cpu/pgw``
+    columns: the medians of the per-round ratios to the base pgwarden target."""
     index = {(s.scenario, s.target): s for s in summaries}
     base_ratio = {(r.scenario, r.target): r.ratio for r in vs_base}
+    cpu_base_ratio = {(r.scenario, r.target): r.cpu_ratio for r in vs_base}
+    has_cpu = any(s.cpu_us_per_tx is not None for s in summaries)
     scenarios = list(dict.fromkeys(s.scenario for s in summaries))
     width = max([len("target"), *(len(t) for t in targets)])
     header = (
         f"{'scenario':<24} {'target':<{width}} {'TPS':>9} {'spread':>7} {'avg ms':>8} "
         f"{'p99 ms':>8} {'TPS/direct':>10} {'TPS/pgb':>8} {'added us':>9}"
     )
+    if has_cpu:
+        header += f" {'cpu us/tx':>9}"
     if base_ratio:
         header += f" {'TPS/pgw':>8}"
+        if has_cpu:
+            header += f" {'cpu/pgw':>8}"
     lines = [header, "-" * len(header)]
     for scenario in scenarios:
         direct = index.get((scenario, DIRECT))
@@ -489,16 +539,53 @@ def format_pgbench_table(
                 f"{scenario if first else '':<24} {target:<{width}} {row.tps:>9,.0f} {spread:>7} "
                 f"{row.latency_avg_ms:>8.3f} {p99:>8} {vs_direct:>10} {vs_bouncer:>8} {added:>9}"
             )
+            if has_cpu:
+                cpu = row.cpu_us_per_tx
+                line += f" {'' if cpu is None else f'{cpu:.0f}':>9}"
             if base_ratio:
                 ratio = base_ratio.get((scenario, target))
                 line += f" {'' if ratio is None else f'{ratio:.2f}':>8}"
+                if has_cpu:
+                    cpu_ratio = cpu_base_ratio.get((scenario, target))
+                    line += f" {'' if cpu_ratio is None else f'{cpu_ratio:.2f}':>8}"
             lines.append(line)
             first = False
-    if base_ratio:
+    lines += _footnotes(summaries, has_cpu=has_cpu, variants=bool(base_ratio))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _footnotes(summaries: Sequence[PgbenchSummary], *, has_cpu: bool, variants: bool) -> list[str]:
+    lines: list[str] = []
+    if has_cpu:
+        lines.append(
+            "cpu us/tx: busy CPU time of the whole machine (every core; pgbench, proxy, "
+            "PostgreSQL) per\ntransaction, from /proc/stat around the pgbench run."
+        )
+    if variants:
         lines.append(
             f"TPS/pgw: median over rounds of the TPS ratio to {PGWARDEN} in the same round."
         )
-    return "\n".join(line.rstrip() for line in lines)
+        if has_cpu:
+            lines.append(
+                f"cpu/pgw: median over rounds of {PGWARDEN}'s cpu us/tx over the target's: "
+                "the TPS ratio\nwithout the host's noise where the CPU is saturated (c>1)."
+            )
+    steal = _steal_by_scenario(summaries)
+    if steal:
+        text = "host steal during the runs (share of CPU time, median): " + ", ".join(
+            f"{scenario} {share:.1%}" for scenario, share in steal.items()
+        )
+        lines += textwrap.wrap(text, width=96, break_on_hyphens=False)
+    return [part for line in lines for part in line.splitlines()]
+
+
+def _steal_by_scenario(summaries: Sequence[PgbenchSummary]) -> dict[str, float]:
+    """Per scenario, the median over its targets of their median steal share."""
+    shares: dict[str, list[float]] = {}
+    for s in summaries:
+        if s.steal_share is not None:
+            shares.setdefault(s.scenario, []).append(s.steal_share)
+    return {scenario: statistics.median(values) for scenario, values in shares.items()}
 
 
 def format_audit_table(summaries: Sequence[AuditSummary]) -> str:
@@ -580,6 +667,8 @@ def format_goals(checks: Sequence[GoalCheck]) -> str:
             value, verdict = "n/a", "inconclusive (noise)"
         else:
             value, verdict = f"{check.value:.3f}x", "met" if check.met else "MISSED"
+        if check.cpu_value is not None:
+            verdict += f", cpu-based {check.cpu_value:.2f}x"
         lines.append(
             f"  {check.scenario:<22} {check.target}: {check.metric} {value} "
             f"(goal {check.goal}) {verdict} - {check.detail}"

@@ -569,7 +569,13 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
                 continue
             p99 = f"{result.latency_p99_ms:.3f}" if result.latency_p99_ms is not None else "-"
             avg = result.latency_avg_ms
-            _progress(f"{label}: {result.tps:>9,.0f} TPS  avg {avg:.3f} ms  p99 {p99} ms")
+            cpu = result.cpu
+            cpu_text = ""
+            if cpu is not None and result.cpu_us_per_tx is not None:
+                cpu_text = f"  cpu {result.cpu_us_per_tx:.0f} us/tx"
+                if cpu.steal_share is not None:
+                    cpu_text += f"  steal {cpu.steal_share:.1%}"
+            _progress(f"{label}: {result.tps:>9,.0f} TPS  avg {avg:.3f} ms  p99 {p99} ms{cpu_text}")
             state.pgbench.append(
                 bench_report.PgbenchRecord(
                     round=round_no + 1,
@@ -582,6 +588,9 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
                     latency_p99_ms=result.latency_p99_ms,
                     transactions=result.transactions,
                     failed=result.failed,
+                    cpu_us_per_tx=_rounded(result.cpu_us_per_tx, 2),
+                    steal_share=_rounded(cpu.steal_share if cpu else None, 4),
+                    cpu_window_seconds=_rounded(cpu.window_seconds if cpu else None, 3),
                 )
             )
             if audited is not None and before is not None:
@@ -595,6 +604,10 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
                 )
                 state.audit.append(record)
                 _progress(f"{label}: {describe_audit(record)}")
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _quiet(timeout: float) -> float:

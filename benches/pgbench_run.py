@@ -4,16 +4,22 @@ TPS and the average latency come from pgbench's own summary.  Percentiles come f
 pgbench's per-transaction log (``-l``): one line per transaction whose third field is
 the transaction's latency in microseconds, so p50/p99 are exact order statistics over
 every transaction of the run, not an average of per-interval figures.
+
+The machine's CPU time is read from ``/proc/stat`` just before pgbench starts and just
+after it exits (before its logs are read), so the CPU time per transaction covers the
+whole machine over the run: pgbench, the proxy, its helpers and PostgreSQL.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +36,72 @@ _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE)
 
 class PgbenchError(RuntimeError):
     """pgbench failed or printed something this module cannot read."""
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """The aggregate ``cpu`` line of ``/proc/stat``, in clock ticks (USER_HZ).
+
+    ``guest`` and ``guest_nice`` are left out: the kernel already counts them in ``user``
+    and ``nice``.
+    """
+
+    user: int
+    nice: int
+    system: int
+    idle: int
+    iowait: int
+    irq: int
+    softirq: int
+    steal: int
+
+    @property
+    def busy(self) -> int:
+        """Ticks some CPU spent running something: everything but idle, iowait, steal."""
+        return self.user + self.nice + self.system + self.irq + self.softirq
+
+    @property
+    def total(self) -> int:
+        return self.busy + self.idle + self.iowait + self.steal
+
+
+def read_cpu_times(path: Path = Path("/proc/stat")) -> CpuTimes | None:
+    """The machine's CPU times so far; None where there is no ``/proc/stat`` (not Linux)."""
+    try:
+        with path.open(encoding="ascii") as handle:
+            line = handle.readline()
+    except OSError:
+        return None
+    fields = line.split()
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+    return CpuTimes(user, nice, system, idle, iowait, irq, softirq, steal)
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """The machine's CPU time over one window (from :func:`read_cpu_times` twice)."""
+
+    busy_us: int
+    """user + nice + system + irq + softirq, summed over every CPU, in µs."""
+    steal_share: float | None
+    """Steal as a share of all CPU time in the window (None if no tick elapsed)."""
+    window_seconds: float
+
+    @staticmethod
+    def between(
+        before: CpuTimes | None, after: CpuTimes | None, window_seconds: float
+    ) -> CpuUsage | None:
+        if before is None or after is None:
+            return None
+        us_per_tick = 1_000_000 / os.sysconf("SC_CLK_TCK")
+        total = after.total - before.total
+        return CpuUsage(
+            busy_us=round((after.busy - before.busy) * us_per_tick),
+            steal_share=(after.steal - before.steal) / total if total > 0 else None,
+            window_seconds=window_seconds,
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +130,14 @@ class PgbenchResult:
     transactions: int
     failed: int
     logged_transactions: int
+    cpu: CpuUsage | None = None
+    """The whole machine's CPU time from pgbench's start to its exit."""
+
+    @property
+    def cpu_us_per_tx(self) -> float | None:
+        if self.cpu is None or self.transactions <= 0:
+            return None
+        return self.cpu.busy_us / self.transactions
 
 
 def pgbench_binary() -> str:
@@ -126,9 +206,13 @@ def run_pgbench(
             options += ["--log", f"--log-prefix={Path(log_dir) / 'txn'}"]
             if sampling_rate < 1.0:
                 options.append(f"--sampling-rate={sampling_rate}")
+        started, cpu_before = time.monotonic(), read_cpu_times()
         result = _pgbench(endpoint, scenario, options, timeout=duration_s + 120)
+        cpu_after, ended = read_cpu_times(), time.monotonic()
         latencies = _read_latency_logs(Path(log_dir)) if log_latencies else []
-    return _parse_summary(result.stdout, latencies, endpoint.name, scenario)
+    parsed = _parse_summary(result.stdout, latencies, endpoint.name, scenario)
+    cpu = CpuUsage.between(cpu_before, cpu_after, ended - started)
+    return dataclasses.replace(parsed, cpu=cpu)
 
 
 def _parse_summary(
