@@ -265,15 +265,25 @@ def test_kill_9_under_load_then_restart_loses_no_statement(
                     if "db.query.text" in s.attributes
                 )
 
+            def cut_session(spans: list[ReceivedSpan]) -> bool:
+                return any(
+                    s.kind == SPAN_KIND_SERVER
+                    and s.attributes.get("pgwarden.outcome") == "interrupted"
+                    for s in spans
+                )
+
             def complete(spans: list[ReceivedSpan]) -> bool:
+                # Every logged statement, and the sessions the kill cut (the dead stream's
+                # last step, shipped after its statements).
                 have = texts(spans)
-                return all(have[sql] >= n for sql, n in logged.items())
+                return all(have[sql] >= n for sql, n in logged.items()) and cut_session(spans)
 
             try:
                 spans = receiver.wait_for(complete, timeout=180)
             except TimeoutError:
                 have = texts(receiver.spans())
                 missing = {sql: n - have[sql] for sql, n in logged.items() if have[sql] < n}
+                assert cut_session(receiver.spans()), "no interrupted session span"
                 pytest.fail(f"{len(missing)} logged statements have no span: {list(missing)[:5]}")
             interrupted = [
                 s for s in spans if s.attributes.get("pgwarden.outcome") == "interrupted"

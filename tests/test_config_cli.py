@@ -160,3 +160,10 @@ def test_environment_overrides_file(cluster: TemporaryCluster, tmp_path: Path) -
         assert gateway.port == env_port != file_port
     finally:
         stop_and_check(gateway)
+
+
+def test_misspelt_environment_variable_is_an_error() -> None:
+    # One underscore instead of two: without the check, audit would silently stay off.
+    result = serve(env={"PGWARDEN_AUDIT_DIRECTORY": "/var/lib/pgwarden/audit"})
+    assert_clear_failure(result, "PGWARDEN_AUDIT_DIRECTORY")
+    assert "did you mean PGWARDEN_AUDIT__DIRECTORY?" in result.stderr

@@ -9,15 +9,19 @@ prints them and docs/configuration.md is generated from the same text.
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -586,12 +590,78 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+#: PGWARDEN_* variables that are not settings (the config file path; the test cluster's
+#: PostgreSQL; the test script's switches).
+NON_SETTING_ENVIRONMENT: Final = frozenset(
+    {"PGWARDEN_CONFIG", "PGWARDEN_PG_BINDIR", "PGWARDEN_SKIP_BENCH_SMOKE", "PGWARDEN_FUZZ_SECONDS"}
+)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The settings model of a field (``Model`` or ``Model | None``), if it is one."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _environment_names(model: type[BaseModel], prefix: str) -> tuple[set[str], set[str]]:
+    """(variable names of every setting, prefixes under which deeper keys are fine)."""
+    names: set[str] = set()
+    open_prefixes: set[str] = set()
+    for name, field in model.model_fields.items():
+        env = f"{prefix}{name.upper()}"
+        names.add(env)
+        nested = _nested_model(field.annotation)
+        if nested is not None:
+            deeper, more = _environment_names(nested, f"{env}__")
+            names |= deeper
+            open_prefixes |= more
+        elif typing.get_origin(field.annotation) in (dict, Mapping):
+            open_prefixes.add(f"{env}__")
+    return names, open_prefixes
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """PGWARDEN_* variables that name no setting: without this check a misspelt one (say
+    ``PGWARDEN_AUDIT_DIRECTORY``, one underscore) would be ignored without a word."""
+    names, open_prefixes = _environment_names(Settings, "PGWARDEN_")
+    unknown = []
+    for key in environ:
+        upper = key.upper()
+        if not upper.startswith("PGWARDEN_") or upper in NON_SETTING_ENVIRONMENT:
+            continue
+        if upper in names or any(upper.startswith(p) for p in open_prefixes):
+            continue
+        unknown.append(key)
+    return sorted(unknown)
+
+
+def _check_environment() -> None:
+    unknown = unknown_environment(os.environ)
+    if not unknown:
+        return
+    names, _ = _environment_names(Settings, "PGWARDEN_")
+    problems = []
+    for key in unknown:
+        close = difflib.get_close_matches(key.upper(), sorted(names), n=1)
+        problems.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    raise SettingsError(
+        "unknown setting in the environment: "
+        + ", ".join(problems)
+        + " (pgwarden serve --help-settings lists every variable)"
+    )
+
+
 def load_settings(config_file: Path | None = None) -> Settings:
     """Load settings; ``config_file`` overrides ``PGWARDEN_CONFIG``.
 
     Raises ``pydantic.ValidationError`` (or ``OSError``/``tomllib.TOMLDecodeError``) with a
-    message that names the bad field; the CLI turns it into a clear error.
+    message that names the bad field, and ``SettingsError`` for a PGWARDEN_* environment
+    variable that names no setting; the CLI turns them into a clear error.
     """
+    _check_environment()
     if config_file is not None:
         if not config_file.is_file():
             raise FileNotFoundError(f"config file not found: {config_file}")
