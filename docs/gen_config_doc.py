@@ -281,9 +281,12 @@ pgwarden reads one settings model from, highest precedence first:
 2. the TOML file given by `pgwarden serve --config FILE` (or `PGWARDEN_CONFIG`);
 3. the defaults below.
 
-An unknown key in the TOML file is an error, so a misspelt setting there stops the gateway
-at start-up. An unknown `PGWARDEN_*` environment variable is ignored: check the spelling
-against the tables below (`pgwarden serve --help-settings` lists them too).
+An unknown key in the TOML file is an error, and so is a `PGWARDEN_*` environment variable
+that names no setting (the error names the closest one: `PGWARDEN_AUDIT_DIRECTORY`, with
+one underscore, would otherwise leave audit off without a word), so a misspelt setting
+stops the gateway at start-up. `PGWARDEN_CONFIG` (the file) and `PGWARDEN_PG_BINDIR` (the
+PostgreSQL the tests and the demo start) are the only other `PGWARDEN_*` names read.
+`pgwarden serve --help-settings` lists every variable.
 `deploy/pgwarden.example.toml` lists every setting at its default. Secrets (passwords,
 keys) are better kept out of the TOML file: use the `*_file` settings or the environment.
 """
