@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from pgwarden.audit.spool import SEGMENT_SUFFIX, Checkpoint, segment_names
 from proxies import ManagedProcess, ProxyError, free_port
 
 SINK_SCRIPT: Final = Path(__file__).resolve().parent / "otlp_sink.py"
-SEGMENT_SUFFIX: Final = ".seg"
-CHECKPOINT: Final = "checkpoint.json"
 _HEAD: Final = re.compile(rb'\{"seq":(\d+),')
 _TAIL_WINDOWS: Final = (64 * 1024, 1024 * 1024, 16 * 1024 * 1024)
 
@@ -150,7 +149,7 @@ class SpoolProbe:
         except FileNotFoundError:
             streams = []
         for stream in streams:
-            names = _segment_names(stream)
+            names = segment_names(stream)
             checkpoint = _checkpoint(stream)
             delivered += checkpoint.seq
             last_end = 0
@@ -219,24 +218,15 @@ class _Checkpoint:
 def _checkpoint(stream: Path) -> _Checkpoint:
     """The shipper's checkpoint; none yet means nothing delivered, from the start."""
     try:
-        data: dict[str, Any] = json.loads((stream / CHECKPOINT).read_bytes())
-    except (FileNotFoundError, ValueError):
+        loaded = Checkpoint.load(stream)
+    except ValueError:  # a damaged checkpoint file: count nothing as delivered
         return _Checkpoint("", 0, 0)
-    position = data.get("position") or {}
+    position = loaded.position
     return _Checkpoint(
-        segment=str(position.get("segment", "")),
-        offset=int(position.get("offset", 0)),
-        seq=int(data.get("seq", 0)),
+        segment=position.segment if position else "",
+        offset=position.offset if position else 0,
+        seq=loaded.seq,
     )
-
-
-def _segment_names(stream: Path) -> list[str]:
-    """Segment files with records, oldest first (``.prepared-*``, ``.free-*`` left out)."""
-    try:
-        names = os.listdir(stream)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.endswith(SEGMENT_SUFFIX) and not n.startswith("."))
 
 
 def _first_seq(name: str) -> int:
