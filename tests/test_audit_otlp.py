@@ -288,6 +288,33 @@ def test_sanitised_query_text(
     assert all(h.get("authorization") == "Bearer audit-token-1" for h in receiver.store.headers)
 
 
+def test_long_statements_stay_within_the_receivers_message_limit(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    """A gRPC receiver refuses messages over 4 MiB: five 900 KB statements read in one
+    batch must not become one 4.5 MB request (it would be refused, and retried, forever),
+    and a 1.5 MB statement's span carries its first MiB."""
+    if receiver.transport == "http":
+        pytest.skip("the 4 MiB message limit is OTLP/gRPC's")
+    # A long poll interval: every statement is in the spool when the shipper next reads.
+    gateway = start_gateway(audit_settings(tmp_path / "audit", receiver, poll_interval_ms=3000))
+    texts = [f"select length('{str(i) * 900_000}') as long_{i}" for i in range(5)]
+    huge = "select length('" + "y" * 1_500_000 + "') as huge"
+    with psycopg.connect(gateway.dsn(), autocommit=True) as conn:
+        for text in [*texts, huge]:
+            conn.execute(text.encode())
+    spans = receiver.wait_for(
+        lambda spans: sum(1 for s in spans if "pgwarden.statement.number" in s.attributes) >= 6,
+        timeout=60,
+    )
+    shown = {s.attributes.get("db.query.text") for s in spans}
+    assert all(text in shown for text in texts)
+    cut = next(s for s in spans if s.attributes.get("pgwarden.query.text_bytes"))
+    assert cut.attributes["pgwarden.query.text_bytes"] == len(huge)
+    assert cut.attributes["db.query.text"] == huge[: 1 << 20]
+    assert receiver.store.requests >= 2, "5.5 MB of statements went in several requests"
+
+
 def test_refused_connection_gets_a_span(
     start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
 ) -> None:

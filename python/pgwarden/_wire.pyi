@@ -255,6 +255,8 @@ class SpanAssembler:
         scope_schema_url: str,
         query_text: str,
         request_spans: int,
+        request_bytes: int,
+        query_text_max_bytes: int,
         recorded: list[str],
         result_logs: bool,
         state: bytes | None,

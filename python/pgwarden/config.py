@@ -386,6 +386,13 @@ class AuditSettings(BaseModel):
         description="db.query.text in spans: the full SQL, sanitised (literals replaced by "
         "the PostgreSQL parser's normalisation) or none. The spool always keeps the full text.",
     )
+    query_text_max_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Longest db.query.text in a span; a longer text is cut at a character "
+        "boundary and the span gets pgwarden.query.text_bytes (its full length). The spool "
+        "and the session recording keep the whole text.",
+    )
     record_parameters: bool = Field(
         default=False,
         description="Record Bind parameter values (db.query.parameter.<n>) and FunctionCall "
@@ -460,6 +467,13 @@ class AuditSettings(BaseModel):
         "towards its bound; set false to let the shipper compete at shipper_nice.",
     )
     batch_size: int = Field(default=512, ge=1, le=100_000, description="Spans per export request.")
+    max_request_bytes: int = Field(
+        default=3 << 20,
+        ge=64 * 1024,
+        description="Largest export request body (encoded spans), whatever batch_size says: "
+        "stays below the receiver's limit (OTLP/gRPC receivers accept 4 MiB by default). A "
+        "single span larger than this is sent alone.",
+    )
     poll_interval_ms: int = Field(
         default=100, ge=1, description="How often the shipper looks for new records."
     )

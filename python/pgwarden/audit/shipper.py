@@ -85,10 +85,12 @@ class StreamShipper:
         key: bytes,
         resource: Resource,
         query_text: QueryTextMode,
+        query_text_max_bytes: int,
         spans: bool,
         recordings: Path | None,
         recording_logs: bool,
         batch_size: int,
+        request_bytes: int,
     ) -> None:
         self.dir = stream_dir
         self.key = key
@@ -106,6 +108,8 @@ class StreamShipper:
                 resource=resource,
                 query_text=query_text,
                 request_spans=batch_size,
+                request_bytes=request_bytes,
+                query_text_max_bytes=query_text_max_bytes,
                 recording=recordings is not None,
                 result_logs=recording_logs,
                 state=self.state.state_json(),
@@ -335,10 +339,12 @@ class Shipper:
                 key=self.key,
                 resource=self.resource,
                 query_text=audit.query_text,
+                query_text_max_bytes=audit.query_text_max_bytes,
                 spans=getattr(self.sink, "needs_spans", True),
                 recordings=self.paths.sessions if audit.recording else None,
                 recording_logs=audit.recording_logs,
                 batch_size=audit.batch_size,
+                request_bytes=audit.max_request_bytes,
             )
             self.streams[stream_dir.name] = shipper
         return shipper

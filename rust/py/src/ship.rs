@@ -77,7 +77,7 @@ type Batch<'py> = (
 #[pymethods]
 impl SpanAssembler {
     #[new]
-    #[pyo3(signature = (*, key, resource, resource_schema_url, scope_name, scope_version, scope_schema_url, query_text, request_spans, recorded, result_logs, state, analyze))]
+    #[pyo3(signature = (*, key, resource, resource_schema_url, scope_name, scope_version, scope_schema_url, query_text, request_spans, request_bytes, query_text_max_bytes, recorded, result_logs, state, analyze))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         key: &[u8],
@@ -88,6 +88,8 @@ impl SpanAssembler {
         scope_schema_url: &str,
         query_text: &str,
         request_spans: usize,
+        request_bytes: usize,
+        query_text_max_bytes: usize,
         recorded: Vec<String>,
         result_logs: bool,
         state: Option<&[u8]>,
@@ -122,6 +124,8 @@ impl SpanAssembler {
                     scope_schema_url: scope_schema_url.to_owned(),
                     query_text,
                     request_spans,
+                    request_bytes,
+                    query_text_max_bytes,
                     recorded,
                     result_logs,
                 },

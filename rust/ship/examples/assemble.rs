@@ -67,7 +67,9 @@ fn phases(lines: &[&[u8]], n: f64) {
 
 fn assemble(lines: &[&[u8]], n: f64) {
     let config = AssemblerConfig {
-        key: b"k".to_vec(),
+        key: std::env::var("CHAIN_KEY")
+            .unwrap_or_else(|_| "k".into())
+            .into_bytes(),
         resource: vec![],
         resource_schema_url: String::new(),
         scope_name: "pgwarden.audit".into(),
@@ -75,6 +77,8 @@ fn assemble(lines: &[&[u8]], n: f64) {
         scope_schema_url: String::new(),
         query_text: QueryText::Full,
         request_spans: 512,
+        request_bytes: 3 << 20,
+        query_text_max_bytes: 1 << 20,
         recorded: vec![],
         result_logs: false,
     };
@@ -84,6 +88,13 @@ fn assemble(lines: &[&[u8]], n: f64) {
     for chunk in lines.chunks(4096) {
         let out = asm.process(chunk, true, &mut Fixed);
         spans += out.spans;
+        if !out.problems.is_empty() && spans < 600 {
+            eprintln!(
+                "{} problems, first: {:?}",
+                out.problems.len(),
+                out.problems[0]
+            );
+        }
         asm.commit();
     }
     println!(

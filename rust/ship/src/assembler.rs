@@ -47,6 +47,13 @@ pub struct AssemblerConfig {
     pub query_text: QueryText,
     /// Spans per export request.
     pub request_spans: usize,
+    /// Encoded spans per export request, in bytes: a request stays below a receiver's
+    /// message limit (4 MiB by default for OTLP/gRPC) however long its statements are.
+    /// A single span larger than this goes alone.
+    pub request_bytes: usize,
+    /// Longest `db.query.text` in a span, in bytes (the spool and the session recording
+    /// keep the whole text); a longer text is cut at a character boundary.
+    pub query_text_max_bytes: usize,
     /// Record types copied to the session recordings (empty: no recording).
     pub recorded: Vec<String>,
     /// Return the `end` records carrying a result (for result log records).
@@ -80,7 +87,8 @@ fn zero_hash() -> String {
 /// One batch, assembled.
 #[derive(Debug, Default)]
 pub struct Assembled {
-    /// `ExportTraceServiceRequest` bodies, at most `request_spans` spans each.
+    /// `ExportTraceServiceRequest` bodies, at most `request_spans` spans and about
+    /// `request_bytes` bytes each.
     pub requests: Vec<Vec<u8>>,
     pub spans: usize,
     /// Per session, the recorded lines (newline-terminated), in order.
@@ -103,6 +111,8 @@ pub struct StreamAssembler {
     analyses: HashMap<String, Rc<QueryInfo>>,
     /// Texts without literals (prepared statements, mostly), straight to their analysis.
     literal_free: HashMap<String, Rc<QueryInfo>>,
+    /// The largest request of the last batch: the next batch's chunks start that large.
+    chunk_capacity: usize,
 }
 
 fn from_hex(s: &str) -> Option<[u8; HASH_LEN]> {
@@ -126,6 +136,7 @@ impl StreamAssembler {
             bases: HashMap::new(),
             analyses: HashMap::new(),
             literal_free: HashMap::new(),
+            chunk_capacity: 64 * 1024,
         }
     }
 
@@ -204,11 +215,26 @@ impl StreamAssembler {
             Some(sql) => self.analysis(sql, analyzer),
             None => Rc::new(QueryInfo::default()),
         };
-        let shown_text = match (self.config.query_text, stmt.sql.as_deref()) {
+        let mut shown_text = match (self.config.query_text, stmt.sql.as_deref()) {
             (QueryText::Full, Some(t)) => Some(Cow::Borrowed(t)),
             (QueryText::Sanitised, Some(t)) => sanitise(t).map(Cow::Owned),
             _ => None,
         };
+        let mut text_bytes = None;
+        if let Some(text) = shown_text.as_mut() {
+            let max = self.config.query_text_max_bytes;
+            if text.len() > max {
+                text_bytes = Some(text.len());
+                let mut cut = max;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                match text {
+                    Cow::Borrowed(t) => *t = &t[..cut],
+                    Cow::Owned(t) => t.truncate(cut),
+                }
+            }
+        }
         spans.push(&spans::statement(StatementInput {
             base: &base,
             stmt,
@@ -217,6 +243,7 @@ impl StreamAssembler {
             interrupted_at_us,
             info: &info,
             shown_text,
+            text_bytes,
         }));
     }
 
@@ -231,7 +258,11 @@ impl StreamAssembler {
     ) -> Assembled {
         let mut work = self.state.clone();
         let mut out = Assembled::default();
-        let mut built = Framed::new(self.config.request_spans);
+        let mut built = Framed::new(
+            self.config.request_spans,
+            self.config.request_bytes,
+            self.chunk_capacity,
+        );
         let mut recordings: Vec<(String, Vec<u8>)> = Vec::new();
         let mut recording_index: HashMap<String, usize> = HashMap::new();
         let template = RecordChain::new(&self.config.key, [0; HASH_LEN]);
@@ -401,6 +432,7 @@ impl StreamAssembler {
             self.bases.clear();
         }
         out.spans = built.count;
+        self.chunk_capacity = built.largest.min(self.config.request_bytes);
         out.requests = self.wrap(built.finish());
         out.recordings = recordings;
         self.staged = Some(work);
@@ -436,34 +468,55 @@ impl StreamAssembler {
     }
 }
 
-/// Spans encoded as they are built, in chunks of at most `per_request`.
+/// Spans encoded as they are built, in chunks of at most `per_request` spans and (but for
+/// a single span that is larger) `max_bytes` bytes.
 pub struct Framed {
     per_request: usize,
+    max_bytes: usize,
+    capacity: usize,
     in_chunk: usize,
     chunks: Vec<Vec<u8>>,
     pub count: usize,
+    /// The largest chunk so far.
+    pub largest: usize,
 }
 
 impl Framed {
-    fn new(per_request: usize) -> Self {
+    fn new(per_request: usize, max_bytes: usize, capacity: usize) -> Self {
         Framed {
             per_request: per_request.max(1),
+            max_bytes: max_bytes.max(1),
+            capacity,
             in_chunk: 0,
             chunks: Vec::new(),
             count: 0,
+            largest: 0,
         }
     }
 
     fn push(&mut self, span: &Span<'_>) {
         if self.chunks.is_empty() || self.in_chunk == self.per_request {
-            self.chunks.push(Vec::with_capacity(64 * 1024));
+            self.chunks.push(Vec::with_capacity(self.capacity));
             self.in_chunk = 0;
         }
-        if let Some(chunk) = self.chunks.last_mut() {
-            span.encode(chunk);
+        let Some(chunk) = self.chunks.last_mut() else {
+            return;
+        };
+        let start = chunk.len();
+        span.encode(chunk);
+        if chunk.len() > self.max_bytes && self.in_chunk > 0 {
+            // Too large with this span: it starts the next request.
+            let mut next = Vec::with_capacity(self.capacity.max(chunk.len() - start));
+            next.extend_from_slice(&chunk[start..]);
+            chunk.truncate(start);
+            self.chunks.push(next);
+            self.in_chunk = 0;
         }
         self.in_chunk += 1;
         self.count += 1;
+        if let Some(chunk) = self.chunks.last() {
+            self.largest = self.largest.max(chunk.len());
+        }
     }
 
     fn finish(self) -> Vec<Vec<u8>> {
@@ -514,6 +567,8 @@ mod tests {
             scope_schema_url: String::new(),
             query_text: QueryText::Full,
             request_spans: 2,
+            request_bytes: 1 << 20,
+            query_text_max_bytes: 1 << 20,
             recorded: vec!["stmt".into(), "end".into()],
             result_logs: false,
         }
@@ -592,6 +647,47 @@ mod tests {
         asm.commit();
         assert!(asm.state().open_sessions.is_empty());
         assert_eq!(asm.state().seq, 6);
+    }
+
+    #[test]
+    fn long_texts_split_requests_by_size_and_are_cut_in_spans() {
+        let long = "x".repeat(3000);
+        let mut records = vec![("session".to_owned(), r#""session":"c3""#.to_owned())];
+        for n in 1..=4 {
+            records.push((
+                "stmt".into(),
+                format!(r#""session":"c3","n":{n},"protocol":"simple","sql":"select '{long}é'""#),
+            ));
+            records.push((
+                "end".into(),
+                format!(r#""session":"c3","n":{n},"command_tag":"SELECT 1""#),
+            ));
+        }
+        let records: Vec<(&str, &str)> = records
+            .iter()
+            .map(|(k, m)| (k.as_str(), m.as_str()))
+            .collect();
+        let lines = stream(&records);
+        let mut config = config();
+        config.request_spans = 100;
+        config.request_bytes = 25_000; // each span here is about 10 KB
+        let mut asm = StreamAssembler::new(config.clone(), StreamState::default());
+        let out = asm.process(&refs(&lines), true, &mut Table);
+        assert_eq!(out.spans, 4);
+        assert_eq!(out.requests.len(), 2, "two spans per 25 KB request");
+        let sizes: Vec<usize> = out.requests.iter().map(Vec::len).collect();
+        assert!(sizes.iter().all(|n| *n < 25_000 + 512), "{sizes:?}");
+        assert!(!contains(&out.requests[0], "pgwarden.query.text_bytes"));
+
+        // Cut at 3009 bytes: inside the two-byte 'é', so at the boundary before it.
+        config.query_text_max_bytes = 3009;
+        let mut asm = StreamAssembler::new(config, StreamState::default());
+        let out = asm.process(&refs(&lines), true, &mut Table);
+        let text = format!("select '{long}");
+        assert!(contains(&out.requests[0], &text));
+        assert!(!contains(&out.requests[0], &format!("{text}\u{e9}")));
+        assert!(!contains(&out.requests[0], &format!("{text}é")));
+        assert!(contains(&out.requests[0], "pgwarden.query.text_bytes"));
     }
 
     #[test]

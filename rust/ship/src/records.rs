@@ -211,5 +211,11 @@ impl Line<'_> {
 
 /// How a statement is named across records and in a checkpoint: `session/n`.
 pub fn statement_key(session: &str, n: u64) -> String {
-    format!("{session}/{n}")
+    let mut number = itoa::Buffer::new();
+    let number = number.format(n);
+    let mut key = String::with_capacity(session.len() + 1 + number.len());
+    key.push_str(session);
+    key.push('/');
+    key.push_str(number);
+    key
 }

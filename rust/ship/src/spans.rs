@@ -348,6 +348,8 @@ pub struct StatementInput<'a> {
     pub info: &'a QueryInfo,
     /// `db.query.text` as configured (None: not shown).
     pub shown_text: Option<Cow<'a, str>>,
+    /// The length of the statement's text when `shown_text` was cut short.
+    pub text_bytes: Option<usize>,
 }
 
 pub fn statement<'a>(input: StatementInput<'a>) -> Span<'a> {
@@ -359,10 +361,17 @@ pub fn statement<'a>(input: StatementInput<'a>) -> Span<'a> {
         interrupted_at_us,
         info,
         shown_text,
+        text_bytes,
     } = input;
     let mut attrs = Attrs(Vec::with_capacity(20));
     if let Some(t) = shown_text {
         attrs.str("db.query.text", t);
+    }
+    if let Some(n) = text_bytes {
+        attrs.put(
+            "pgwarden.query.text_bytes",
+            Val::Int(i64::try_from(n).unwrap_or(i64::MAX)),
+        );
     }
     let tag = end.and_then(|e| e.command_tag.as_deref());
     let tag_verb = verb(tag);
