@@ -466,7 +466,12 @@ class AuditSettings(BaseModel):
         "only when no statement work wants it. Under sustained saturation the spool grows "
         "towards its bound; set false to let the shipper compete at shipper_nice.",
     )
-    batch_size: int = Field(default=512, ge=1, le=100_000, description="Spans per export request.")
+    batch_size: int = Field(
+        default=2048,
+        ge=1,
+        le=100_000,
+        description="Spans per export request (and result log records per logs request).",
+    )
     max_request_bytes: int = Field(
         default=3 << 20,
         ge=64 * 1024,

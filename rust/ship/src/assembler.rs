@@ -317,12 +317,16 @@ impl StreamAssembler {
             }
             work.seq = line.seq;
             work.last_ts = work.last_ts.max(line.ts);
-            let sid = line.session_id().to_owned();
+            let sid = line.session_id();
             if !sid.is_empty() && self.config.recorded.iter().any(|k| *k == line.kind) {
-                let slot = *recording_index.entry(sid.clone()).or_insert_with(|| {
-                    recordings.push((sid.clone(), Vec::new()));
-                    recordings.len() - 1
-                });
+                let slot = match recording_index.get(sid) {
+                    Some(slot) => *slot,
+                    None => {
+                        recordings.push((sid.to_owned(), Vec::new()));
+                        recording_index.insert(sid.to_owned(), recordings.len() - 1);
+                        recordings.len() - 1
+                    }
+                };
                 let buf = &mut recordings[slot].1;
                 buf.extend_from_slice(raw);
                 buf.push(b'\n');
@@ -331,16 +335,16 @@ impl StreamAssembler {
                 "stmt" => {
                     let n = line.n.unwrap_or(0);
                     work.open_statements
-                        .insert(statement_key(&sid, n), line.stmt(!verified));
+                        .insert(statement_key(sid, n), line.stmt(!verified));
                 }
                 "end" => {
                     let n = line.n.unwrap_or(0);
                     let stmt = work
                         .open_statements
-                        .remove(&statement_key(&sid, n))
+                        .remove(&statement_key(sid, n))
                         .unwrap_or_else(|| StmtRec {
                             // its stmt record was lost: keep what the end says
-                            session: sid.clone(),
+                            session: sid.to_owned(),
                             n,
                             ts: line.ts,
                             unverified: true,
@@ -354,7 +358,7 @@ impl StreamAssembler {
                     }
                 }
                 "decision" => {
-                    let key = statement_key(&sid, line.n.unwrap_or(0));
+                    let key = statement_key(sid, line.n.unwrap_or(0));
                     if let Some(stmt) = work.open_statements.get_mut(&key) {
                         for (field, value) in [
                             (&mut stmt.decision, &line.decision),
@@ -369,9 +373,9 @@ impl StreamAssembler {
                     }
                 }
                 "session" => {
-                    self.bases.remove(&sid);
+                    self.bases.remove(sid);
                     work.open_sessions
-                        .insert(sid.clone(), line.session_rec(!verified));
+                        .insert(sid.to_owned(), line.session_rec(!verified));
                 }
                 "session_end" => {
                     let prefix = format!("{sid}/");
@@ -389,11 +393,11 @@ impl StreamAssembler {
                             );
                         }
                     }
-                    if let Some(opened) = work.open_sessions.remove(&sid) {
+                    if let Some(opened) = work.open_sessions.remove(sid) {
                         let ok = verified && !opened.unverified;
                         built.push(&spans::session(&opened, Some(&line), ok, 0));
                     }
-                    self.bases.remove(&sid);
+                    self.bases.remove(sid);
                 }
                 "refused" => built.push(&spans::refused(&line, verified)),
                 "open" => {
