@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +23,7 @@ from harness import (
     SCRAM_PASSWORD,
     GatewayProcess,
     StartGateway,
+    wait_until,
 )
 
 REQUIRED_FIELDS = {"user", "statement", "params", "command_tag", "rows", "sqlstate", "duration_us"}
@@ -146,3 +151,102 @@ def test_upstream_password_never_logged(logged_gateway: tuple[GatewayProcess, Pa
     time.sleep(0.5)
     assert SCRAM_PASSWORD not in log.read_text()
     assert SCRAM_PASSWORD not in gateway.stderr
+
+
+# --- reopening on SIGHUP (log rotation by renaming) ----------------------------------------
+
+REOPENED_LINE = re.compile(r"\[(\d+)\] INFO pgwarden\.statement_log: statement log .* reopened")
+
+
+def reopened_pids(gateway: GatewayProcess) -> list[int]:
+    return [int(match.group(1)) for match in REOPENED_LINE.finditer(gateway.stderr)]
+
+
+def worker_pids(gateway: GatewayProcess) -> list[int]:
+    children = Path(f"/proc/{gateway.pid}/task/{gateway.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_reopens_the_log_after_a_rename(
+    start_gateway: StartGateway, tmp_path: Path, workers: int
+) -> None:
+    """What logrotate does without copytruncate: rename the file, then SIGHUP the gateway."""
+    log = tmp_path / "statements.jsonl"
+    rotated = tmp_path / "statements.jsonl.1"
+    gateway = start_gateway({"statement_log": str(log), "workers": workers})
+    writers = [gateway.pid] if workers == 1 else worker_pids(gateway)
+    tag = "r" + uuid.uuid4().hex[:10]
+
+    # Several connections, so that with workers every worker has sessions; one of them keeps
+    # running statements throughout, so the switch happens while records are being written.
+    connections = [gateway.connect(autocommit=True) for _ in range(8)]
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        with gateway.connect(autocommit=True) as conn:
+            i = 0
+            while not stop.is_set() or i < 20:
+                statement = f"select {i} /* {tag} steady */"
+                conn.execute(statement)
+                sent.append(statement)
+                i += 1
+                time.sleep(0.005)
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    try:
+        writer.start()
+        for n, conn in enumerate(connections):
+            conn.execute(f"select {n} /* {tag} before */")
+        assert len(records_with(log, f"{tag} before", len(connections))) == len(connections)
+
+        os.rename(log, rotated)
+        os.kill(gateway.pid, signal.SIGHUP)
+        assert wait_until(lambda: sorted(reopened_pids(gateway)) == sorted(writers), 10), (
+            f"every process writing the log should reopen it; stderr:\n{gateway.stderr}"
+        )
+
+        # Sessions opened before the rotation write to the new file from now on.
+        for n, conn in enumerate(connections):
+            conn.execute(f"select {n} /* {tag} after */")
+    finally:
+        stop.set()
+        writer.join(30)
+        for conn in connections:
+            conn.close()
+    assert not writer.is_alive()
+    assert gateway.alive()
+
+    new = records_with(log, f"{tag} after", len(connections))
+    old = read_records(rotated)
+    assert [r for r in old if f"{tag} after" in r["statement"]] == []
+    assert len([r for r in old if f"{tag} before" in r["statement"]]) == len(connections)
+    assert [r for r in new if f"{tag} before" in r["statement"]] == []
+    assert len([r for r in new if f"{tag} after" in r["statement"]]) == len(connections)
+
+    # The steady session's statements: none lost, none twice, and the switch is one point in
+    # its sequence (the old file has a prefix, the new file the rest).
+    assert wait_until(
+        lambda: (
+            len(records_with(rotated, f"{tag} steady", 0, timeout=0))
+            + len(records_with(log, f"{tag} steady", 0, timeout=0))
+            == len(sent)
+        ),
+        10,
+    )
+    steady_old = [
+        r["statement"] for r in read_records(rotated) if f"{tag} steady" in r["statement"]
+    ]
+    steady_new = [r["statement"] for r in read_records(log) if f"{tag} steady" in r["statement"]]
+    assert steady_old + steady_new == sent
+    assert steady_new, "the steady session went on writing after the rotation"
+
+
+def test_sighup_without_statement_log_keeps_serving(start_gateway: StartGateway) -> None:
+    gateway = start_gateway()
+    os.kill(gateway.pid, signal.SIGHUP)
+    assert wait_until(lambda: "received SIGHUP" in gateway.stderr, 10), gateway.stderr
+    assert gateway.alive()
+    with gateway.connect() as conn:
+        assert conn.execute("select 'still serving'").fetchone() == ("still serving",)

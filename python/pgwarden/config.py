@@ -556,8 +556,8 @@ class Settings(BaseSettings):
     )
     statement_log: str | None = Field(
         default=None,
-        description="JSON-lines sink for per-statement events: a file path, '-' for stdout, "
-        "or unset for none.",
+        description="JSON-lines sink for per-statement events: a file path (reopened on "
+        "SIGHUP, for log rotation), '-' for stdout, or unset for none.",
     )
     statement_log_max_param_bytes: int = Field(
         default=1024,

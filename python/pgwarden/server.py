@@ -1,4 +1,6 @@
-"""Listening sockets, the accept loop, and the drain on SIGTERM/SIGINT of one gateway process.
+"""Listening sockets, the accept loop, and the signals of one gateway process.
+
+SIGTERM/SIGINT stop it (a drain first); SIGHUP reopens the statement log, for log rotation.
 
 anyio gives the structure (a task per session inside a task group, cancel scopes for the
 drain); the data path underneath is asyncio Protocols on raw transports (``pgwarden.relay``),
@@ -117,12 +119,19 @@ async def serve(
 ) -> None:
     """Serve until a stop signal, then drain: the coroutine a worker process runs.
 
-    A second stop signal during the drain ends every session at once.
+    A second stop signal during the drain ends every session at once.  SIGHUP, at any time
+    until then, reopens the statement log.
     """
     if gateway is None:
         gateway = Gateway(settings, worker_index=worker_index, cancel_forwarder=cancel_forwarder)
-    with anyio.open_signal_receiver(*stop_signals) as signals:
+    # The SIGHUP handler is in place before the statement log opens its file: a rotation
+    # can never fall between the two unnoticed.
+    with (
+        anyio.open_signal_receiver(*stop_signals) as signals,
+        anyio.open_signal_receiver(signal.SIGHUP) as hangups,
+    ):
         async with anyio.create_task_group() as services:
+            services.start_soon(_reopen_on_hangup, gateway, hangups)
             if gateway.statement_log is not None:
                 await services.start(gateway.statement_log.run)
             if cancel_forwarder is not None:
@@ -158,6 +167,23 @@ async def serve(
             services.cancel_scope.cancel()
     gateway.close()
     log.info("pgwarden stopped")
+
+
+async def _reopen_on_hangup(gateway: Gateway, hangups: AsyncIterator[signal.Signals]) -> None:
+    """SIGHUP: reopen the statement log by its name (after logrotate renamed the file).
+
+    Settings are not re-read: the listeners, TLS contexts, identity issuers and upstream
+    credentials they describe are built once at start-up, so a changed file needs a restart.
+    """
+    async for _ in hangups:
+        statement_log = gateway.statement_log
+        if statement_log is not None and statement_log.request_reopen():
+            log.info(
+                "received SIGHUP: reopening statement log %s (settings are not re-read)",
+                statement_log.target,
+            )
+        else:
+            log.info("received SIGHUP: no statement log file to reopen (settings are not re-read)")
 
 
 async def _drain(
@@ -213,6 +239,10 @@ def run_worker(
     if runtime_dir is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop_signals = (signal.SIGTERM,)
+    # SIGHUP's default action ends the process: ignore it while serve() has no handler for
+    # it (before the loop starts, and after it removed its handler on the way out).  A file
+    # opened after an ignored SIGHUP is opened by its current name anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     backend, options = event_loop_options()
 
     async def main() -> None:
@@ -225,7 +255,10 @@ def run_worker(
             stop_signals=stop_signals,
         )
 
-    anyio.run(main, backend=backend, backend_options=options)
+    try:
+        anyio.run(main, backend=backend, backend_options=options)
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def run(settings: Settings) -> int:

@@ -3,7 +3,9 @@
 Sessions call :meth:`StatementLog.append` (an in-memory append, no I/O) when a ReadyForQuery
 passes and when they end; :meth:`StatementLog.run` writes the accumulated bytes every
 ``flush_interval`` seconds in a worker thread, so a slow disk never stalls the event loop, and
-once more on shutdown.  This is an operator's log, not the durable audit spool.
+once more on shutdown.  :meth:`StatementLog.request_reopen` (on SIGHUP, after logrotate renamed
+the file) switches to a freshly opened file at a record boundary.  This is an operator's log,
+not the durable audit spool.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class StatementLog:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._fd: int | None = None
+        # Records appended before a reopen request: they belong in the file open until then.
+        self._before_reopen: list[bytes] = []
+        self._reopen_requested = False
         self._wakeup = anyio.Event()
         self.records_written = 0
 
@@ -43,6 +48,21 @@ class StatementLog:
         self._pending_bytes += len(records)
         if self._pending_bytes >= _EARLY_FLUSH_BYTES:
             self._wakeup.set()
+
+    def request_reopen(self) -> bool:
+        """Reopen the file by its name at the next flush; False for stdout (nothing to reopen).
+
+        Everything appended so far still goes to the file open now, everything appended
+        later to the new one: the switch falls between two records, none is lost or split.
+        The writes themselves stay in :meth:`run`'s task, so they never race the switch.
+        """
+        if self.target == "-":
+            return False
+        self._before_reopen.extend(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        self._reopen_requested = True
+        self._wakeup.set()
+        return True
 
     def _open(self) -> int:
         if self.target == "-":
@@ -60,14 +80,39 @@ class StatementLog:
             view = view[written:]
 
     async def flush(self) -> None:
-        """Write everything appended so far."""
+        """Write everything appended so far (switching files first if a reopen is due)."""
+        if self._reopen_requested:
+            await self._reopen()
         if not self._pending:
             return
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        await self._write_batch(chunks)
+
+    async def _write_batch(self, chunks: list[bytes]) -> None:
         try:
             await anyio.to_thread.run_sync(self._write, chunks)
         except OSError as exc:
             log.error("statement log %s: write failed: %s", self.target, exc)
+
+    async def _reopen(self) -> None:
+        before, self._before_reopen = self._before_reopen, []
+        self._reopen_requested = False
+        if before:
+            await self._write_batch(before)
+        try:
+            new_fd = await anyio.to_thread.run_sync(self._open)
+        except OSError as exc:
+            # Losing records would be worse than writing them to the renamed file.
+            log.error(
+                "statement log %s: cannot reopen (%s); still writing to the file open before",
+                self.target,
+                exc,
+            )
+            return
+        old_fd, self._fd = self._fd, new_fd
+        if old_fd is not None:
+            os.close(old_fd)
+        log.info("statement log %s reopened", self.target)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -2,9 +2,10 @@
 
 The supervisor forks before any event loop exists, waits for every worker to be listening,
 then announces the port once.  It forwards SIGTERM/SIGINT to the workers (each drains on its
-own), restarts a worker that dies while serving, and exits 0 when all have stopped after a
-shutdown signal.  Workers find each other for CancelRequest forwarding through unix sockets in
-a private runtime directory named after the port.
+own) and SIGHUP (each reopens its statement log), restarts a worker that dies while serving,
+and exits 0 when all have stopped after a shutdown signal.  Workers find each other for
+CancelRequest forwarding through unix sockets in a private runtime directory named after the
+port.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pgwarden.server import bind_listeners, format_address, run_worker
 
 log = logging.getLogger(__name__)
 
-_SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _READY_TIMEOUT_SECONDS = 30.0
 _RESTART_BACKOFF_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
@@ -42,6 +43,9 @@ def _die_with_parent() -> None:
 def _worker_main(
     settings: Settings, index: int, port: int, runtime_dir: Path, ready_fd: int | None
 ) -> int:
+    # A SIGHUP forwarded before this worker's loop handles it must not end the worker (its
+    # default action); the statement log it has yet to open is opened by its current name.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
     _die_with_parent()
     try:
@@ -189,6 +193,10 @@ def _supervise_loop(supervisor: _Supervisor) -> int:
                 supervisor.stopping = True
                 deadline = time.monotonic() + settings.drain_timeout_seconds + 30
             supervisor.signal_all(signal.SIGTERM)
+        elif info is not None and info.si_signo == signal.SIGHUP:
+            # Also while draining: the workers still write the statement log until they exit.
+            log.info("received SIGHUP: forwarding to %d worker(s)", len(supervisor.children))
+            supervisor.signal_all(signal.SIGHUP)
         for index, code in supervisor.reap():
             if supervisor.stopping:
                 log.debug("worker %d stopped (status %d)", index, code)
