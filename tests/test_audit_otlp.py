@@ -9,7 +9,9 @@ conventions' attributes and the caller's identity, and hang under their session'
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -313,6 +315,75 @@ def test_long_statements_stay_within_the_receivers_message_limit(
     assert cut.attributes["pgwarden.query.text_bytes"] == len(huge)
     assert cut.attributes["db.query.text"] == huge[: 1 << 20]
     assert receiver.store.requests >= 2, "5.5 MB of statements went in several requests"
+
+
+def shipper_pids(parent: int) -> list[int]:
+    """The ``pgwarden audit ship`` children of ``parent``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"ship" in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def blocked_signals(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk for {pid}")
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_restarted_shipper_ships_survives_hangups_and_stops_with_the_gateway(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    """A shipper that dies is restarted and ships; a burst of SIGHUP (log rotation) leaves
+    the worker supervisor and its shipper running; SIGTERM then stops everything promptly
+    (the shipper within its grace period, not killed after it)."""
+    if receiver.transport == "grpc":
+        pytest.skip("shipper supervision does not depend on the transport")
+    gateway = start_gateway({**audit_settings(tmp_path / "audit", receiver), "workers": 2})
+    [first] = wait_until(lambda: shipper_pids(gateway.pid), 15, "the shipper")
+    os.kill(first, signal.SIGKILL)
+    [second] = wait_until(
+        lambda: [p for p in shipper_pids(gateway.pid) if p != first], 15, "a new shipper"
+    )
+    # Started from a thread that blocks the gateway's signals; once running it takes SIGTERM.
+    wait_until(
+        lambda: not blocked_signals(second) & (1 << (signal.SIGTERM - 1)),
+        15,
+        "the new shipper to unblock SIGTERM",
+    )
+    for _ in range(200):
+        os.kill(gateway.pid, signal.SIGHUP)
+        time.sleep(0.003)
+    assert gateway.alive(), gateway.stderr
+    assert shipper_pids(gateway.pid) == [second]
+    text = "select 'shipped by the restarted shipper' as after_restart"
+    result = run_tool(["psql", "--no-psqlrc", "-X", "-c", text], gateway.env())
+    assert result.returncode == 0, result.stderr
+    receiver.wait_for(lambda spans: any(s.attributes.get("db.query.text") == text for s in spans))
+    started = time.monotonic()
+    assert gateway.terminate() == 0, gateway.stderr
+    assert time.monotonic() - started < 8, "the shipper ignored SIGTERM until killed"
+    assert "did not stop" not in gateway.stderr
+    assert not Path(f"/proc/{second}").exists()
 
 
 def test_refused_connection_gets_a_span(

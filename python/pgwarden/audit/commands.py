@@ -92,6 +92,12 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP reopens the gateway's statement log; the shipper has nothing to reopen, and a
+    # HUP sent to the whole process group must not end it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A shipper restarted by the gateway inherits the signal mask of the thread that
+    # started it, where these are blocked (ShipperSupervisor._watch).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
     from pgwarden.audit.shipper import Shipper
 
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +23,11 @@ log = logging.getLogger(__name__)
 
 _WATCH_INTERVAL: Final = 0.5
 _RESTART_BACKOFF: Final = 1.0
+#: The signals the gateway handles.  The watcher thread blocks them: a worker supervisor
+#: waits for them with sigtimedwait (blocked in its thread), and a process-directed signal
+#: the kernel handed to this thread instead would take its default action, ending the
+#: gateway without a drain.
+_GATEWAY_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
 def shipper_command(parent_pid: int) -> list[str]:
@@ -61,6 +67,7 @@ class ShipperSupervisor:
             log.info("audit shipper started (pid %d)", self._process.pid)
 
     def _watch(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _GATEWAY_SIGNALS)
         while not self._stopping.wait(_WATCH_INTERVAL):
             process = self._process
             if process is None or process.poll() is None:
