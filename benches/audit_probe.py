@@ -4,7 +4,7 @@ The gateway writes records into memory-mapped segment files under
 ``<audit.directory>/spool/<stream>/<first seq>.seg`` (one stream per gateway process);
 each segment is allocated whole and its unwritten rest is zero bytes.  The shipper
 writes ``checkpoint.json`` next to them (the next segment and byte offset to read, and
-the seq of the last record delivered) at least once a second while it delivers and at
+the seq of the last record delivered) every 3 seconds while it delivers and at
 once when it runs out of work, and deletes (or recycles as ``.free-*.seg``) the
 segments behind it.  So, from outside and without stopping anything:
 

@@ -151,7 +151,7 @@ def test_spool_suffix_verifies_after_delivered_segments_are_deleted(tmp_path: Pa
     while shipper.ship_once()[0]:
         pass
     for stream_shipper in shipper.streams.values():
-        stream_shipper.checkpoint()  # what the shipper does at least once a second
+        stream_shipper.checkpoint()  # what the shipper does every few seconds
     remaining = segment_names(stream)
     assert remaining[0] != "00000000000000000001.seg"
     report = verify_path(stream, key)

@@ -58,10 +58,13 @@ log = logging.getLogger(__name__)
 _SCOPE: Final = scope()
 
 _LOCK_RETRY_SECONDS: Final = 0.2
-#: How often a stream's checkpoint is written (and recordings fsynced, segments freed).
-#: Between checkpoints, delivered batches are only in memory: a shipper killed meanwhile
-#: delivers them again, with the same span ids.
-CHECKPOINT_INTERVAL_SECONDS: Final = 1.0
+#: How often a busy stream's checkpoint is written (and recordings fsynced, segments
+#: freed); an idle one is checkpointed at once.  Between checkpoints, delivered batches are
+#: only in memory: a shipper killed meanwhile delivers them again, with the same span ids
+#: (and recordings drop the repeated lines on reading).  Every checkpoint fsyncs each
+#: session file written since the last one: with many sessions, a short interval is mostly
+#: fsyncs.
+CHECKPOINT_INTERVAL_SECONDS: Final = 3.0
 #: Delivered segments handed back to a live writer for reuse (the rest are deleted).
 FREE_SEGMENTS_KEPT: Final = 1
 #: The head every record starts with (rust/wire/src/audit_record.rs, RecordBody::begin),

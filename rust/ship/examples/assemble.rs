@@ -30,6 +30,7 @@ fn main() {
     let n = lines.len() as f64;
     if std::env::var_os("ONLY_PROCESS").is_none() {
         phases(&lines, n);
+        minimal(&lines, n);
     }
     assemble(&lines, n);
 }
@@ -99,6 +100,43 @@ fn assemble(lines: &[&[u8]], n: f64) {
     }
     println!(
         "process       {:.2} us/line ({spans} spans)",
+        t.elapsed().as_secs_f64() / n * 1e6
+    );
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Minimal<'a> {
+    seq: u64,
+    ts: u64,
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(borrow, default)]
+    session: Option<&'a str>,
+    #[serde(default)]
+    n: Option<u64>,
+    #[serde(borrow, default)]
+    sql: Option<&'a str>,
+}
+
+pub fn minimal(lines: &[&[u8]], n: f64) {
+    let t = Instant::now();
+    let mut ok = 0;
+    for l in lines {
+        if std::hint::black_box(serde_json::from_slice::<Minimal<'_>>(l)).is_ok() {
+            ok += 1;
+        }
+    }
+    println!(
+        "minimal parse {:.2} us/line ({ok} ok)",
+        t.elapsed().as_secs_f64() / n * 1e6
+    );
+    let t = Instant::now();
+    for l in lines {
+        std::hint::black_box(serde_json::from_slice::<serde::de::IgnoredAny>(l).ok());
+    }
+    println!(
+        "ignored parse {:.2} us/line",
         t.elapsed().as_secs_f64() / n * 1e6
     );
 }
