@@ -171,6 +171,10 @@ class SessionCodec:
     Server messages are streamed: a DataRow or CopyData larger than a chunk is never
     buffered whole.  Event offsets ``start``/``end`` index into the returned bytes.
 
+    A Query or Parse whose text is not UTF-8 is not a :class:`WireError`: it is replaced
+    by a statement the server fails, whose error the client gets as ERROR 22021 (see
+    rust/wire/src/refusal.rs); no client event is reported for it.
+
     ``context_json`` is a pre-encoded JSON object body (without braces), e.g.
     ``'"session":"a1","user":"alice"'``, spliced into every statement record.
     """
@@ -222,6 +226,15 @@ class SessionCodec:
     @property
     def held_client_bytes(self) -> int:
         """Client bytes held back because their message is not complete yet."""
+    @property
+    def server_bytes_owed(self) -> int:
+        """Bytes of the current server message the client is still owed.
+
+        0 when what was forwarded to the client ends at a message boundary: the only place
+        the gateway may write a message of its own.  Otherwise, feeding ``feed_server`` at
+        most this many bytes cannot go past the end of the message (for a header forwarded
+        in part it is the rest of the header; feed that, then ask again).
+        """
     @property
     def audit_dropped(self) -> int:
         """Audit records this session could not store (relaxed audit only)."""

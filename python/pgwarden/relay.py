@@ -11,6 +11,14 @@ upstream backend a Terminate (client messages are forwarded only whole, so the u
 is at a message boundary), plus a CancelRequest when a statement was still running; a server
 that disappears without a FATAL of its own gets the client a FATAL 08006 "server closed the
 connection unexpectedly".
+
+A message of the gateway's own (the FATAL that ends a session) is only ever written to the
+client at a server-message boundary: server bytes are forwarded as they arrive, so the client
+may hold part of a DataRow, and a FATAL spliced into it would make the client lose
+synchronization.  When the gateway ends a session mid-message, it goes on forwarding the
+server's bytes until that message is complete (and no further), then writes the FATAL; if
+the rest does not come within :data:`BOUNDARY_WAIT_SECONDS`, the client connection is closed
+with nothing more written.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ EV_ERROR: Final = _wire.EV_ERROR
 EV_TERMINATE: Final = _wire.EV_TERMINATE
 # Time a closing side gets to flush what is buffered for it before it is aborted.
 CLOSE_GRACE_SECONDS: Final = 10.0
+# Time an ending session waits for the server message being forwarded to be complete.
+BOUNDARY_WAIT_SECONDS: Final = 2.0
 
 
 class _ClientSide(asyncio.Protocol):
@@ -116,6 +126,39 @@ class _ServerSide(asyncio.Protocol):
         self._relay.client_transport.resume_reading()
 
 
+class _ServerSideCompletingMessage(_ServerSide):
+    """The session is ending mid-message: forward the rest of that message only."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        relay = self._relay
+        codec = relay.codec
+        try:
+            # Fed in pieces no longer than what is owed, so nothing past the message's
+            # end reaches the client; the rest of the chunk is dropped with the session.
+            while data and (owed := codec.server_bytes_owed) > 0:
+                piece, data = data[:owed], data[owed:]
+                out, events = self._feed(piece)
+                if out:
+                    self._write(out)
+                if events is not None:
+                    self._on_events(events)
+        except Exception as exc:
+            log.info("session %s: cannot complete the server message: %s", relay.session.id, exc)
+            relay.boundary_missed()
+            return
+        if codec.server_bytes_owed == 0:
+            relay.boundary_reached()
+
+    # The client is no longer read: server backpressure has nothing to pause.
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
 class Relay:
     """Both directions of one authenticated session."""
 
@@ -145,6 +188,8 @@ class Relay:
         self._client_terminated = False  # client sent Terminate
         self._upstream_fatal = False  # server sent its own FATAL/PANIC
         self._terminating = False  # the gateway ended the session
+        # terminate() mid server message: the FATAL to write once the message is complete.
+        self._final_message: bytes | None = None
         # Set by end_when_idle(): (sqlstate, message) to end with at the next safe point.
         self._end_when_idle: tuple[str, str] | None = None
         self.cancel_upstream_on_close = False  # a statement may still be running
@@ -209,14 +254,49 @@ class Relay:
             self.client_transport.write(data)
 
     def terminate(self, sqlstate: str, message: str) -> None:
-        """Send the client FATAL ``sqlstate``, end the upstream backend, close both sides."""
+        """Send the client FATAL ``sqlstate``, end the upstream backend, close both sides.
+
+        The FATAL goes at a server-message boundary: at once when the client's stream is
+        at one, else after the rest of the message being forwarded (see the module notes).
+        """
         if self._terminating:
             return
         self._terminating = True
         self.ended_by = (sqlstate, message)
         self.cancel_upstream_on_close |= self.codec.in_flight > 0
-        self._close_client(errors.fatal(sqlstate, message))
-        self._close_server()
+        final = errors.fatal(sqlstate, message)
+        if (
+            self._client_lost
+            or self._server_lost
+            or self.client_transport.is_closing()
+            or self.codec.server_bytes_owed == 0
+        ):
+            self._close_client(final)
+            self._close_server()
+            return
+        self._final_message = final
+        self.client_transport.pause_reading()  # nothing more goes upstream
+        self.server_transport.set_protocol(_ServerSideCompletingMessage(self))
+        asyncio.get_running_loop().call_later(BOUNDARY_WAIT_SECONDS, self.boundary_missed)
+
+    def boundary_reached(self) -> None:
+        """The message being forwarded when the session was ended is complete."""
+        final, self._final_message = self._final_message, None
+        if final is not None:
+            self._close_client(final)
+            self._close_server()
+
+    def boundary_missed(self) -> None:
+        """It did not complete in time (or cannot): close without writing anything more."""
+        final, self._final_message = self._final_message, None
+        if final is not None:
+            log.info(
+                "session %s: server message incomplete after %.0f s; closing without a FATAL",
+                self.session.id,
+                BOUNDARY_WAIT_SECONDS,
+            )
+            self._close_client(None)
+            self._close_server()
 
     # --- events -------------------------------------------------------------------------
 
@@ -333,6 +413,7 @@ class Relay:
 
     def server_lost(self) -> None:
         self._server_lost = True
+        self._final_message = None  # the message being completed never will be
         if (
             self._client_lost
             or self._upstream_fatal
@@ -342,8 +423,12 @@ class Relay:
             self._close_client(None)
         else:
             log.warning("session %s: upstream connection closed unexpectedly", self.session.id)
+            # Not spliced into a message the server left unfinished.
+            at_boundary = self.codec.server_bytes_owed == 0
             self._close_client(
                 errors.fatal(errors.CONNECTION_FAILURE, errors.SERVER_CLOSED_MESSAGE)
+                if at_boundary
+                else None
             )
         self._lost()
 

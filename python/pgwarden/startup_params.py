@@ -52,7 +52,8 @@ REFUSED: Final[dict[str, str]] = {
 }
 # The gateway reads statement text as UTF-8 (to log, and later to parse and decide), so a
 # client must speak UTF8; SQL_ASCII (what libpq picks in the C locale) passes bytes unchanged
-# and works as long as they are UTF-8.  Names as PostgreSQL normalises them.
+# and works as long as they are UTF-8.  (A later switch is caught per statement: the codec
+# refuses text that is not UTF-8 with ERROR 22021.)  Names as PostgreSQL normalises them.
 _READABLE_ENCODINGS: Final[frozenset[str]] = frozenset({"utf8", "unicode", "sqlascii"})
 # Parameters consumed by the gateway itself.
 GATEWAY_OWN: Final[frozenset[str]] = frozenset({"user", "database"})

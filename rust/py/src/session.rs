@@ -208,4 +208,9 @@ impl SessionCodec {
     fn held_client_bytes(&self) -> usize {
         self.inner.held_client_bytes()
     }
+
+    #[getter]
+    fn server_bytes_owed(&self) -> usize {
+        self.inner.server_bytes_owed()
+    }
 }

@@ -39,7 +39,8 @@ impl ClientStream {
     }
 
     /// Frames `input`, forwarding into `out`; `on_message(tag, body, start, end)` is
-    /// called for each complete message (CopyData excepted) with its range in `out`.
+    /// called for each complete message (CopyData excepted) with its range in `out`, and
+    /// may return a whole message to forward in its place.
     pub(crate) fn feed<F>(
         &mut self,
         input: &[u8],
@@ -47,7 +48,7 @@ impl ClientStream {
         mut on_message: F,
     ) -> Result<()>
     where
-        F: FnMut(u8, &[u8], usize, usize) -> Result<()>,
+        F: FnMut(u8, &[u8], usize, usize) -> Result<Option<Vec<u8>>>,
     {
         let n = input.len();
         let mut pos = 0;
@@ -87,7 +88,12 @@ impl ClientStream {
                         let end = pos + HEADER_LEN + body_len;
                         let start = out.len();
                         out.pass(input, pos, end);
-                        on_message(tag, &input[pos + HEADER_LEN..end], start, out.len())?;
+                        let replacement =
+                            on_message(tag, &input[pos + HEADER_LEN..end], start, out.len())?;
+                        if let Some(replacement) = replacement {
+                            out.truncate(start);
+                            out.emit(input, &replacement);
+                        }
                         pos = end;
                     } else {
                         self.held.extend_from_slice(&input[pos..]);
@@ -143,13 +149,17 @@ impl ClientStream {
         on_message: &mut F,
     ) -> Result<()>
     where
-        F: FnMut(u8, &[u8], usize, usize) -> Result<()>,
+        F: FnMut(u8, &[u8], usize, usize) -> Result<Option<Vec<u8>>>,
     {
         let start = out.len();
         out.emit(input, &self.held);
         let result = on_message(tag, &self.held[HEADER_LEN..], start, out.len());
         self.release();
-        result
+        if let Ok(Some(replacement)) = &result {
+            out.truncate(start);
+            out.emit(input, replacement);
+        }
+        result.map(|_| ())
     }
 
     fn release(&mut self) {

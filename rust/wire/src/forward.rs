@@ -82,6 +82,16 @@ impl OutBuf {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Takes back everything forwarded after the first `len` bytes (a message that is
+    /// replaced after it was passed).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        if self.owned {
+            self.buf.truncate(len);
+        } else {
+            self.prefix = self.prefix.min(len);
+        }
+    }
+
     fn own(&mut self, input: &[u8]) {
         self.owned = true;
         self.buf.extend_from_slice(&input[..self.prefix]);
@@ -131,5 +141,19 @@ mod tests {
         o.pass(input, 0, 1);
         assert_eq!(Forward::Buffered.select(input, o.buffered()), b"xya");
         assert_eq!(o.len(), 3);
+    }
+
+    #[test]
+    fn truncate_then_emit_replaces_a_message() {
+        let input = b"abcdef";
+        let mut o = OutBuf::default();
+        o.pass(input, 0, 4);
+        o.truncate(2);
+        o.emit(input, b"XY");
+        o.pass(input, 4, 6);
+        assert_eq!(o.result(6), Forward::Buffered);
+        assert_eq!(o.buffered(), b"abXYef");
+        o.truncate(3);
+        assert_eq!(o.buffered(), b"abX");
     }
 }

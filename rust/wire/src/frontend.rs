@@ -1,7 +1,8 @@
 //! Client-to-server (frontend) messages after startup, with symmetric decode/encode.
 //! Decoding borrows from the body: names, SQL text and values are slices, not copies.
-//! Text fields must be UTF-8: the gateway pins `client_encoding` to UTF8, and text it
-//! cannot read is refused rather than guessed at.
+//! Text fields must be UTF-8: the gateway refuses another `client_encoding` at startup,
+//! and text it cannot read is refused rather than guessed at (a Query or Parse in place,
+//! see [`crate::refusal`]).
 
 use crate::arrays::{Int16Array, OidArray, ValueList};
 use crate::error::{Direction, Result, WireError};

@@ -25,6 +25,7 @@ mod names;
 pub mod otlp;
 pub mod reader;
 mod record;
+mod refusal;
 mod server_stream;
 pub mod session;
 pub mod session_audit;

@@ -1,7 +1,9 @@
 //! Server-to-client chunk scanning for the relay.  Bytes are forwarded as they arrive;
 //! only message headers are read, plus the bodies of the few control messages the
 //! session needs (assembled aside when they straddle chunks).  A DataRow or CopyData is
-//! never buffered unless a row masker asks for that row.
+//! never buffered unless a row masker asks for that row; the only other message ever
+//! held back is the server's answer to a statement the gateway refused in place
+//! (see [`crate::refusal`]), which is replaced.
 
 use crate::error::Result;
 use crate::forward::OutBuf;
@@ -14,16 +16,19 @@ pub(crate) enum BodyUse {
     Skip,
     /// Needed whole (control message): `on_message` gets it, the bytes still stream.
     Assemble,
-    /// A DataRow to offer to the masker: held until whole, then forwarded or replaced.
-    HoldRow,
+    /// Held until whole, then forwarded or replaced ([`ServerSink::rewrite`]): a DataRow
+    /// for the masker, or the ErrorResponse answering a refused statement.  Only honoured
+    /// in the explicit-forwarding mode; otherwise the message is assembled and streamed.
+    Hold,
 }
 
 /// The session side of the scanner.
 pub(crate) trait ServerSink {
     fn on_header(&mut self, tag: u8, body_len: usize) -> Result<BodyUse>;
     fn on_message(&mut self, tag: u8, body: &[u8]) -> Result<()>;
-    /// Writes a replacement DataRow body into `out` and returns true, or returns false.
-    fn rewrite_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool;
+    /// A held message, whole: writes a replacement body (same tag) into `out` and returns
+    /// true, or returns false to forward it as it is.
+    fn rewrite(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<bool>;
     /// Body bytes of a [`BodyUse::Skip`] message as they stream through (for recording).
     fn skipped(&mut self, _bytes: &[u8]) {}
 }
@@ -39,8 +44,9 @@ enum State {
         tag: u8,
         remaining: usize,
     },
-    /// `asm` holds the row's header and body so far.
-    HoldRow {
+    /// `asm` holds the message's header and body so far.
+    Hold {
+        tag: u8,
         remaining: usize,
     },
 }
@@ -50,6 +56,9 @@ pub(crate) struct ServerStream {
     state: State,
     hdr: [u8; HEADER_LEN],
     hdr_len: usize,
+    /// How many of the `hdr_len` bytes were already forwarded (the mode can change
+    /// between calls: explicit forwarding withholds a split header, the fast mode not).
+    hdr_passed: usize,
     asm: Vec<u8>,
     rewritten: Vec<u8>,
     max_len: usize,
@@ -63,26 +72,45 @@ impl ServerStream {
             state: State::Boundary,
             hdr: [0; HEADER_LEN],
             hdr_len: 0,
+            hdr_passed: 0,
             asm: Vec::new(),
             rewritten: Vec::new(),
             max_len,
         }
     }
 
-    /// Scans `input`.  Without a masker every byte is forwarded as received.
+    /// Scans `input`.  Unless `holding` (a masker, or a refusal awaiting its answer),
+    /// every byte is forwarded as received.
     pub(crate) fn feed<S: ServerSink>(
         &mut self,
         input: &[u8],
         out: &mut OutBuf,
         sink: &mut S,
-        masking: bool,
+        holding: bool,
     ) -> Result<()> {
-        if masking {
+        if holding {
             self.scan::<S, true>(input, out, sink)
         } else {
+            if self.hdr_passed < self.hdr_len {
+                // Header bytes withheld by an earlier call in the holding mode.
+                out.emit(input, &self.hdr[self.hdr_passed..self.hdr_len]);
+                self.hdr_passed = self.hdr_len;
+            }
             let r = self.scan::<S, false>(input, out, sink);
             out.pass(input, 0, input.len());
             r
+        }
+    }
+
+    /// Bytes of the current message the client is still owed: 0 when what was forwarded
+    /// so far ends at a message boundary (a held message or a withheld header counts as
+    /// not forwarded).  For a header forwarded in part, the rest of the header: feeding
+    /// that much reveals the body length.
+    pub(crate) fn owed_to_client(&self) -> usize {
+        match self.state {
+            State::Boundary if self.hdr_passed > 0 => HEADER_LEN - self.hdr_len,
+            State::Boundary | State::Hold { .. } => 0,
+            State::Skip { remaining } | State::Assemble { remaining, .. } => remaining,
         }
     }
 
@@ -115,9 +143,11 @@ impl ServerStream {
                         self.hdr_len += take;
                         if self.hdr_len < HEADER_LEN {
                             if MASKING {
-                                // Withhold the partial header: it may begin a held row.
+                                // Withhold the partial header: it may begin a held message.
                                 out.pass(input, pass_from, pos);
                                 pass_from = n;
+                            } else {
+                                self.hdr_passed = self.hdr_len;
                             }
                             pos = n;
                             continue;
@@ -127,12 +157,19 @@ impl ServerStream {
                         pos += take;
                         (self.hdr, start)
                     };
+                    let passed = std::mem::take(&mut self.hdr_passed);
                     let (tag, body_len) = parse_header(header, self.max_len)?;
-                    let body_use = sink.on_header(tag, body_len)?;
+                    let mut body_use = sink.on_header(tag, body_len)?;
+                    if body_use == BodyUse::Hold && (!MASKING || passed > 0) {
+                        // Part of it is on its way to the client already: it cannot be
+                        // held, but the sink still reads it.
+                        body_use = BodyUse::Assemble;
+                    }
                     if MASKING && msg_start.is_none() {
-                        // The header began in an earlier chunk and was withheld.
-                        if body_use != BodyUse::HoldRow {
-                            out.emit(input, &header);
+                        // The header began in an earlier chunk and was withheld (the part
+                        // not already forwarded in the fast mode).
+                        if body_use != BodyUse::Hold {
+                            out.emit(input, &header[passed..]);
                             pass_from = pos;
                         }
                     }
@@ -164,17 +201,18 @@ impl ServerStream {
                                 pos = n;
                             }
                         }
-                        BodyUse::HoldRow if MASKING => {
+                        BodyUse::Hold => {
+                            // MASKING only (see above).
                             if let Some(start) = msg_start {
                                 out.pass(input, pass_from, start);
                             }
                             if msg_start.is_some() && n - pos >= body_len {
-                                // The whole row is in this chunk: no assembly needed.
+                                // The whole message is in this chunk: no assembly needed.
                                 let body = &input[pos..pos + body_len];
                                 self.rewritten.clear();
                                 let start = msg_start.unwrap_or(pos);
-                                if sink.rewrite_row(body, &mut self.rewritten) {
-                                    emit_row(out, input, &self.rewritten);
+                                if sink.rewrite(tag, body, &mut self.rewritten)? {
+                                    emit_message(out, input, tag, &self.rewritten);
                                     pass_from = pos + body_len;
                                 } else {
                                     pass_from = start;
@@ -188,20 +226,13 @@ impl ServerStream {
                                 pos += take;
                                 pass_from = pos;
                                 if take == body_len {
-                                    self.finish_row(input, out, sink);
+                                    self.finish_held(tag, input, out, sink)?;
                                 } else {
-                                    self.state = State::HoldRow {
+                                    self.state = State::Hold {
+                                        tag,
                                         remaining: body_len - take,
                                     };
                                 }
-                            }
-                        }
-                        BodyUse::HoldRow => {
-                            // Only offered when masking; treat as streaming otherwise.
-                            if body_len > 0 {
-                                self.state = State::Skip {
-                                    remaining: body_len,
-                                };
                             }
                         }
                     }
@@ -236,16 +267,17 @@ impl ServerStream {
                         };
                     }
                 }
-                State::HoldRow { remaining } => {
+                State::Hold { tag, remaining } => {
                     let take = remaining.min(n - pos);
                     self.asm.extend_from_slice(&input[pos..pos + take]);
                     pos += take;
                     pass_from = pos;
                     if take == remaining {
                         self.state = State::Boundary;
-                        self.finish_row(input, out, sink);
+                        self.finish_held(tag, input, out, sink)?;
                     } else {
-                        self.state = State::HoldRow {
+                        self.state = State::Hold {
+                            tag,
                             remaining: remaining - take,
                         };
                     }
@@ -258,15 +290,23 @@ impl ServerStream {
         Ok(())
     }
 
-    /// Forwards the held row in `asm`, rewritten if the masker wants.
-    fn finish_row<S: ServerSink>(&mut self, input: &[u8], out: &mut OutBuf, sink: &mut S) {
+    /// Forwards the held message in `asm`, rewritten if the sink wants.
+    fn finish_held<S: ServerSink>(
+        &mut self,
+        tag: u8,
+        input: &[u8],
+        out: &mut OutBuf,
+        sink: &mut S,
+    ) -> Result<()> {
         self.rewritten.clear();
-        if sink.rewrite_row(&self.asm[HEADER_LEN..], &mut self.rewritten) {
-            emit_row(out, input, &self.rewritten);
-        } else {
-            out.emit(input, &self.asm);
+        let r = sink.rewrite(tag, &self.asm[HEADER_LEN..], &mut self.rewritten);
+        match r {
+            Ok(true) => emit_message(out, input, tag, &self.rewritten),
+            Ok(false) => out.emit(input, &self.asm),
+            Err(_) => {}
         }
         self.trim();
+        r.map(|_| ())
     }
 
     fn trim(&mut self) {
@@ -279,9 +319,9 @@ impl ServerStream {
     }
 }
 
-/// Emits a DataRow with a replacement body.
-fn emit_row(out: &mut OutBuf, input: &[u8], body: &[u8]) {
-    let mut header = [crate::backend::tag::DATA_ROW, 0, 0, 0, 0];
+/// Emits a message with a replacement body.
+fn emit_message(out: &mut OutBuf, input: &[u8], tag: u8, body: &[u8]) {
+    let mut header = [tag, 0, 0, 0, 0];
     header[1..].copy_from_slice(&((body.len() + 4) as u32).to_be_bytes());
     out.emit(input, &header);
     out.emit(input, body);

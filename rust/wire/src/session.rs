@@ -18,6 +18,7 @@ use crate::limits::DEFAULT_MAX_MESSAGE_LEN;
 use crate::masker::DataRowMasker;
 use crate::names::{Portal, PreparedNames};
 use crate::record::json_param;
+use crate::refusal::{self, NonUtf8Statement};
 use crate::server_stream::{BodyUse, ServerSink, ServerStream};
 use crate::session_audit::AuditConfig;
 use crate::statements::{FeedClock, Kind, StatementTracker};
@@ -144,7 +145,9 @@ impl SessionCodec {
         self.server_out.reset();
         self.server_events.clear();
         self.clock.reset();
-        let masking = self.masker.is_some();
+        // Messages are held (explicit forwarding) for a masker, or while a refused
+        // statement's answer is due: it is replaced.
+        let holding = self.masker.is_some() || self.tracker.refusals_pending();
         let mut sink = ServerHandler {
             tracker: &mut self.tracker,
             names: &mut self.names,
@@ -155,7 +158,7 @@ impl SessionCodec {
         };
         match self
             .server
-            .feed(input, &mut self.server_out, &mut sink, masking)
+            .feed(input, &mut self.server_out, &mut sink, holding)
         {
             Ok(()) => Ok(self.server_out.result(input.len())),
             Err(e) => {
@@ -213,6 +216,14 @@ impl SessionCodec {
     pub fn held_client_bytes(&self) -> usize {
         self.client.held_len()
     }
+
+    /// Bytes of the current server message the client is still owed: 0 when the bytes
+    /// forwarded to the client so far end at a message boundary, the only place the
+    /// gateway may add a message of its own (a FATAL when it ends the session).  When
+    /// not 0, feeding at most this many bytes cannot pass the end of the message.
+    pub fn server_bytes_owed(&self) -> usize {
+        self.server.owed_to_client()
+    }
 }
 
 /// Handles each complete client message.
@@ -230,7 +241,50 @@ impl ClientHandler<'_> {
         self.emit_events || self.tracker.recording()
     }
 
-    fn message(&mut self, tag: u8, body: &[u8], start: usize, end: usize) -> Result<()> {
+    /// One complete client message; `Some` is a message to forward in its place.
+    fn message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        start: usize,
+        end: usize,
+    ) -> Result<Option<Vec<u8>>> {
+        match self.forwarded(tag, body, start, end) {
+            Ok(()) => Ok(None),
+            Err(e @ WireError::Malformed { .. }) => match refusal::non_utf8_statement(tag, body) {
+                Some(statement) => self.refuse(tag, statement).map(Some),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A Query or Parse refused in place (see [`crate::refusal`]): recorded as the client
+    /// sent it, no event (there is nothing left to decide), the replacement forwarded.
+    fn refuse(&mut self, tag: u8, statement: NonUtf8Statement) -> Result<Vec<u8>> {
+        let kind = if tag == frontend::tag::QUERY {
+            Kind::Query
+        } else {
+            Kind::Parse
+        };
+        let sql = self
+            .tracker
+            .recording()
+            .then(|| Arc::<str>::from(statement.sql));
+        if let (Some(name), Some(sql)) = (&statement.name, &sql) {
+            // The server has no statement of that name after the failed Parse (or an
+            // older one, which keeps its text): a Bind of it in the same batch is
+            // skipped, and recorded with this text and the error.
+            if name.is_empty() || self.names.statement(name).is_none() {
+                self.names.define_statement(name, sql.clone());
+            }
+        }
+        self.tracker
+            .refused(kind, self.clock, sql, statement.refusal)?;
+        Ok(statement.replacement)
+    }
+
+    fn forwarded(&mut self, tag: u8, body: &[u8], start: usize, end: usize) -> Result<()> {
         let recording = self.tracker.recording();
         match tag {
             frontend::tag::QUERY => {
@@ -463,10 +517,11 @@ impl ServerSink for ServerHandler<'_> {
             t::DATA_ROW => {
                 self.tracker.data_row();
                 match &self.masker {
-                    Some(m) if m.wants_rows() => BodyUse::HoldRow,
+                    Some(m) if m.wants_rows() => BodyUse::Hold,
                     _ => BodyUse::Skip,
                 }
             }
+            t::ERROR_RESPONSE if self.tracker.refusal_answer_due() => BodyUse::Hold,
             t::COMMAND_COMPLETE | t::ERROR_RESPONSE => BodyUse::Assemble,
             t::READY_FOR_QUERY => {
                 check_fixed_len(tag, body_len)?;
@@ -572,15 +627,28 @@ impl ServerSink for ServerHandler<'_> {
         Ok(())
     }
 
-    fn rewrite_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool {
+    fn rewrite(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        if tag == backend::tag::ERROR_RESPONSE {
+            // The server's answer to a refused statement's replacement.
+            let replaced = match self.tracker.front_refusal() {
+                Some(r) => {
+                    let replaced = r.replace_error(body, out)?;
+                    r.answered |= replaced;
+                    replaced
+                }
+                None => false,
+            };
+            self.on_message(tag, if replaced { out } else { body })?;
+            return Ok(replaced);
+        }
         let rewritten = match self.masker.as_deref_mut() {
-            Some(m) => m.mask_row(row, out),
+            Some(m) => m.mask_row(body, out),
             None => false,
         };
         // Recorded as the client gets it.
         self.tracker
-            .capture_whole_body(if rewritten { out } else { row });
-        rewritten
+            .capture_whole_body(if rewritten { out } else { body });
+        Ok(rewritten)
     }
 
     #[inline]

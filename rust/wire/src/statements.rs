@@ -17,6 +17,7 @@ use crate::backend::command_tag_rows;
 use crate::capture::Capture;
 use crate::error::{Result, WireError};
 use crate::record::{json_str, write_timestamp, write_u64};
+use crate::refusal::Refusal;
 use crate::session_audit::{AuditConfig, SessionAudit, StatementEnd, StatementStart};
 
 /// Per-statement data kept only when records are on.
@@ -110,6 +111,8 @@ impl Kind {
 #[derive(Debug)]
 struct Pending {
     kind: Kind,
+    /// The client's message was refused and replaced: its answer is due in `refusals`.
+    refused: bool,
     /// Boxed so a deep pipeline costs 16 bytes per queued message when not recording.
     draft: Option<Box<Draft>>,
 }
@@ -118,6 +121,8 @@ struct Pending {
 #[derive(Debug)]
 pub(crate) struct StatementTracker {
     queue: VecDeque<Pending>,
+    /// One per `refused` entry of `queue`, in the same order.
+    refusals: VecDeque<Refusal>,
     in_flight: usize,
     /// The server is skipping messages until Sync (extended error with no Sync queued).
     discarding: bool,
@@ -143,6 +148,7 @@ impl StatementTracker {
     pub(crate) fn new(json_log: bool, context_json: &str, audit: Option<AuditConfig>) -> Self {
         StatementTracker {
             queue: VecDeque::new(),
+            refusals: VecDeque::new(),
             in_flight: 0,
             discarding: false,
             recording: json_log || audit.is_some(),
@@ -202,6 +208,48 @@ impl StatementTracker {
         function_oid: Option<u32>,
     ) -> Result<()> {
         self.sent_with(kind, clock, sql, None, params, function_oid)
+    }
+
+    /// A Query or Parse refused in place: a replacement the server fails is forwarded
+    /// instead, and that failure will be answered with `refusal`'s error.  Recorded like
+    /// any statement (its `stmt` record first, with an error at its end).
+    pub(crate) fn refused(
+        &mut self,
+        kind: Kind,
+        clock: &mut FeedClock,
+        sql: Option<Arc<str>>,
+        refusal: Refusal,
+    ) -> Result<()> {
+        let queued = self.queue.len();
+        self.sent_with(kind, clock, sql, None, None, None)?;
+        if self.queue.len() > queued {
+            // Not queued while the server discards until Sync: it skips the replacement.
+            if let Some(p) = self.queue.back_mut() {
+                p.refused = true;
+                self.refusals.push_back(refusal);
+            }
+        }
+        Ok(())
+    }
+
+    /// A refused statement's answer is still to come.
+    pub(crate) fn refusals_pending(&self) -> bool {
+        !self.refusals.is_empty()
+    }
+
+    /// The message at the front is a refused one whose error has not been replaced yet.
+    pub(crate) fn refusal_answer_due(&self) -> bool {
+        self.queue.front().is_some_and(|p| p.refused)
+            && self.refusals.front().is_some_and(|r| !r.answered)
+    }
+
+    /// The refusal of the message at the front, if it is a refused one.
+    pub(crate) fn front_refusal(&mut self) -> Option<&mut Refusal> {
+        if self.queue.front().is_some_and(|p| p.refused) {
+            self.refusals.front_mut()
+        } else {
+            None
+        }
     }
 
     /// A simple Query whose text only the audit record needs: it is written from the
@@ -277,7 +325,11 @@ impl StatementTracker {
         if kind.is_statement() {
             self.in_flight += 1;
         }
-        self.queue.push_back(Pending { kind, draft });
+        self.queue.push_back(Pending {
+            kind,
+            refused: false,
+            draft,
+        });
         Ok(())
     }
 
@@ -291,6 +343,9 @@ impl StatementTracker {
         let p = self.queue.pop_front()?;
         if p.kind.is_statement() {
             self.in_flight -= 1;
+        }
+        if p.refused {
+            self.refusals.pop_front();
         }
         Some(p)
     }

@@ -559,9 +559,211 @@ fn oversized_and_malformed_input_is_refused() {
     assert!(codec.feed_server(b"1\0\0\0\x05X").is_err());
     let mut codec = SessionCodec::new(SessionConfig::default());
     assert!(
-        codec.feed_client(b"Q\0\0\0\x06\xff\0").is_err(),
-        "non-UTF-8 SQL is refused"
+        codec.feed_client(b"Q\0\0\0\x06\xff\xfe").is_err(),
+        "a Query without its terminator is malformed, UTF-8 or not"
     );
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    assert!(
+        codec
+            .feed_client(&raw_message(b'B', b"\xff\0\0\0\0\0\0\0\0"))
+            .is_err(),
+        "names outside Parse must be UTF-8"
+    );
+}
+
+// --- statements refused in place (text not UTF-8) -----------------------------------------
+
+fn raw_message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn latin1_query() -> Vec<u8> {
+    raw_message(b'Q', b"SELECT 'caf\xe9'\0")
+}
+
+fn latin1_parse(name: &str) -> Vec<u8> {
+    let mut body = name.as_bytes().to_vec();
+    body.extend_from_slice(b"\0SELECT 'caf\xe9' WHERE $1\0\0\0");
+    raw_message(b'P', &body)
+}
+
+/// The server's answer to the replacement statement.
+fn syntax_error() -> Vec<u8> {
+    error("42601", "syntax error at or near \"pgwarden\"")
+}
+
+/// (tag, body) of every message in `bytes`.
+fn messages(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        out.push((bytes[0], bytes[5..1 + len].to_vec()));
+        bytes = &bytes[1 + len..];
+    }
+    out
+}
+
+fn field(body: &[u8], code: u8) -> Option<String> {
+    pgwarden_wire::backend::Fields::decode(body, "test")
+        .unwrap()
+        .get(code)
+        .map(|v| String::from_utf8(v.to_vec()).unwrap())
+}
+
+fn assert_refusal_error(body: &[u8]) {
+    assert_eq!(field(body, b'C').as_deref(), Some("22021"));
+    assert_eq!(field(body, b'S').as_deref(), Some("ERROR"));
+    assert_eq!(
+        field(body, b'M').as_deref(),
+        Some("statement text is not valid UTF-8")
+    );
+    assert!(field(body, b'H').unwrap().contains("client_encoding UTF8"));
+    assert!(field(body, b'D').unwrap().contains("0xe9 at offset 11"));
+}
+
+#[test]
+fn non_utf8_query_is_replaced_and_answered_with_22021() {
+    let mut codec = SessionCodec::new(recording());
+    let mut c = Outcome::default();
+    feed_client_chunks(&mut codec, &[&latin1_query()], &mut c);
+    assert!(
+        c.client_events.is_empty(),
+        "nothing left for a policy to decide"
+    );
+    let sent = messages(&c.forwarded);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, b'Q');
+    assert!(sent[0].1.starts_with(b"pgwarden refused this statement"));
+    assert!(!c.forwarded.windows(4).any(|w| w == b"caf\xe9"));
+
+    let mut s = Outcome::default();
+    let answer = cat(&[syntax_error(), ready(b'T')]);
+    feed_server_chunks(&mut codec, &[&answer], &mut s);
+    let got = messages(&s.forwarded);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].0, b'E');
+    assert_refusal_error(&got[0].1);
+    assert_eq!(got[1], (b'Z', b"T".to_vec()));
+    assert!(
+        matches!(&s.server_events[0], ServerEvent::Error { sqlstate, .. } if sqlstate == "22021")
+    );
+    let r = records(&mut codec);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["statement"], "SELECT 'caf\u{fffd}'");
+    assert_eq!(r[0]["sqlstate"], "22021");
+    assert_eq!(codec.in_flight(), 0);
+
+    // Back to the zero-copy path once the answer is through.
+    let next = cat(&[command_complete("SELECT 1"), ready(b'I')]);
+    codec.feed_client(&query("SELECT 1")).unwrap();
+    assert_eq!(codec.feed_server(&next).unwrap(), Forward::Unchanged);
+}
+
+#[test]
+fn refused_query_behind_a_pipelined_result_keeps_response_order() {
+    let first = cat(&[
+        row_description(&["a"]),
+        data_row(&[Some(b"1")]),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    let server = cat(&[first.clone(), syntax_error(), ready(b'I')]);
+    // Every split of the server stream, one split of it before the refusal is known (a
+    // header forwarded in part in the fast mode, then completed in the holding one).
+    for cut in 1..server.len() {
+        let mut codec = SessionCodec::new(SessionConfig::default());
+        let mut c = Outcome::default();
+        let mut s = Outcome::default();
+        feed_client_chunks(&mut codec, &[&query("SELECT 1")], &mut c);
+        let early = cut.min(first.len() - 1);
+        feed_server_chunks(&mut codec, &[&server[..early]], &mut s);
+        feed_client_chunks(&mut codec, &[&latin1_query()], &mut c);
+        let rest: Vec<&[u8]> = server[early..].chunks(cut.max(1)).collect();
+        feed_server_chunks(&mut codec, &rest, &mut s);
+        let got = messages(&s.forwarded);
+        assert_eq!(&s.forwarded[..first.len()], &first[..], "cut {cut}");
+        assert_eq!(got.len(), 6, "cut {cut}");
+        assert_refusal_error(&got[4].1);
+        assert_eq!(got[5], (b'Z', b"I".to_vec()));
+        assert_eq!(codec.server_bytes_owed(), 0);
+    }
+}
+
+#[test]
+fn non_utf8_parse_fails_at_its_place_and_the_batch_skips_to_sync() {
+    let mut codec = SessionCodec::new(recording());
+    let client = cat(&[
+        latin1_parse(""),
+        bind("", "", &[], &[Some(b"t")]),
+        execute("", 0),
+        sync(),
+    ]);
+    let mut c = Outcome::default();
+    feed_client_chunks(&mut codec, &[&client], &mut c);
+    let sent = messages(&c.forwarded);
+    assert_eq!(
+        sent.iter().map(|m| m.0).collect::<Vec<_>>(),
+        b"PBES".to_vec()
+    );
+    assert!(
+        sent[0].1.starts_with(b"\0pgwarden refused"),
+        "same (unnamed) name"
+    );
+    assert!(c
+        .client_events
+        .iter()
+        .all(|e| !matches!(e, ClientEvent::Parse { .. })));
+    // The server fails the Parse and skips Bind and Execute.
+    let mut s = Outcome::default();
+    feed_server_chunks(&mut codec, &[&cat(&[syntax_error(), ready(b'I')])], &mut s);
+    let got = messages(&s.forwarded);
+    assert_eq!(got.len(), 2);
+    assert_refusal_error(&got[0].1);
+    assert_eq!(got[1].0, b'Z');
+    assert_eq!(codec.pending_requests(), 0);
+    let r = records(&mut codec);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["statement"], "SELECT 'caf\u{fffd}' WHERE $1");
+    assert_eq!(r[0]["sqlstate"], "22021");
+}
+
+#[test]
+fn another_answer_to_a_refused_statement_is_forwarded_as_it_is() {
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    codec.feed_client(&latin1_query()).unwrap();
+    let mut fatal = Vec::new();
+    pgwarden_wire::backend::Fields::encode_pairs(
+        &mut fatal,
+        b'E',
+        &[
+            (b'S', b"FATAL"),
+            (b'V', b"FATAL"),
+            (b'C', b"57P01"),
+            (b'M', b"bye"),
+        ],
+    );
+    let mut s = Outcome::default();
+    feed_server_chunks(&mut codec, &[&fatal], &mut s);
+    assert_eq!(s.forwarded, fatal);
+}
+
+#[test]
+fn server_bytes_owed_tracks_the_message_being_forwarded() {
+    let mut codec = SessionCodec::new(SessionConfig::default());
+    codec.feed_client(&query("SELECT 'x'")).unwrap();
+    let row = data_row(&[Some(&[b'x'; 100])]);
+    assert_eq!(codec.server_bytes_owed(), 0);
+    codec.feed_server(&row[..3]).unwrap();
+    assert_eq!(codec.server_bytes_owed(), 2, "the rest of the header");
+    codec.feed_server(&row[3..5]).unwrap();
+    assert_eq!(codec.server_bytes_owed(), row.len() - 5);
+    codec.feed_server(&row[5..50]).unwrap();
+    assert_eq!(codec.server_bytes_owed(), row.len() - 50);
+    codec.feed_server(&row[50..]).unwrap();
+    assert_eq!(codec.server_bytes_owed(), 0);
 }
 
 #[test]
