@@ -105,7 +105,7 @@ pub struct StmtRec {
     #[serde(default)]
     pub n: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
+    pub protocol: Option<Cow<'static, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,6 +159,16 @@ pub struct SessionRec {
     pub unverified: bool,
 }
 
+/// The protocols a record names, without a string per statement.
+fn protocol_name(name: &str) -> Cow<'static, str> {
+    match name {
+        "simple" => Cow::Borrowed("simple"),
+        "extended" => Cow::Borrowed("extended"),
+        "function_call" => Cow::Borrowed("function_call"),
+        other => Cow::Owned(other.to_owned()),
+    }
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -179,7 +189,7 @@ impl Line<'_> {
             ts: self.ts,
             session: self.session_id().to_owned(),
             n: self.n.unwrap_or(0),
-            protocol: owned(&self.protocol),
+            protocol: self.protocol.as_deref().map(protocol_name),
             sql: owned(&self.sql),
             params: self.params.clone(),
             function_oid: self.function_oid,
@@ -211,11 +221,15 @@ impl Line<'_> {
 
 /// How a statement is named across records and in a checkpoint: `session/n`.
 pub fn statement_key(session: &str, n: u64) -> String {
-    let mut number = itoa::Buffer::new();
-    let number = number.format(n);
-    let mut key = String::with_capacity(session.len() + 1 + number.len());
+    let mut key = String::with_capacity(session.len() + 21);
+    statement_key_into(&mut key, session, n);
+    key
+}
+
+/// [`statement_key`] into `key` (cleared first), for lookups that need no new string.
+pub fn statement_key_into(key: &mut String, session: &str, n: u64) {
+    key.clear();
     key.push_str(session);
     key.push('/');
-    key.push_str(number);
-    key
+    key.push_str(itoa::Buffer::new().format(n));
 }

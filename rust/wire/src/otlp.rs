@@ -245,10 +245,10 @@ pub fn encode_resource_framed_spans(
     scope: &Scope<'_>,
     framed_spans: &[u8],
 ) {
-    // A request of a few hundred spans: lengths of three bytes (up to 2 MiB).
-    message_reserving(out, 1, 3, |rs| {
+    // A request of a few thousand spans: lengths of four bytes (up to 256 MiB).
+    message_reserving(out, 1, 4, |rs| {
         message(rs, 1, |r| attributes(r, 1, resource_attributes));
-        message_reserving(rs, 2, 3, |ss| {
+        message_reserving(rs, 2, 4, |ss| {
             message(ss, 1, |sc| {
                 bytes_field(sc, 1, scope.name.as_bytes());
                 bytes_field(sc, 2, scope.version.as_bytes());
