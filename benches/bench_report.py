@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pgbench_run import CPU_GROUPS
 from pgwarden.audit.shipper import CHECKPOINT_INTERVAL_SECONDS
 
 DIRECT = "direct"
@@ -58,6 +59,10 @@ class PgbenchRecord:
     """CPU time the host stole in that window, as a share of all CPU time in it."""
     cpu_window_seconds: float | None = None
     """Length of that window (the run plus pgbench connecting and disconnecting)."""
+    cpu_us_per_tx_by_group: dict[str, float] | None = None
+    """``cpu_us_per_tx`` split by process group (``pgbench_run.CPU_GROUPS``: pgwarden,
+    shipper, sink, pgbouncer, postgres, pgbench, other), for the groups that had a process
+    the harness started, pgbench and other always; None where ``/proc`` is missing."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,9 @@ class PgbenchSummary:
     """Median over the rounds that have the figure."""
     steal_share: float | None = None
     """Median over the rounds that have the figure."""
+    cpu_us_per_tx_by_group: dict[str, float] | None = None
+    """Per group, the median over the rounds that have the breakdown (0 in a round that
+    did not see the group)."""
 
     @property
     def tps_spread(self) -> float:
@@ -220,6 +228,7 @@ def summarize_pgbench(records: Iterable[PgbenchRecord]) -> list[PgbenchSummary]:
         p99s = [r.latency_p99_ms for r in runs if r.latency_p99_ms is not None]
         cpus = [r.cpu_us_per_tx for r in runs if r.cpu_us_per_tx is not None]
         steals = [r.steal_share for r in runs if r.steal_share is not None]
+        breakdowns = [r.cpu_us_per_tx_by_group for r in runs if r.cpu_us_per_tx_by_group]
         summaries.append(
             PgbenchSummary(
                 scenario=scenario,
@@ -233,9 +242,37 @@ def summarize_pgbench(records: Iterable[PgbenchRecord]) -> list[PgbenchSummary]:
                 tps_max=max(r.tps for r in runs),
                 cpu_us_per_tx=statistics.median(cpus) if cpus else None,
                 steal_share=statistics.median(steals) if steals else None,
+                cpu_us_per_tx_by_group=_median_by_group(breakdowns),
             )
         )
     return summaries
+
+
+def _median_by_group(breakdowns: Sequence[dict[str, float]]) -> dict[str, float] | None:
+    if not breakdowns:
+        return None
+    groups = _ordered_groups(group for breakdown in breakdowns for group in breakdown)
+    return {
+        group: statistics.median(breakdown.get(group, 0.0) for breakdown in breakdowns)
+        for group in groups
+    }
+
+
+def _ordered_groups(groups: Iterable[str]) -> list[str]:
+    """Process groups in ``CPU_GROUPS`` order, any other after them."""
+    order = {group: index for index, group in enumerate(CPU_GROUPS)}
+    return sorted(set(groups), key=lambda group: (order.get(group, len(order)), group))
+
+
+def _shown(us_per_tx: float | None) -> bool:
+    """Worth a figure: at least 1 µs/tx once rounded (negative for a short ``other``)."""
+    return us_per_tx is not None and abs(us_per_tx) >= 0.5
+
+
+def format_cpu_groups(by_group: dict[str, float]) -> str:
+    """``pgwarden 45, postgres 110, pgbench 25, other 12``: the groups worth a figure."""
+    groups = [group for group in _ordered_groups(by_group) if _shown(by_group[group])]
+    return ", ".join(f"{group} {by_group[group]:.0f}" for group in groups)
 
 
 def summarize_bulk(records: Iterable[BulkRecord]) -> list[BulkSummary]:
@@ -589,6 +626,61 @@ def _steal_by_scenario(summaries: Sequence[PgbenchSummary]) -> dict[str, float]:
         if s.steal_share is not None:
             shares.setdefault(s.scenario, []).append(s.steal_share)
     return {scenario: statistics.median(values) for scenario, values in shares.items()}
+
+
+def format_cpu_by_group_table(summaries: Sequence[PgbenchSummary], targets: Sequence[str]) -> str:
+    """Each (scenario, target)'s cpu us/tx split by process group, medians over rounds;
+    empty when no run has the breakdown."""
+    index = {(s.scenario, s.target): s for s in summaries if s.cpu_us_per_tx_by_group}
+    if not index:
+        return ""
+    groups = _ordered_groups(
+        group
+        for s in index.values()
+        for group, us in (s.cpu_us_per_tx_by_group or {}).items()
+        if _shown(us)
+    )
+    scenarios = list(dict.fromkeys(s.scenario for s in summaries))
+    width = max([len("target"), *(len(t) for t in targets)])
+    header = f"{'cpu us/tx by process':<24} {'target':<{width}} {'total':>6}" + "".join(
+        f" {group:>{max(6, len(group))}}" for group in groups
+    )
+    lines = [header, "-" * len(header)]
+    for scenario in scenarios:
+        first = True
+        for target in targets:
+            row = index.get((scenario, target))
+            if row is None:
+                continue
+            by_group = row.cpu_us_per_tx_by_group or {}
+            total = row.cpu_us_per_tx
+            line = f"{scenario if first else '':<24} {target:<{width}} "
+            line += f"{'' if total is None else f'{total:.0f}':>6}"
+            for group in groups:
+                us = by_group.get(group)
+                text = f"{us:.0f}" if us is not None and _shown(us) else ""
+                line += f" {text:>{max(6, len(group))}}"
+            lines.append(line)
+            first = False
+    footnote = (
+        "By process: the machine's cpu us/tx (total, as above) split by where it went, from "
+        "each process's user + system time in /proc/<pid>/stat read just before pgbench "
+        "starts and just after it exits, for the processes the harness started. pgwarden: "
+        "every `pgwarden serve` gateway and its workers, idle ones included; shipper: "
+        "`pgwarden audit ship`; sink: the harness's OTLP sink; pgbouncer; postgres: the "
+        "server and its backends (backends that exit as pgbench disconnects are counted "
+        "through the server's reaped-children time); pgbench: the harness's reaped-children "
+        "time; other: "
+        "the total minus all of these (kernel threads, the harness, anything else running). "
+        "Time the host steals is left out, as in the total. The total samples busy CPUs at "
+        "each timer tick while process times are the scheduler's exact run time: at c=1, "
+        "where the CPUs run in short bursts between idle spells, the ticks see less of it "
+        "and other can go below zero. "
+        "Medians over rounds, column by column, so with several rounds the parts need not "
+        "add up to the total exactly; blank: under 1 us/tx."
+    )
+    lines += textwrap.wrap(footnote, width=96, break_on_hyphens=False)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def format_audit_table(summaries: Sequence[AuditSummary]) -> str:

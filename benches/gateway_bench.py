@@ -570,9 +570,12 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
             p99 = f"{result.latency_p99_ms:.3f}" if result.latency_p99_ms is not None else "-"
             avg = result.latency_avg_ms
             cpu = result.cpu
+            by_group = result.cpu_us_per_tx_by_group
             cpu_text = ""
             if cpu is not None and result.cpu_us_per_tx is not None:
                 cpu_text = f"  cpu {result.cpu_us_per_tx:.0f} us/tx"
+                if by_group:
+                    cpu_text += f" ({bench_report.format_cpu_groups(by_group)})"
                 if cpu.steal_share is not None:
                     cpu_text += f"  steal {cpu.steal_share:.1%}"
             _progress(f"{label}: {result.tps:>9,.0f} TPS  avg {avg:.3f} ms  p99 {p99} ms{cpu_text}")
@@ -591,6 +594,11 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
                     cpu_us_per_tx=_rounded(result.cpu_us_per_tx, 2),
                     steal_share=_rounded(cpu.steal_share if cpu else None, 4),
                     cpu_window_seconds=_rounded(cpu.window_seconds if cpu else None, 3),
+                    cpu_us_per_tx_by_group=(
+                        {group: round(us, 2) for group, us in by_group.items()}
+                        if by_group
+                        else None
+                    ),
                 )
             )
             if audited is not None and before is not None:
@@ -1022,6 +1030,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pgbench_summary:
         print(bench_report.format_pgbench_table(pgbench_summary, target_names, vs_base))
         print()
+        by_process = bench_report.format_cpu_by_group_table(pgbench_summary, target_names)
+        if by_process:
+            print(by_process)
+            print()
     if audit_summary:
         print(bench_report.format_audit_table(audit_summary))
         for label, info in meta["audit"].items():
