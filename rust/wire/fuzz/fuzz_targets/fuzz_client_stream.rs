@@ -1,9 +1,37 @@
-//! Arbitrary client bytes in arbitrary chunkings: never a panic, and what is forwarded
-//! is always a prefix of what was received (messages are passed whole, in order).
+//! Arbitrary client bytes in arbitrary chunkings: never a panic, and what is forwarded is
+//! what was received, message by message and in order, except a Query or Parse whose text
+//! is not UTF-8, which goes as the gateway's refusal in its place (same tag).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pgwarden_wire::{SessionCodec, SessionConfig};
+
+/// The text a refused Query or Parse is replaced with (rust/wire/src/refusal.rs).
+const REFUSAL_MARK: &[u8] = b"pgwarden refused this statement";
+
+/// The whole messages at the start of `bytes` (tag, length, body), and their total length.
+fn messages(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 5 <= bytes.len() {
+        let len = u32::from_be_bytes([
+            bytes[pos + 1],
+            bytes[pos + 2],
+            bytes[pos + 3],
+            bytes[pos + 4],
+        ]) as usize;
+        if len < 4 || pos + 1 + len > bytes.len() {
+            break;
+        }
+        out.push(&bytes[pos..pos + 1 + len]);
+        pos += 1 + len;
+    }
+    (out, pos)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&seed, data)) = data.split_first() else {
@@ -25,7 +53,6 @@ fuzz_target!(|data: &[u8]| {
         match codec.feed_client(chunk) {
             Ok(fwd) => {
                 let out = fwd.select(chunk, codec.client_buffer());
-                let base = forwarded.len();
                 for ev in codec.client_events() {
                     let (start, end) = match ev {
                         pgwarden_wire::ClientEvent::Query { start, end, .. }
@@ -34,9 +61,9 @@ fuzz_target!(|data: &[u8]| {
                         | pgwarden_wire::ClientEvent::FunctionCall { start, end, .. }
                         | pgwarden_wire::ClientEvent::Terminate { start, end } => (*start, *end),
                     };
+                    // Offsets index the forwarded bytes, at one whole message.
                     assert!(start < end && end <= out.len());
-                    // Offsets index the forwarded bytes, which are the input's bytes.
-                    assert_eq!(&out[start..end], &data[base + start..base + end]);
+                    assert_eq!(messages(&out[start..end]).1, end - start);
                 }
                 forwarded.extend_from_slice(out);
             }
@@ -45,6 +72,26 @@ fuzz_target!(|data: &[u8]| {
         pos = end;
         step = step * 7 % 61 + 1;
     }
-    assert_eq!(&forwarded[..], &data[..forwarded.len()]);
+    let (sent, sent_len) = messages(&forwarded);
+    let (received, _) = messages(data);
+    let mut received_len = 0;
+    for (i, out) in sent.iter().enumerate() {
+        let in_ = received
+            .get(i)
+            .expect("a forwarded message was received whole");
+        if out != in_ {
+            assert_eq!(out[0], in_[0]);
+            assert!(
+                matches!(out[0], b'Q' | b'P'),
+                "only a Query or Parse is replaced"
+            );
+            assert!(contains(out, REFUSAL_MARK));
+            assert!(std::str::from_utf8(&in_[5..]).is_err());
+        }
+        received_len += in_.len();
+    }
+    // A message forwarded in part (CopyData streams through) is a prefix of what came.
+    let rest = &forwarded[sent_len..];
+    assert_eq!(rest, &data[received_len..received_len + rest.len()]);
     let _ = codec.take_records();
 });
