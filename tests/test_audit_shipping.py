@@ -18,7 +18,13 @@ from pgwarden import _wire
 from pgwarden.audit import ids, sql
 from pgwarden.audit.exporters import ShipBatch, request_span_ids
 from pgwarden.audit.shipper import Shipper
-from pgwarden.audit.spool import AuditPaths, list_streams, segment_names
+from pgwarden.audit.spool import (
+    AuditPaths,
+    StreamReader,
+    iter_lines,
+    list_streams,
+    segment_names,
+)
 from pgwarden.audit.trail import AuditTrail
 from pgwarden.audit.verify import verify_path
 from pgwarden.config import Settings
@@ -159,6 +165,38 @@ def test_spool_suffix_verifies_after_delivered_segments_are_deleted(tmp_path: Pa
     (result,) = report.streams.values()
     assert not result.anchored  # checked from a `segment` record's prev hash
     trail.close()
+
+
+def test_reader_returns_every_line_once_and_locates_it(tmp_path: Path) -> None:
+    """Chunked reads across segment ends give each record once, in order, and say where
+    each one is (the position a shipper's error message names)."""
+    directory = tmp_path / "audit"
+    trail = AuditTrail(settings_for(directory))
+    simple_session(trail, SESSION, [f"select {i} -- {'y' * (i % 97)}" for i in range(400)])
+    trail.close()
+    stream = Path(trail.spool.directory)
+    names = segment_names(stream)
+    assert len(names) > 3
+    expected = []
+    for name in names:
+        data = (stream / name).read_bytes()
+        offset = 0
+        for _, line in iter_lines(stream / name):
+            expected.append((line, name, offset))
+            offset += len(line) + 1
+        assert data[offset:].strip(b"\0") == b""
+
+    reader = StreamReader(stream, None)
+    got: list[tuple[bytes, str, int]] = []
+    while True:
+        lines = reader.read(3000)  # smaller than a segment: several reads per segment
+        if not lines:
+            break
+        assert lines.size == sum(len(line) + 1 for line in lines)
+        for index, line in enumerate(lines):
+            got.append((line, *reader.locate(index)))
+        assert lines.joined() == b"".join(line + b"\n" for line in lines)
+    assert got == expected
 
 
 @pytest.mark.parametrize(

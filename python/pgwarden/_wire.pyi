@@ -276,7 +276,7 @@ class SpanAssembler:
         analyze: Callable[[str], tuple[bool, int, str | None, str | None, str | None, str | None]],
     ) -> SpanAssembler: ...
     def process(
-        self, lines: list[bytes], writer_alive: bool
+        self, chunks: list[tuple[bytes, int]], writer_alive: bool
     ) -> tuple[
         list[bytes],
         int,
@@ -286,7 +286,8 @@ class SpanAssembler:
         int,
         bool,
     ]:
-        """Assemble the next lines: (requests, span count, [(session, recorded lines)],
+        """Assemble the next lines, given as chunks ``data[:end]`` of newline-separated
+        lines: (requests, span count, [(session, recorded lines)],
         [(stmt record JSON, index of its end line)], [(line index, problem)], chain
         failures, finishing)."""
     def commit(self) -> None:

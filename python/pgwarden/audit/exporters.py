@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from pgwarden import __version__
 from pgwarden.audit.console import format_request
+from pgwarden.audit.spool import Lines
 from pgwarden.config import AuditSettings
 
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
@@ -42,7 +43,7 @@ class ShipBatch:
     """One delivery: the sealed record lines it covers, and what they became: OTLP
     ``ExportTraceServiceRequest`` bodies (built in Rust) and result log records."""
 
-    lines: list[bytes] = field(default_factory=list)
+    lines: Lines = field(default_factory=Lines)
     requests: list[bytes] = field(default_factory=list)
     span_count: int = 0
     logs: list[ReadableLogRecord] = field(default_factory=list)
@@ -142,7 +143,7 @@ class RecordFileSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(b"".join(line + b"\n" for line in batch.lines))
+            view = memoryview(batch.lines.joined())
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)

@@ -45,6 +45,7 @@ from pgwarden.audit.spool import (
     FREE_PREFIX,
     AuditPaths,
     Checkpoint,
+    Lines,
     Position,
     StreamReader,
     list_streams,
@@ -65,6 +66,10 @@ _LOCK_RETRY_SECONDS: Final = 0.2
 #: session file written since the last one: with many sessions, a short interval is mostly
 #: fsyncs.
 CHECKPOINT_INTERVAL_SECONDS: Final = 3.0
+#: Bytes of records read per step: a few export requests' worth (far more for a sink of
+#: records, which costs one write and one fsync per step): fewer system calls when behind.
+STEP_BYTES_SPANS: Final = 4 << 20
+STEP_BYTES_RECORDS: Final = 64 << 20
 #: Delivered segments handed back to a live writer for reuse (the rest are deleted).
 FREE_SEGMENTS_KEPT: Final = 1
 #: The head every record starts with (rust/wire/src/audit_record.rs, RecordBody::begin),
@@ -132,11 +137,9 @@ class StreamShipper:
     def step(self, sink: AuditSink) -> str:
         """Deliver the next batch: 'idle', 'delivered', 'failed' or 'finished'."""
         alive = writer_alive(self.dir)
-        # Several export requests' worth per step (many more for a sink of records, which
-        # costs one write and one fsync per step): fewer system calls when behind.
-        max_lines = self.batch_size * (8 if self.spans else 128)
-        lines = self.reader.read(max_lines)
-        self.behind = len(lines) >= max_lines
+        max_bytes = STEP_BYTES_SPANS if self.spans else STEP_BYTES_RECORDS
+        lines = self.reader.read(max_bytes)
+        self.behind = lines.size >= max_bytes
         recorder = self.recorder
         if recorder is not None:
             recorder.discard()
@@ -192,11 +195,11 @@ class StreamShipper:
         return "delivered"
 
     def _assemble(
-        self, assembler: _wire.SpanAssembler, lines: list[bytes], alive: bool, batch: ShipBatch
+        self, assembler: _wire.SpanAssembler, lines: Lines, alive: bool, batch: ShipBatch
     ) -> bool:
         """Records to OTLP requests (Rust); returns whether the stream is finishing."""
         requests, count, recorded, results, problems, failures, finishing = assembler.process(
-            lines, alive
+            lines.chunks, alive
         )
         self.chain_failures += failures
         for index, problem in problems:
@@ -246,7 +249,7 @@ class StreamShipper:
         segment, offset = self.reader.locate(index)
         return f"{segment} byte {offset}"
 
-    def _verify_chain(self, work: Checkpoint, lines: list[bytes]) -> set[int]:
+    def _verify_chain(self, work: Checkpoint, lines: Lines) -> set[int]:
         """Check the batch against the hash chain (in Rust); the indices that fail."""
         if not lines:
             return set()
@@ -255,13 +258,13 @@ class StreamShipper:
             # No checkpoint yet: the stream's first record names the hash before it.
             with contextlib.suppress(ValueError, TypeError):
                 prev = bytes.fromhex(str(json.loads(lines[0]).get("prev", "00" * 32)))
-        last, bad = _wire.verify_chain(self.key, prev, lines)
+        last, bad = _wire.verify_chain(self.key, prev, lines.lines())
         work.prev_hash = last.hex()
         self.chain_failures += len(bad)
         return set(bad)
 
     def _pass_through(
-        self, work: Checkpoint, lines: list[bytes], recorder: SessionRecorder | None
+        self, work: Checkpoint, lines: Lines, recorder: SessionRecorder | None
     ) -> None:
         """A sink of records needs no spans: the lines go as they are, read only as far as
         their head (seq, type, session; the layout the Rust writer guarantees)."""

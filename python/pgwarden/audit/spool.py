@@ -25,10 +25,10 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, overload
 
 from pgwarden.audit.records import Record
 
@@ -124,11 +124,65 @@ class Position:
     offset: int
 
 
+class Lines(Sequence[bytes]):
+    """The record lines of one read, kept as the chunks of segment data they came in.
+
+    ``chunks`` holds ``(data, end)`` pairs: ``data[:end]`` is whole lines separated by
+    newlines (``data[end]`` is the last one's newline).  The shipper hands the chunks to
+    Rust as they are; lines become Python objects only when indexed or iterated (splitting
+    every line in Python cost about as much as assembling its span).
+    """
+
+    __slots__ = ("_split", "chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[bytes, int]] = []
+        #: Bytes of the lines, newlines included.
+        self.size = 0
+        self._split: list[bytes] | None = None
+
+    def add(self, data: bytes, end: int) -> None:
+        self.chunks.append((data, end))
+        self.size += end + 1
+        self._split = None
+
+    def lines(self) -> list[bytes]:
+        """Every line, without newline (split once, then kept)."""
+        if self._split is None:
+            out: list[bytes] = []
+            for data, end in self.chunks:
+                out.extend(data[:end].split(b"\n"))
+            self._split = out
+        return self._split
+
+    def joined(self) -> bytes:
+        """The lines as written: each followed by its newline."""
+        return b"".join(data[: end + 1] for data, end in self.chunks)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.lines())
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        return self.lines()[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.lines())
+
+
 class StreamReader:
     """Reads the record lines of one stream from a position onwards.
 
-    :meth:`read` returns the lines themselves (bytes, without newline); where a line was
-    is worked out only when asked (:meth:`locate`), for error messages.
+    :meth:`read` returns whole chunks of lines (:class:`Lines`); where a line was is worked
+    out only when asked (:meth:`locate`), for error messages.
     """
 
     def __init__(self, stream_dir: Path, position: Position | None) -> None:
@@ -137,30 +191,38 @@ class StreamReader:
             names = segment_names(stream_dir)
             position = Position(names[0], 0) if names else None
         self.position = position
-        # Per chunk of the last read: (segment, offset of its first line, index, count).
-        self._chunks: list[tuple[str, int, int, int]] = []
-        self._lines: list[bytes] = []
+        # Where each chunk of the last read starts: (segment, offset).
+        self._origins: list[tuple[str, int]] = []
+        self._lines = Lines()
         self._chunk = _READ_CHUNK_MIN
 
-    def read(self, max_lines: int) -> list[bytes]:
-        """Complete lines available now (at most ``max_lines``); advances the reader."""
-        out: list[bytes] = []
-        self._chunks = []
-        while len(out) < max_lines and self.position is not None:
-            if not self._read_segment(max_lines - len(out), out):
+    def read(self, max_bytes: int) -> Lines:
+        """Complete lines available now, whole chunks until ``max_bytes`` or more are read;
+        advances the reader."""
+        out = Lines()
+        self._origins = []
+        while out.size < max_bytes and self.position is not None:
+            if not self._read_segment(out):
                 break
         self._lines = out
         return out
 
     def locate(self, index: int) -> tuple[str, int]:
         """(segment, byte offset) of line ``index`` of the last read."""
-        for segment, offset, first, count in self._chunks:
-            if first <= index < first + count:
-                return segment, offset + sum(len(line) + 1 for line in self._lines[first:index])
+        first = 0
+        for (segment, offset), (data, end) in zip(self._origins, self._lines.chunks, strict=True):
+            count = data.count(b"\n", 0, end) + 1
+            if index < first + count:
+                at = 0
+                for _ in range(index - first):
+                    at = data.index(b"\n", at, end) + 1
+                return segment, offset + at
+            first += count
         return "?", 0
 
-    def _read_segment(self, limit: int, out: list[bytes]) -> bool:
-        """Reads from the current segment; True if it moved on to the next one."""
+    def _read_segment(self, out: Lines) -> bool:
+        """Reads a chunk of the current segment; True if the read may go on (more in this
+        segment, or it moved on to the next one)."""
         pos = self.position
         assert pos is not None
         try:
@@ -184,17 +246,11 @@ class StreamReader:
                 if end < len(data) or len(data) < size:
                     return False  # nothing complete yet (or a line being written)
                 size *= 4  # one line longer than the chunk
-            lines = data[:last].split(b"\n")
-            taken = lines[:limit]
-            self._chunks.append((pos.segment, pos.offset, len(out), len(taken)))
-            out.extend(taken)
-            if len(taken) < len(lines):
-                consumed = sum(len(line) + 1 for line in taken)
-                self.position = Position(pos.segment, pos.offset + consumed)
-                return False
-            tail = taken[-1]
-            if tail.find(_SEGMENT_END_MARK, 0, 200) >= 0:
-                self.position = Position(str(json.loads(tail).get("next")), 0)
+            self._origins.append((pos.segment, pos.offset))
+            out.add(data, last)
+            tail_start = data.rfind(b"\n", 0, last) + 1
+            if data.find(_SEGMENT_END_MARK, tail_start, min(last, tail_start + 200)) >= 0:
+                self.position = Position(str(json.loads(data[tail_start:last]).get("next")), 0)
                 return True
             self.position = Position(pos.segment, pos.offset + last + 1)
             # The chunk ended mid-data: there may be more in this segment.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::records::{statement_key, statement_key_into, Line, SessionRec, StmtRec};
-use crate::shape::{sanitise, shape_and_literals};
+use crate::shape::{number_blind_key, sanitise, shape_and_literals};
 use crate::spans::{self, QueryText, SessionBase, Span, StatementInput, Val};
 
 /// What PostgreSQL's parser says a query text does (`pgwarden.audit.sql.analyze`).
@@ -112,6 +112,9 @@ pub struct StreamAssembler {
     analyses: HashMap<String, Rc<QueryInfo>>,
     /// Texts without literals (prepared statements, mostly), straight to their analysis.
     literal_free: HashMap<String, Rc<QueryInfo>>,
+    /// Texts by their number-blind key ([`number_blind_key`]): `... WHERE aid = 42` finds
+    /// the analysis of `... WHERE aid = 7` without a scan.
+    number_blind: HashMap<String, Rc<QueryInfo>>,
     /// The largest request of the last batch: the next batch's chunks start that large.
     chunk_capacity: usize,
 }
@@ -137,6 +140,7 @@ impl StreamAssembler {
             bases: HashMap::new(),
             analyses: HashMap::new(),
             literal_free: HashMap::new(),
+            number_blind: HashMap::new(),
             chunk_capacity: 64 * 1024,
         }
     }
@@ -178,6 +182,10 @@ impl StreamAssembler {
         if let Some(info) = self.literal_free.get(sql) {
             return info.clone();
         }
+        let blind = number_blind_key(sql);
+        if let Some(info) = blind.as_ref().and_then(|k| self.number_blind.get(k)) {
+            return info.clone();
+        }
         let (key, literals) = shape_and_literals(sql).unwrap_or_else(|| (sql.to_owned(), true));
         let info = match self.analyses.get(&key) {
             Some(info) => info.clone(),
@@ -195,6 +203,12 @@ impl StreamAssembler {
                 self.literal_free.clear();
             }
             self.literal_free.insert(sql.to_owned(), info.clone());
+        }
+        if let Some(blind) = blind {
+            if self.number_blind.len() >= QUERY_CACHE_LIMIT {
+                self.number_blind.clear();
+            }
+            self.number_blind.insert(blind, info.clone());
         }
         info
     }
