@@ -146,6 +146,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "lower it if logging overhead matters on a slow disk",
     )
     run.add_argument(
+        "--rate",
+        type=int,
+        default=None,
+        metavar="TPS",
+        help="pgbench --rate for the measured runs: every target gets the same load, so "
+        "cpu us/tx compares their cost without the swings of a saturated machine (the TPS "
+        "ratios then only say whether a target kept up; latencies include pgbench's "
+        "schedule lag)",
+    )
+    run.add_argument(
         "--targets",
         default=f"{DIRECT},{PGBOUNCER},{PGWARDEN}",
         help="comma-separated subset of direct, pgbouncer, pgwarden",
@@ -257,6 +267,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--duration, --rounds and --bulk-repeats must be at least 1")
     if not 0 < args.sampling_rate <= 1:
         parser.error("--sampling-rate must be in (0, 1]")
+    if args.rate is not None and args.rate < 1:
+        parser.error("--rate must be at least 1")
     args.target_list = _split_list(args.targets)
     unknown = set(args.target_list) - {DIRECT, PGBOUNCER, PGWARDEN}
     if unknown:
@@ -557,6 +569,7 @@ def run_pgbench_phase(state: RunState, round_no: int) -> None:
                     scenario,
                     duration_s=args.duration,
                     sampling_rate=args.sampling_rate,
+                    rate=args.rate,
                 )
             except PgbenchError as exc:
                 state.errors.append(f"{label}: {exc}")
@@ -1012,7 +1025,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     title = (
         f"pgwarden gateway bench {started:%Y-%m-%d %H:%M} UTC - PostgreSQL {server.version}, "
-        f"pgbench scale {server.scale}, {args.duration} s per run, {args.rounds} round(s), "
+        f"pgbench scale {server.scale}, {args.duration} s per run"
+        f"{f' at {args.rate} TPS' if args.rate else ''}, {args.rounds} round(s), "
         f"{os.cpu_count()} CPUs, rev {meta['pgwarden']['git_revision']}"
     )
     chart_path = out_json.with_suffix(".png")

@@ -384,10 +384,14 @@ def run_pgbench(
     duration_s: int,
     log_latencies: bool = True,
     sampling_rate: float = 1.0,
+    rate: int | None = None,
 ) -> PgbenchResult:
-    """Measure ``duration_s`` seconds of ``pgbench -n -S``, with per-transaction latencies."""
+    """Measure ``duration_s`` seconds of ``pgbench -n -S``, with per-transaction latencies
+    (at most ``rate`` transactions per second, if given)."""
     with tempfile.TemporaryDirectory(prefix="pgwarden-bench-log-") as log_dir:
         options = [f"--time={duration_s}"]
+        if rate is not None:
+            options.append(f"--rate={rate}")
         if log_latencies:
             options += ["--log", f"--log-prefix={Path(log_dir) / 'txn'}"]
             if sampling_rate < 1.0:

@@ -80,7 +80,10 @@ fn assemble(lines: &[&[u8]], n: f64) {
         request_spans: 512,
         request_bytes: 3 << 20,
         query_text_max_bytes: 1 << 20,
-        recorded: vec![],
+        // As the shipper does with recording on (pgwarden.audit.recording.RECORDED).
+        recorded: ["session", "stmt", "end", "session_end"]
+            .map(String::from)
+            .to_vec(),
         result_logs: false,
     };
     let mut asm = StreamAssembler::new(config, Default::default());

@@ -114,11 +114,20 @@ fn message_reserving(out: &mut Vec<u8>, field: u32, reserve: usize, f: impl FnOn
     }
     prefix[n] = v as u8;
     n += 1;
-    if n == reserve {
-        out[at..at + n].copy_from_slice(&prefix[..n]);
-    } else {
-        out.splice(at..at + reserve, prefix[..n].iter().copied());
+    if n != reserve {
+        // One move of the content (a memmove), whichever way the guess was wrong.
+        let content = at + reserve..out.len();
+        if n > reserve {
+            out.resize(out.len() + n - reserve, 0);
+        }
+        out.copy_within(content, at + n);
+        out.truncate(at + n + len);
     }
+    out[at..at + n].copy_from_slice(&prefix[..n]);
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 fn any_value(out: &mut Vec<u8>, v: &AnyValue<'_>) {
     match v {
@@ -245,19 +254,35 @@ pub fn encode_resource_framed_spans(
     scope: &Scope<'_>,
     framed_spans: &[u8],
 ) {
-    // A request of a few thousand spans: lengths of four bytes (up to 256 MiB).
-    message_reserving(out, 1, 4, |rs| {
-        message(rs, 1, |r| attributes(r, 1, resource_attributes));
-        message_reserving(rs, 2, 4, |ss| {
-            message(ss, 1, |sc| {
-                bytes_field(sc, 1, scope.name.as_bytes());
-                bytes_field(sc, 2, scope.version.as_bytes());
-            });
-            ss.extend_from_slice(framed_spans);
-            bytes_field(ss, 3, scope.schema_url.as_bytes());
-        });
-        bytes_field(rs, 3, resource_schema_url.as_bytes());
+    // The small parts first, so that the lengths around the spans are exact and the
+    // spans (megabytes) are copied once.
+    let mut resource = Vec::new();
+    message(&mut resource, 1, |r| attributes(r, 1, resource_attributes));
+    let mut scope_head = Vec::new();
+    message(&mut scope_head, 1, |sc| {
+        bytes_field(sc, 1, scope.name.as_bytes());
+        bytes_field(sc, 2, scope.version.as_bytes());
     });
+    let mut scope_tail = Vec::new();
+    bytes_field(&mut scope_tail, 3, scope.schema_url.as_bytes());
+    let mut resource_tail = Vec::new();
+    bytes_field(&mut resource_tail, 3, resource_schema_url.as_bytes());
+    let scope_spans = (scope_head.len() + framed_spans.len() + scope_tail.len()) as u64;
+    let resource_spans = resource.len() as u64
+        + 1
+        + varint_len(scope_spans) as u64
+        + scope_spans
+        + resource_tail.len() as u64;
+    out.reserve(resource_spans as usize + 16);
+    key(out, 1, LEN);
+    varint(out, resource_spans);
+    out.extend_from_slice(&resource);
+    key(out, 2, LEN);
+    varint(out, scope_spans);
+    out.extend_from_slice(&scope_head);
+    out.extend_from_slice(framed_spans);
+    out.extend_from_slice(&scope_tail);
+    out.extend_from_slice(&resource_tail);
 }
 
 #[cfg(test)]
@@ -272,6 +297,93 @@ mod tests {
         varint(&mut b, u64::MAX);
         assert_eq!(&b[..3], &[1, 0xac, 0x02]);
         assert_eq!(b.len(), 3 + 10);
+    }
+
+    fn read_varint(b: &[u8]) -> (u64, usize) {
+        let (mut v, mut shift, mut i) = (0u64, 0, 0);
+        loop {
+            v |= u64::from(b[i] & 0x7f) << shift;
+            i += 1;
+            if b[i - 1] < 0x80 {
+                return (v, i);
+            }
+            shift += 7;
+        }
+    }
+
+    #[test]
+    fn varint_lengths() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            16383,
+            16384,
+            (1 << 21) - 1,
+            1 << 21,
+            u64::MAX,
+        ] {
+            let mut b = Vec::new();
+            varint(&mut b, v);
+            assert_eq!(varint_len(v), b.len(), "{v}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_length_guess_still_encodes_canonically() {
+        for (reserve, size) in [
+            (1, 300),
+            (1, 20_000),
+            (2, 5),
+            (4, 5),
+            (4, 3_000_000),
+            (2, 200),
+        ] {
+            let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let mut out = vec![0xee];
+            message_reserving(&mut out, 2, reserve, |m| m.extend_from_slice(&content));
+            let mut expected = vec![0xee];
+            key(&mut expected, 2, LEN);
+            varint(&mut expected, size as u64);
+            expected.extend_from_slice(&content);
+            assert!(out == expected, "reserve {reserve}, size {size}");
+        }
+    }
+
+    #[test]
+    fn request_lengths_are_exact() {
+        for spans in [10usize, 200_000, 3_000_000] {
+            let framed: Vec<u8> = vec![0x12; spans];
+            let mut out = Vec::new();
+            encode_resource_framed_spans(
+                &mut out,
+                &[("service.name", AnyValue::Str("pgwarden"))],
+                "https://opentelemetry.io/schemas/1.26.0",
+                &Scope {
+                    name: "pgwarden.audit",
+                    version: "1",
+                    schema_url: "",
+                },
+                &framed,
+            );
+            assert_eq!(out[0], 0x0a); // ResourceSpans, length-delimited
+            let (len, n) = read_varint(&out[1..]);
+            assert_eq!(len as usize, out.len() - 1 - n);
+            // Resource (field 1), then ScopeSpans (field 2) holding scope and spans.
+            let body = &out[1 + n..];
+            assert_eq!(body[0], 0x0a);
+            let (resource, m) = read_varint(&body[1..]);
+            let rest = &body[1 + m + resource as usize..];
+            assert_eq!(rest[0], 0x12);
+            let (scope_spans, k) = read_varint(&rest[1..]);
+            let scope_spans = &rest[1 + k..1 + k + scope_spans as usize];
+            assert!(scope_spans.ends_with(&framed));
+            // What follows ScopeSpans is the resource's schema URL (field 3), to the end.
+            let tail = &rest[1 + k + scope_spans.len()..];
+            assert_eq!(tail[0], 0x1a);
+            assert!(tail.ends_with(b"schemas/1.26.0"));
+        }
     }
 
     #[test]
