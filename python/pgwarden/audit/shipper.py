@@ -66,8 +66,11 @@ _LOCK_RETRY_SECONDS: Final = 0.2
 #: session file written since the last one: with many sessions, a short interval is mostly
 #: fsyncs.
 CHECKPOINT_INTERVAL_SECONDS: Final = 3.0
-#: Bytes of records read per step: a few export requests' worth (far more for a sink of
-#: records, which costs one write and one fsync per step): fewer system calls when behind.
+#: Bytes of records read per step: about eight export requests' worth (a statement's two
+#: records take some 700 bytes), at most 4 MiB: fewer system calls when behind, and not
+#: too much to send again when a request of the step fails.  A sink of records takes far
+#: more per step (it costs one write and one fsync per step).
+STEP_RECORD_BYTES_PER_SPAN: Final = 700
 STEP_BYTES_SPANS: Final = 4 << 20
 STEP_BYTES_RECORDS: Final = 64 << 20
 #: Delivered segments handed back to a live writer for reuse (the rest are deleted).
@@ -137,7 +140,11 @@ class StreamShipper:
     def step(self, sink: AuditSink) -> str:
         """Deliver the next batch: 'idle', 'delivered', 'failed' or 'finished'."""
         alive = writer_alive(self.dir)
-        max_bytes = STEP_BYTES_SPANS if self.spans else STEP_BYTES_RECORDS
+        max_bytes = (
+            min(STEP_BYTES_SPANS, 8 * self.batch_size * STEP_RECORD_BYTES_PER_SPAN)
+            if self.spans
+            else STEP_BYTES_RECORDS
+        )
         lines = self.reader.read(max_bytes)
         self.behind = lines.size >= max_bytes
         recorder = self.recorder
