@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pgbench_run import CPU_GROUPS
-from pgwarden.audit.shipper import CHECKPOINT_INTERVAL_SECONDS
+from pgwarden.audit.spool import CHECKPOINT_INTERVAL_SECONDS
 
 DIRECT = "direct"
 PGBOUNCER = "pgbouncer"

@@ -24,10 +24,10 @@ from pathlib import Path
 from pgwarden.cancel import default_runtime_dir, ensure_runtime_dir
 from pgwarden.config import Settings
 from pgwarden.server import bind_listeners, format_address, run_worker
+from pgwarden.signals import GATEWAY_SIGNALS
 
 log = logging.getLogger(__name__)
 
-_SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _READY_TIMEOUT_SECONDS = 30.0
 _RESTART_BACKOFF_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
@@ -46,7 +46,7 @@ def _worker_main(
     # A SIGHUP forwarded before this worker's loop handles it must not end the worker (its
     # default action); the statement log it has yet to open is opened by its current name.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GATEWAY_SIGNALS)
     _die_with_parent()
     try:
         listeners = bind_listeners(settings.listen_host, port, reuse_port=True)
@@ -122,7 +122,7 @@ class _Supervisor:
 
 def supervise(settings: Settings) -> int:
     """Fork ``settings.workers`` workers and look after them until shutdown."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, GATEWAY_SIGNALS)
     # Port 0: pick one now and keep it reserved (bound, never listening) for every worker.
     reservation: list[socket.socket] = []
     port = settings.listen_port
@@ -184,7 +184,7 @@ def _supervise_loop(supervisor: _Supervisor) -> int:
     deadline: float | None = None
     pending_restarts: dict[int, float] = {}
     while True:
-        info = signal.sigtimedwait(_SUPERVISOR_SIGNALS, 0.5)
+        info = signal.sigtimedwait(GATEWAY_SIGNALS, 0.5)
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
             if supervisor.stopping:
                 log.info("second signal: workers close all sessions now")

@@ -42,6 +42,7 @@ from pgwarden.audit.recording import SessionRecorder
 from pgwarden.audit.records import Record
 from pgwarden.audit.spans import QueryTextMode, new_assembler, scope
 from pgwarden.audit.spool import (
+    CHECKPOINT_INTERVAL_SECONDS,
     FREE_PREFIX,
     AuditPaths,
     Checkpoint,
@@ -59,13 +60,6 @@ log = logging.getLogger(__name__)
 _SCOPE: Final = scope()
 
 _LOCK_RETRY_SECONDS: Final = 0.2
-#: How often a busy stream's checkpoint is written (and recordings fsynced, segments
-#: freed); an idle one is checkpointed at once.  Between checkpoints, delivered batches are
-#: only in memory: a shipper killed meanwhile delivers them again, with the same span ids
-#: (and recordings drop the repeated lines on reading).  Every checkpoint fsyncs each
-#: session file written since the last one: with many sessions, a short interval is mostly
-#: fsyncs.
-CHECKPOINT_INTERVAL_SECONDS: Final = 3.0
 #: Bytes of records read per step: about eight export requests' worth (a statement's two
 #: records take some 700 bytes), at most 4 MiB: fewer system calls when behind, and not
 #: too much to send again when a request of the step fails.  A sink of records takes far

@@ -45,6 +45,13 @@ FREE_PREFIX: Final = ".free-"
 _READ_CHUNK_MIN: Final = 64 << 10
 _READ_CHUNK_MAX: Final = 1 << 20
 _SEGMENT_END_MARK: Final = b'"type":"segment_end"'
+#: How often the shipper writes a busy stream's checkpoint (and fsyncs recordings, frees
+#: segments); an idle one is checkpointed at once.  Between checkpoints, delivered batches
+#: are only in memory: a shipper killed meanwhile delivers them again, with the same span
+#: ids (and recordings drop the repeated lines on reading).  Every checkpoint fsyncs each
+#: session file written since the last one: with many sessions, a short interval is mostly
+#: fsyncs.
+CHECKPOINT_INTERVAL_SECONDS: Final = 3.0
 
 
 @dataclass(frozen=True)

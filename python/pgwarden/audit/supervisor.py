@@ -19,15 +19,12 @@ import threading
 import time
 from typing import Final
 
+from pgwarden.signals import GATEWAY_SIGNALS
+
 log = logging.getLogger(__name__)
 
 _WATCH_INTERVAL: Final = 0.5
 _RESTART_BACKOFF: Final = 1.0
-#: The signals the gateway handles.  The watcher thread blocks them: a worker supervisor
-#: waits for them with sigtimedwait (blocked in its thread), and a process-directed signal
-#: the kernel handed to this thread instead would take its default action, ending the
-#: gateway without a drain.
-_GATEWAY_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
 def shipper_command(parent_pid: int) -> list[str]:
@@ -67,7 +64,8 @@ class ShipperSupervisor:
             log.info("audit shipper started (pid %d)", self._process.pid)
 
     def _watch(self) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, _GATEWAY_SIGNALS)
+        # The watcher blocks the gateway's signals (see pgwarden.signals).
+        signal.pthread_sigmask(signal.SIG_BLOCK, GATEWAY_SIGNALS)
         while not self._stopping.wait(_WATCH_INTERVAL):
             process = self._process
             if process is None or process.poll() is None:
