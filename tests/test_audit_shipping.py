@@ -167,6 +167,23 @@ def test_spool_suffix_verifies_after_delivered_segments_are_deleted(tmp_path: Pa
     trail.close()
 
 
+def test_busy_streams_gather_about_a_request_between_passes(tmp_path: Path) -> None:
+    shipper = Shipper(
+        settings_for(tmp_path / "audit", batch_size=2048, poll_interval_ms=100),
+        sink=FlakySink(failures=0),
+    )
+    assert shipper.gather_seconds(0, 0.1) == pytest.approx(0.1)
+    assert shipper.gather_seconds(20, 0.1) == pytest.approx(0.1)  # a trickle: poll
+    assert shipper.gather_seconds(500, 0.1) == pytest.approx(0.41, rel=0.01)  # 5,000/s
+    assert shipper.gather_seconds(3000, 0.1) == pytest.approx(0.1)  # full requests anyway
+    assert shipper.gather_seconds(300, 1.0) == pytest.approx(1.0)  # at most a second
+    slow = Shipper(
+        settings_for(tmp_path / "audit2", batch_size=2048, poll_interval_ms=3000),
+        sink=FlakySink(failures=0),
+    )
+    assert slow.gather_seconds(500, 0.1) == pytest.approx(3.0)  # never below the poll
+
+
 def test_reader_returns_every_line_once_and_locates_it(tmp_path: Path) -> None:
     """Chunked reads across segment ends give each record once, in order, and say where
     each one is (the position a shipper's error message names)."""

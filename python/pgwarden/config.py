@@ -480,7 +480,11 @@ class AuditSettings(BaseModel):
         "single span larger than this is sent alone.",
     )
     poll_interval_ms: int = Field(
-        default=100, ge=1, description="How often the shipper looks for new records."
+        default=100,
+        ge=1,
+        description="How often the shipper looks for new records. While statements keep "
+        "coming it waits longer, until about one request (batch_size spans) has gathered, "
+        "at most 1 s (or this interval, if longer).",
     )
     retry_max_seconds: float = Field(
         default=30.0, gt=0, description="Longest wait between export retries."

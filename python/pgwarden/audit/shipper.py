@@ -67,6 +67,9 @@ _LOCK_RETRY_SECONDS: Final = 0.2
 STEP_RECORD_BYTES_PER_SPAN: Final = 700
 STEP_BYTES_SPANS: Final = 4 << 20
 STEP_BYTES_RECORDS: Final = 64 << 20
+#: The longest the shipper lets records gather while statements keep coming (it waits
+#: until about one request's worth is there, at least a poll interval).
+GATHER_MAX_SECONDS: Final = 1.0
 #: Delivered segments handed back to a live writer for reuse (the rest are deleted).
 FREE_SEGMENTS_KEPT: Final = 1
 #: The head every record starts with (rust/wire/src/audit_record.rs, RecordBody::begin),
@@ -336,6 +339,8 @@ class Shipper:
         self.streams: dict[str, StreamShipper] = {}
         self._backoff = 0.0
         self.exports_failed = 0
+        #: Spans delivered since start, every stream.
+        self.delivered_spans = 0
 
     def _stream(self, stream_dir: Path) -> StreamShipper:
         shipper = self.streams.get(stream_dir.name)
@@ -363,6 +368,7 @@ class Shipper:
         for stream_dir in list_streams(self.paths.spool):
             live.add(stream_dir.name)
             shipper = self._stream(stream_dir)
+            spans_before = shipper.delivered_spans
             while True:
                 outcome = shipper.step(self.sink)
                 if outcome == "failed":
@@ -377,6 +383,7 @@ class Shipper:
                     break
                 if not shipper.behind:
                     break  # caught up with this stream: what comes next waits for a poll
+            self.delivered_spans += shipper.delivered_spans - spans_before
             if failed:
                 break
         for name in list(self.streams):
@@ -405,8 +412,13 @@ class Shipper:
 
     def _loop(self, stop: threading.Event, until_empty: bool) -> int:
         audit = self.settings.audit
+        previous_pass = time.monotonic()
         while not stop.is_set():
+            started = time.monotonic()
+            spans_before = self.delivered_spans
             progressed, failed = self.ship_once()
+            gathered = (self.delivered_spans - spans_before, started - previous_pass)
+            previous_pass = started
             if failed:
                 self.exports_failed += 1
                 self._backoff = min(audit.retry_max_seconds, max(0.5, self._backoff * 2))
@@ -420,9 +432,9 @@ class Shipper:
                 continue
             self._backoff = 0.0
             if progressed and not any(s.behind for s in self.streams.values()):
-                # Caught up: let records gather for a poll interval, so that a busy gateway
-                # is shipped in batches rather than a few records per read.
-                stop.wait(audit.poll_interval_ms / 1000)
+                # Caught up: let records gather, so that a busy gateway is shipped in
+                # batches rather than a few records per read.
+                stop.wait(self.gather_seconds(*gathered))
             elif not progressed:
                 for shipper in self.streams.values():
                     shipper.checkpoint()  # idle: make everything delivered permanent
@@ -430,6 +442,21 @@ class Shipper:
                     return 0
                 stop.wait(audit.poll_interval_ms / 1000)
         return 0
+
+    def gather_seconds(self, spans: int, seconds: float) -> float:
+        """How long to let records gather after a pass that caught up, having delivered
+        ``spans`` written over ``seconds``: a poll interval; while statements keep coming
+        (a pass of at least an eighth of a request), until about one full request is
+        there, at most :data:`GATHER_MAX_SECONDS`.  Each pass costs some milliseconds of
+        its own (the reads, an HTTP request, the recordings' files): under a steady load
+        of a few thousand statements a second, passes every poll interval cost the shipper
+        as much CPU again as the statements' spans."""
+        audit = self.settings.audit
+        poll = audit.poll_interval_ms / 1000
+        if spans < audit.batch_size / 8 or seconds <= 0:
+            return poll
+        until_full = audit.batch_size / (spans / seconds)
+        return max(poll, min(until_full, GATHER_MAX_SECONDS))
 
     def _anything_left(self) -> bool:
         """Open sessions or statements, or a stream not seen yet (after an idle pass)."""
