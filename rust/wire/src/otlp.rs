@@ -87,7 +87,6 @@ fn varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
     }
 }
 
-/// Writes a length-delimited sub-message built by `f` (into a scratch buffer first).
 /// A length-delimited field written in place: one byte is reserved for the length (most
 /// messages here are shorter than 128 bytes) and the content is moved along in the rare
 /// case the length needs more, so nesting allocates nothing.
