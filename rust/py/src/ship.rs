@@ -2,7 +2,7 @@
 //! one call per batch.  Query texts are analysed by a Python callable, once per shape.
 
 use pgwarden_ship::spans::{QueryText, Val};
-use pgwarden_ship::{AssemblerConfig, QueryAnalyzer, QueryInfo, StreamAssembler};
+use pgwarden_ship::{AssemblerConfig, QueryAnalyzer, QueryInfo, Request, StreamAssembler};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString};
@@ -167,7 +167,10 @@ impl SpanAssembler {
         };
         let out = self.inner.process(&slices, writer_alive, &mut analyzer);
         Ok((
-            out.requests.iter().map(|r| PyBytes::new(py, r)).collect(),
+            out.requests
+                .iter()
+                .map(|r| request_bytes(py, r))
+                .collect::<PyResult<_>>()?,
             out.spans,
             out.recordings
                 .iter()
@@ -205,4 +208,16 @@ impl SpanAssembler {
         let s = self.inner.state();
         (s.open_sessions.len(), s.open_statements.len(), s.seq)
     }
+}
+
+/// A request as one `bytes` object, its parts copied straight into it.
+fn request_bytes<'py>(py: Python<'py>, request: &Request) -> PyResult<Bound<'py, PyBytes>> {
+    PyBytes::new_with(py, request.len(), |buf| {
+        let mut at = 0;
+        for part in request.parts() {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        Ok(())
+    })
 }

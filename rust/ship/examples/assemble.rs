@@ -91,6 +91,10 @@ fn assemble(lines: &[&[u8]], n: f64) {
     let mut spans = 0;
     for chunk in lines.chunks(4096) {
         let out = asm.process(chunk, true, &mut Fixed);
+        // As the binding does: each request copied once, into the buffer it is sent from.
+        for request in &out.requests {
+            std::hint::black_box(request.to_vec());
+        }
         spans += out.spans;
         if !out.problems.is_empty() && spans < 600 {
             eprintln!(

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use pgwarden_wire::audit_record::{unseal_parts, RecordChain, HASH_LEN};
-use pgwarden_wire::otlp::{encode_resource_framed_spans, AnyValue, Scope};
+use pgwarden_wire::otlp::{resource_framing, AnyValue, Scope};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -90,7 +90,7 @@ fn zero_hash() -> String {
 pub struct Assembled {
     /// `ExportTraceServiceRequest` bodies, at most `request_spans` spans and about
     /// `request_bytes` bytes each.
-    pub requests: Vec<Vec<u8>>,
+    pub requests: Vec<Request>,
     pub spans: usize,
     /// Per session, the recorded lines (newline-terminated), in order.
     pub recordings: Vec<(String, Vec<u8>)>,
@@ -469,7 +469,7 @@ impl StreamAssembler {
     }
 
     /// Each chunk of framed spans as one `ExportTraceServiceRequest`.
-    fn wrap(&self, chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    fn wrap(&self, chunks: Vec<Vec<u8>>) -> Vec<Request> {
         let resource: Vec<(&str, AnyValue<'_>)> = self
             .resource_attrs
             .iter()
@@ -481,19 +481,45 @@ impl StreamAssembler {
             schema_url: &self.config.scope_schema_url,
         };
         chunks
-            .iter()
-            .map(|framed| {
-                let mut request = Vec::with_capacity(framed.len() + 512);
-                encode_resource_framed_spans(
-                    &mut request,
+            .into_iter()
+            .map(|spans| {
+                let (head, tail) = resource_framing(
                     &resource,
                     &self.config.resource_schema_url,
                     &scope,
-                    framed,
+                    spans.len(),
                 );
-                request
+                Request { head, spans, tail }
             })
             .collect()
+    }
+}
+
+/// One encoded `ExportTraceServiceRequest` in three parts, `head ‖ spans ‖ tail`, so that
+/// its spans are copied once only: into the buffer the request is sent from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub head: Vec<u8>,
+    pub spans: Vec<u8>,
+    pub tail: Vec<u8>,
+}
+
+impl Request {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.spans.len() + self.tail.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn parts(&self) -> [&[u8]; 3] {
+        [&self.head, &self.spans, &self.tail]
+    }
+
+    /// The request's bytes in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts().concat()
     }
 }
 
@@ -665,9 +691,9 @@ mod tests {
         assert!(out.problems.is_empty(), "{:?}", out.problems);
         assert_eq!(out.spans, 3);
         assert_eq!(out.requests.len(), 2, "two spans per request");
-        assert!(contains(&out.requests[0], "SELECT t1"));
-        assert!(contains(&out.requests[0], "ann"));
-        assert!(contains(&out.requests[1], "pgwarden session"));
+        assert!(contains(&out.requests[0].to_vec(), "SELECT t1"));
+        assert!(contains(&out.requests[0].to_vec(), "ann"));
+        assert!(contains(&out.requests[1].to_vec(), "pgwarden session"));
         assert_eq!(out.recordings.len(), 1);
         assert_eq!(
             out.recordings[0].1.iter().filter(|b| **b == b'\n').count(),
@@ -704,19 +730,28 @@ mod tests {
         let out = asm.process(&refs(&lines), true, &mut Table);
         assert_eq!(out.spans, 4);
         assert_eq!(out.requests.len(), 2, "two spans per 25 KB request");
-        let sizes: Vec<usize> = out.requests.iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = out.requests.iter().map(Request::len).collect();
         assert!(sizes.iter().all(|n| *n < 25_000 + 512), "{sizes:?}");
-        assert!(!contains(&out.requests[0], "pgwarden.query.text_bytes"));
+        assert!(!contains(
+            &out.requests[0].to_vec(),
+            "pgwarden.query.text_bytes"
+        ));
 
         // Cut at 3009 bytes: inside the two-byte 'é', so at the boundary before it.
         config.query_text_max_bytes = 3009;
         let mut asm = StreamAssembler::new(config, StreamState::default());
         let out = asm.process(&refs(&lines), true, &mut Table);
         let text = format!("select '{long}");
-        assert!(contains(&out.requests[0], &text));
-        assert!(!contains(&out.requests[0], &format!("{text}\u{e9}")));
-        assert!(!contains(&out.requests[0], &format!("{text}é")));
-        assert!(contains(&out.requests[0], "pgwarden.query.text_bytes"));
+        assert!(contains(&out.requests[0].to_vec(), &text));
+        assert!(!contains(
+            &out.requests[0].to_vec(),
+            &format!("{text}\u{e9}")
+        ));
+        assert!(!contains(&out.requests[0].to_vec(), &format!("{text}é")));
+        assert!(contains(
+            &out.requests[0].to_vec(),
+            "pgwarden.query.text_bytes"
+        ));
     }
 
     #[test]
@@ -743,7 +778,7 @@ mod tests {
         let out = resumed.process(&[], false, &mut Table);
         assert!(out.finishing);
         assert_eq!(out.spans, 2, "the statement and the session");
-        let request = &out.requests[0];
+        let request = &out.requests[0].to_vec();
         assert!(contains(request, "interrupted"));
         assert!(contains(request, "outcome unknown"));
     }
@@ -767,7 +802,10 @@ mod tests {
         assert_eq!(out.chain_failures, 1);
         assert_eq!(out.problems[0].0, Some(0));
         // verified=false is encoded as the boolean attribute pgwarden.chain.verified
-        assert!(contains(&out.requests[0], "pgwarden.chain.verified"));
+        assert!(contains(
+            &out.requests[0].to_vec(),
+            "pgwarden.chain.verified"
+        ));
     }
 
     #[test]

@@ -14,4 +14,6 @@ pub mod records;
 pub mod shape;
 pub mod spans;
 
-pub use assembler::{Assembled, AssemblerConfig, QueryAnalyzer, QueryInfo, StreamAssembler};
+pub use assembler::{
+    Assembled, AssemblerConfig, QueryAnalyzer, QueryInfo, Request, StreamAssembler,
+};

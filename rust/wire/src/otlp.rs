@@ -253,8 +253,28 @@ pub fn encode_resource_framed_spans(
     scope: &Scope<'_>,
     framed_spans: &[u8],
 ) {
-    // The small parts first, so that the lengths around the spans are exact and the
-    // spans (megabytes) are copied once.
+    let (head, tail) = resource_framing(
+        resource_attributes,
+        resource_schema_url,
+        scope,
+        framed_spans.len(),
+    );
+    out.reserve(head.len() + framed_spans.len() + tail.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(framed_spans);
+    out.extend_from_slice(&tail);
+}
+
+/// What goes before and after `framed_len` bytes of framed spans to make them an
+/// `ExportTraceServiceRequest` with one ResourceSpans and one ScopeSpans: the request is
+/// `head ‖ spans ‖ tail`, so the spans (megabytes) can be copied once, straight to where
+/// the request is sent from.  The lengths around the spans are exact.
+pub fn resource_framing(
+    resource_attributes: &[(&str, AnyValue<'_>)],
+    resource_schema_url: &str,
+    scope: &Scope<'_>,
+    framed_len: usize,
+) -> (Vec<u8>, Vec<u8>) {
     let mut resource = Vec::new();
     message(&mut resource, 1, |r| attributes(r, 1, resource_attributes));
     let mut scope_head = Vec::new();
@@ -262,26 +282,26 @@ pub fn encode_resource_framed_spans(
         bytes_field(sc, 1, scope.name.as_bytes());
         bytes_field(sc, 2, scope.version.as_bytes());
     });
-    let mut scope_tail = Vec::new();
-    bytes_field(&mut scope_tail, 3, scope.schema_url.as_bytes());
-    let mut resource_tail = Vec::new();
-    bytes_field(&mut resource_tail, 3, resource_schema_url.as_bytes());
-    let scope_spans = (scope_head.len() + framed_spans.len() + scope_tail.len()) as u64;
+    // tail = the ScopeSpans' schema_url, then the ResourceSpans' schema_url.
+    let mut tail = Vec::new();
+    bytes_field(&mut tail, 3, scope.schema_url.as_bytes());
+    let scope_tail = tail.len();
+    bytes_field(&mut tail, 3, resource_schema_url.as_bytes());
+    let resource_tail = tail.len() - scope_tail;
+    let scope_spans = (scope_head.len() + framed_len + scope_tail) as u64;
     let resource_spans = resource.len() as u64
         + 1
         + varint_len(scope_spans) as u64
         + scope_spans
-        + resource_tail.len() as u64;
-    out.reserve(resource_spans as usize + 16);
-    key(out, 1, LEN);
-    varint(out, resource_spans);
-    out.extend_from_slice(&resource);
-    key(out, 2, LEN);
-    varint(out, scope_spans);
-    out.extend_from_slice(&scope_head);
-    out.extend_from_slice(framed_spans);
-    out.extend_from_slice(&scope_tail);
-    out.extend_from_slice(&resource_tail);
+        + resource_tail as u64;
+    let mut head = Vec::with_capacity(resource.len() + scope_head.len() + 24);
+    key(&mut head, 1, LEN);
+    varint(&mut head, resource_spans);
+    head.extend_from_slice(&resource);
+    key(&mut head, 2, LEN);
+    varint(&mut head, scope_spans);
+    head.extend_from_slice(&scope_head);
+    (head, tail)
 }
 
 #[cfg(test)]
@@ -352,7 +372,13 @@ mod tests {
 
     #[test]
     fn request_lengths_are_exact() {
-        for spans in [10usize, 200_000, 3_000_000] {
+        for (spans, scope_url) in [
+            (10usize, ""),
+            (200_000, ""),
+            (3_000_000, ""),
+            (10, "https://example.com/scope"),
+            (200_000, "https://example.com/scope"),
+        ] {
             let framed: Vec<u8> = vec![0x12; spans];
             let mut out = Vec::new();
             encode_resource_framed_spans(
@@ -362,7 +388,7 @@ mod tests {
                 &Scope {
                     name: "pgwarden.audit",
                     version: "1",
-                    schema_url: "",
+                    schema_url: scope_url,
                 },
                 &framed,
             );
@@ -377,11 +403,29 @@ mod tests {
             assert_eq!(rest[0], 0x12);
             let (scope_spans, k) = read_varint(&rest[1..]);
             let scope_spans = &rest[1 + k..1 + k + scope_spans as usize];
-            assert!(scope_spans.ends_with(&framed));
+            // The spans, then the scope's schema URL (field 3) when there is one.
+            let mut scope_tail = Vec::new();
+            bytes_field(&mut scope_tail, 3, scope_url.as_bytes());
+            let (before_tail, tail_of_scope) =
+                scope_spans.split_at(scope_spans.len() - scope_tail.len());
+            assert_eq!(tail_of_scope, &scope_tail[..]);
+            assert!(before_tail.ends_with(&framed));
             // What follows ScopeSpans is the resource's schema URL (field 3), to the end.
             let tail = &rest[1 + k + scope_spans.len()..];
             assert_eq!(tail[0], 0x1a);
             assert!(tail.ends_with(b"schemas/1.26.0"));
+            // The same request from its parts, the spans copied last.
+            let (head, tail) = resource_framing(
+                &[("service.name", AnyValue::Str("pgwarden"))],
+                "https://opentelemetry.io/schemas/1.26.0",
+                &Scope {
+                    name: "pgwarden.audit",
+                    version: "1",
+                    schema_url: scope_url,
+                },
+                framed.len(),
+            );
+            assert_eq!([&head[..], &framed, &tail].concat(), out);
         }
     }
 
