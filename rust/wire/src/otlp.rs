@@ -380,18 +380,15 @@ mod tests {
             (200_000, "https://example.com/scope"),
         ] {
             let framed: Vec<u8> = vec![0x12; spans];
+            let attrs = [("service.name", AnyValue::Str("pgwarden"))];
+            let resource_url = "https://opentelemetry.io/schemas/1.26.0";
+            let scope = Scope {
+                name: "pgwarden.audit",
+                version: "1",
+                schema_url: scope_url,
+            };
             let mut out = Vec::new();
-            encode_resource_framed_spans(
-                &mut out,
-                &[("service.name", AnyValue::Str("pgwarden"))],
-                "https://opentelemetry.io/schemas/1.26.0",
-                &Scope {
-                    name: "pgwarden.audit",
-                    version: "1",
-                    schema_url: scope_url,
-                },
-                &framed,
-            );
+            encode_resource_framed_spans(&mut out, &attrs, resource_url, &scope, &framed);
             assert_eq!(out[0], 0x0a); // ResourceSpans, length-delimited
             let (len, n) = read_varint(&out[1..]);
             assert_eq!(len as usize, out.len() - 1 - n);
@@ -415,16 +412,7 @@ mod tests {
             assert_eq!(tail[0], 0x1a);
             assert!(tail.ends_with(b"schemas/1.26.0"));
             // The same request from its parts, the spans copied last.
-            let (head, tail) = resource_framing(
-                &[("service.name", AnyValue::Str("pgwarden"))],
-                "https://opentelemetry.io/schemas/1.26.0",
-                &Scope {
-                    name: "pgwarden.audit",
-                    version: "1",
-                    schema_url: scope_url,
-                },
-                framed.len(),
-            );
+            let (head, tail) = resource_framing(&attrs, resource_url, &scope, framed.len());
             assert_eq!([&head[..], &framed, &tail].concat(), out);
         }
     }
