@@ -76,7 +76,7 @@ pub struct StreamState {
     pub open_sessions: BTreeMap<String, SessionRec>,
     #[serde(default)]
     /// Boxed: the map moves its values when its nodes split or shrink.
-    pub open_statements: BTreeMap<String, Box<StmtRec>>,
+    pub open_statements: BTreeMap<String, Box<StmtRec<'static>>>,
     #[serde(default)]
     pub closed: bool,
 }
@@ -218,7 +218,7 @@ impl StreamAssembler {
     fn statement_span(
         &mut self,
         state: &StreamState,
-        stmt: &StmtRec,
+        stmt: &StmtRec<'_>,
         end: Option<&Line<'_>>,
         verified: bool,
         interrupted_at_us: u64,
@@ -265,9 +265,9 @@ impl StreamAssembler {
     /// Assemble the next `lines` of the stream (sealed records, no newline).  With no lines
     /// and `writer_alive` false, or after the stream's `close` record, the stream is over:
     /// whatever is still open ends as interrupted.
-    pub fn process(
+    pub fn process<'l>(
         &mut self,
-        lines: &[&[u8]],
+        lines: &[&'l [u8]],
         writer_alive: bool,
         analyzer: &mut dyn QueryAnalyzer,
     ) -> Assembled {
@@ -283,11 +283,14 @@ impl StreamAssembler {
         let template = RecordChain::new(&self.config.key, [0; HASH_LEN]);
         let mut head = from_hex(&work.prev_hash).unwrap_or([0; HASH_LEN]);
         let mut key = String::new(); // a statement key to look up, without allocating
+                                     // Statements opened in this batch, by (session, n), borrowing from the lines; what
+                                     // is still open after the batch moves to `work.open_statements`, owned.
+        let mut fresh: HashMap<(&'l str, u64), StmtRec<'l>> = HashMap::new();
 
         for (index, raw) in lines.iter().enumerate() {
             // Validated as UTF-8 once, whole: serde_json then reads each string without
             // validating it again (a third of the parsing time, string by string).
-            let parsed: Result<Line<'_>, _> = match std::str::from_utf8(raw) {
+            let parsed: Result<Line<'l>, _> = match std::str::from_utf8(raw) {
                 Ok(text) => serde_json::from_str(text),
                 Err(_) => serde_json::from_slice(raw), // for its error message
             };
@@ -356,25 +359,37 @@ impl StreamAssembler {
             match line.kind.as_ref() {
                 "stmt" => {
                     let n = line.n.unwrap_or(0);
-                    work.open_statements
-                        .insert(statement_key(sid, n), Box::new(line.stmt(!verified)));
+                    match line.session {
+                        Some(Cow::Borrowed(session)) => {
+                            fresh.insert((session, n), line.into_stmt(!verified));
+                        }
+                        _ => {
+                            let key = statement_key(line.session_id(), n);
+                            let stmt = line.into_stmt(!verified).into_owned();
+                            work.open_statements.insert(key, Box::new(stmt));
+                        }
+                    }
                 }
                 "end" => {
                     let n = line.n.unwrap_or(0);
-                    statement_key_into(&mut key, sid, n);
-                    let stmt = work
-                        .open_statements
-                        .remove(key.as_str())
-                        .unwrap_or_else(|| {
-                            Box::new(StmtRec {
+                    let opened = match &line.session {
+                        Some(Cow::Borrowed(session)) => fresh.remove(&(*session, n)),
+                        _ => None,
+                    };
+                    let stmt = opened.unwrap_or_else(|| {
+                        statement_key_into(&mut key, sid, n);
+                        match work.open_statements.remove(key.as_str()) {
+                            Some(stmt) => *stmt,
+                            None => StmtRec {
                                 // its stmt record was lost: keep what the end says
-                                session: sid.to_owned(),
+                                session: Cow::Owned(sid.to_owned()),
                                 n,
                                 ts: line.ts,
                                 unverified: true,
                                 ..StmtRec::default()
-                            })
-                        });
+                            },
+                        }
+                    });
                     let ok = verified && !stmt.unverified;
                     self.statement_span(&work, &stmt, Some(&line), ok, 0, analyzer, &mut built);
                     if self.config.result_logs && line.result.is_some() {
@@ -383,8 +398,9 @@ impl StreamAssembler {
                     }
                 }
                 "decision" => {
-                    statement_key_into(&mut key, sid, line.n.unwrap_or(0));
-                    if let Some(stmt) = work.open_statements.get_mut(key.as_str()) {
+                    let n = line.n.unwrap_or(0);
+                    statement_key_into(&mut key, sid, n);
+                    let decide = |stmt: &mut StmtRec<'_>| {
                         for (field, value) in [
                             (&mut stmt.decision, &line.decision),
                             (&mut stmt.rule, &line.rule),
@@ -395,6 +411,15 @@ impl StreamAssembler {
                                 field.clone_from(value);
                             }
                         }
+                    };
+                    let in_batch = match &line.session {
+                        Some(Cow::Borrowed(session)) => fresh.get_mut(&(*session, n)),
+                        _ => None,
+                    };
+                    if let Some(stmt) = in_batch {
+                        decide(stmt);
+                    } else if let Some(stmt) = work.open_statements.get_mut(key.as_str()) {
+                        decide(stmt);
                     }
                 }
                 "session" => {
@@ -410,13 +435,17 @@ impl StreamAssembler {
                         .take_while(|(k, _)| k.starts_with(&prefix))
                         .map(|(k, _)| k.clone())
                         .collect();
-                    for key in keys {
-                        if let Some(stmt) = work.open_statements.remove(&key) {
-                            let ok = !stmt.unverified;
-                            self.statement_span(
-                                &work, &stmt, None, ok, line.ts, analyzer, &mut built,
-                            );
-                        }
+                    let mut ended: Vec<StmtRec<'_>> = keys
+                        .iter()
+                        .filter_map(|key| work.open_statements.remove(key).map(|s| *s))
+                        .collect();
+                    let mut in_batch: Vec<(&str, u64)> =
+                        fresh.keys().filter(|(s, _)| *s == sid).copied().collect();
+                    in_batch.sort_unstable_by_key(|(_, n)| *n);
+                    ended.extend(in_batch.iter().filter_map(|k| fresh.remove(k)));
+                    for stmt in &ended {
+                        let ok = !stmt.unverified;
+                        self.statement_span(&work, stmt, None, ok, line.ts, analyzer, &mut built);
                     }
                     if let Some(opened) = work.open_sessions.remove(sid) {
                         let ok = verified && !opened.unverified;
@@ -437,11 +466,15 @@ impl StreamAssembler {
                 _ => {}
             }
         }
+        for ((session, n), stmt) in fresh {
+            let stmt = Box::new(stmt.into_owned());
+            work.open_statements.insert(statement_key(session, n), stmt);
+        }
         work.prev_hash = pgwarden_wire::audit_record::hex(&head);
         out.finishing = work.closed || (lines.is_empty() && !writer_alive);
         if out.finishing {
             let at = work.last_ts;
-            let stmts: Vec<Box<StmtRec>> = std::mem::take(&mut work.open_statements)
+            let stmts: Vec<Box<StmtRec<'static>>> = std::mem::take(&mut work.open_statements)
                 .into_values()
                 .collect();
             for stmt in &stmts {
@@ -781,6 +814,67 @@ mod tests {
         let request = &out.requests[0].to_vec();
         assert!(contains(request, "interrupted"));
         assert!(contains(request, "outcome unknown"));
+    }
+
+    #[test]
+    fn statements_pair_up_across_batches_and_a_session_end_closes_the_rest_in_order() {
+        let lines = stream(&[
+            ("session", r#""session":"a1""#),
+            (
+                "stmt",
+                r#""session":"a1","n":1,"protocol":"simple","sql":"select 1""#,
+            ),
+            (
+                "stmt",
+                r#""session":"a1","n":10,"protocol":"extended","sql":"select 10""#,
+            ),
+            (
+                "stmt",
+                r#""session":"a1","n":2,"protocol":"extended","sql":"select 2""#,
+            ),
+            (
+                "end",
+                r#""session":"a1","n":1,"command_tag":"SELECT 1","rows":1"#,
+            ),
+            // A session id with an escape is read into its own string: it pairs up too.
+            (
+                "stmt",
+                r#""session":"e\u0031","n":1,"protocol":"simple","sql":"select 'e'""#,
+            ),
+            (
+                "end",
+                r#""session":"e1","n":1,"command_tag":"SELECT 1","rows":1"#,
+            ),
+            (
+                "session_end",
+                r#""session":"a1","reason":"client_terminate""#,
+            ),
+        ]);
+        let mut config = config();
+        config.request_spans = 100;
+        let mut asm = StreamAssembler::new(config, StreamState::default());
+        // The first batch leaves statement 1 open; it is carried over, owned.
+        let first = asm.process(&refs(&lines[..2]), true, &mut Table);
+        assert_eq!(first.spans, 0);
+        asm.commit();
+        assert_eq!(asm.state().open_statements.len(), 1);
+        let out = asm.process(&refs(&lines[2..]), true, &mut Table);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        asm.commit();
+        assert_eq!(out.spans, 5, "four statements and the session");
+        assert!(asm.state().open_statements.is_empty());
+        let request = out.requests[0].to_vec();
+        let at = |text: &str| {
+            request
+                .windows(text.len())
+                .position(|w| w == text.as_bytes())
+                .unwrap_or_else(|| panic!("{text} is missing"))
+        };
+        // Statement 1 ended normally; 2 and 10 ended with their session, in their order.
+        assert!(at("select 1") < at("select 2"));
+        assert!(at("select 2") < at("select 10"));
+        assert!(at("select 10") < at("pgwarden session"));
+        assert!(contains(&request, "select 'e'"));
     }
 
     #[test]

@@ -14,22 +14,22 @@ use serde_json::Value;
 pub struct Line<'a> {
     #[serde(default)]
     pub seq: u64,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub stream: Option<Cow<'a, str>>,
     #[serde(default)]
     pub ts: u64,
     #[serde(rename = "type", borrow)]
     pub kind: Cow<'a, str>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub session: Option<Cow<'a, str>>,
     #[serde(default)]
     pub n: Option<u64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub hash: Option<Cow<'a, str>>,
     // stmt
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub protocol: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub sql: Option<Cow<'a, str>>,
     #[serde(default)]
     pub params: Option<Vec<Value>>,
@@ -38,15 +38,15 @@ pub struct Line<'a> {
     // end
     #[serde(default)]
     pub duration_us: Option<u64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub command_tag: Option<Cow<'a, str>>,
     #[serde(default)]
     pub rows: Option<i64>,
     #[serde(default)]
     pub data_rows: Option<i64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub sqlstate: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub error: Option<Cow<'a, str>>,
     #[serde(default)]
     pub result: Option<IgnoredAny>,
@@ -55,28 +55,28 @@ pub struct Line<'a> {
     // session, refused
     #[serde(default)]
     pub user: Option<Value>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub client_address: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub database: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub upstream_user: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub server_address: Option<Cow<'a, str>>,
     #[serde(default)]
     pub server_port: Option<i64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub application_name: Option<Cow<'a, str>>,
     #[serde(default)]
     pub tls: Option<bool>,
     // session_end, refused
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub reason: Option<Cow<'a, str>>,
     #[serde(default)]
     pub statements: Option<i64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub message: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub stage: Option<Cow<'a, str>>,
     #[serde(default)]
     pub started: Option<u64>,
@@ -91,29 +91,72 @@ pub struct Line<'a> {
     pub masked_columns: Option<Value>,
 }
 
-/// A `stmt` record waiting for its `end` (possibly across batches and checkpoints).
+/// An optional string borrowed from the line unless it has escapes.  (Serde borrows a
+/// `Cow<str>` field, but not one inside an `Option`: that would allocate each string.)
+fn borrowed<'de: 'a, 'a, D>(d: D) -> Result<Option<Cow<'a, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Cow<'de, str>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    d.deserialize_option(Text)
+}
+
+/// A `stmt` record waiting for its `end` (possibly across batches and checkpoints).  Within
+/// a batch it borrows from the batch's lines; what is still open after the batch is kept
+/// as `StmtRec<'static>`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StmtRec {
+pub struct StmtRec<'a> {
     #[serde(default)]
     pub seq: u64,
     #[serde(default)]
-    pub stream: String,
+    pub stream: Cow<'a, str>,
     #[serde(default)]
     pub ts: u64,
     #[serde(default)]
-    pub session: String,
+    pub session: Cow<'a, str>,
     #[serde(default)]
     pub n: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Cow<'static, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sql: Option<String>,
+    pub sql: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<Vec<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function_oid: Option<i64>,
     #[serde(default)]
-    pub hash: String,
+    pub hash: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +167,30 @@ pub struct StmtRec {
     pub masked_columns: Option<Value>,
     #[serde(rename = "_unverified", default, skip_serializing_if = "is_false")]
     pub unverified: bool,
+}
+
+impl StmtRec<'_> {
+    /// The record with its strings owned, to outlive the batch it was read in.
+    pub fn into_owned(self) -> StmtRec<'static> {
+        let own = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        StmtRec {
+            seq: self.seq,
+            stream: own(self.stream),
+            ts: self.ts,
+            session: own(self.session),
+            n: self.n,
+            protocol: self.protocol,
+            sql: self.sql.map(own),
+            params: self.params,
+            function_oid: self.function_oid,
+            hash: own(self.hash),
+            decision: self.decision,
+            rule: self.rule,
+            policy_version: self.policy_version,
+            masked_columns: self.masked_columns,
+            unverified: self.unverified,
+        }
+    }
 }
 
 /// A `session` record whose `session_end` has not been read yet.
@@ -177,23 +244,24 @@ fn owned(s: &Option<Cow<'_, str>>) -> Option<String> {
     s.as_ref().map(|c| c.to_string())
 }
 
-impl Line<'_> {
+impl<'a> Line<'a> {
     pub fn session_id(&self) -> &str {
         self.session.as_deref().unwrap_or("")
     }
 
-    pub fn stmt(&self, unverified: bool) -> StmtRec {
+    /// The `stmt` record, its strings borrowed from the line where the line borrows them.
+    pub fn into_stmt(self, unverified: bool) -> StmtRec<'a> {
         StmtRec {
             seq: self.seq,
-            stream: self.stream.as_deref().unwrap_or("").to_owned(),
+            stream: self.stream.unwrap_or_default(),
             ts: self.ts,
-            session: self.session_id().to_owned(),
+            session: self.session.unwrap_or_default(),
             n: self.n.unwrap_or(0),
             protocol: self.protocol.as_deref().map(protocol_name),
-            sql: owned(&self.sql),
-            params: self.params.clone(),
+            sql: self.sql,
+            params: self.params,
             function_oid: self.function_oid,
-            hash: self.hash.as_deref().unwrap_or("").to_owned(),
+            hash: self.hash.unwrap_or_default(),
             unverified,
             ..StmtRec::default()
         }
@@ -232,4 +300,26 @@ pub fn statement_key_into(key: &mut String, session: &str, n: u64) {
     key.push_str(session);
     key.push('/');
     key.push_str(itoa::Buffer::new().format(n));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_borrowed_unless_escaped_and_null_is_none() {
+        let raw = r#"{"seq":3,"type":"stmt","session":"s1","sql":"SELECT \"a\" FROM t","hash":"ab","error":null,"stream":"w0"}"#;
+        let line: Line<'_> = serde_json::from_str(raw).unwrap();
+        assert!(matches!(line.session, Some(Cow::Borrowed("s1"))));
+        assert!(matches!(line.stream, Some(Cow::Borrowed("w0"))));
+        assert!(matches!(line.hash, Some(Cow::Borrowed("ab"))));
+        match &line.sql {
+            Some(Cow::Owned(s)) => assert_eq!(s, r#"SELECT "a" FROM t"#),
+            other => panic!("escaped text should be unescaped into its own string: {other:?}"),
+        }
+        assert_eq!(line.error, None);
+        assert_eq!(line.protocol, None);
+        let wrong = serde_json::from_str::<Line<'_>>(r#"{"type":"stmt","sql":5}"#);
+        assert!(wrong.unwrap_err().to_string().contains("a string or null"));
+    }
 }

@@ -341,7 +341,7 @@ pub fn statement_name<'a>(
 /// What a statement span needs besides its records.
 pub struct StatementInput<'a> {
     pub base: &'a SessionBase,
-    pub stmt: &'a StmtRec,
+    pub stmt: &'a StmtRec<'a>,
     pub end: Option<&'a Line<'a>>,
     pub verified: bool,
     pub interrupted_at_us: u64,
@@ -482,7 +482,7 @@ pub fn statement<'a>(input: StatementInput<'a>) -> Span<'a> {
 }
 
 /// The statement policy's decision, rule and version, and the masked columns.
-fn policy<'a>(stmt: &'a StmtRec, attrs: &mut Attrs<'a>) {
+fn policy<'a>(stmt: &'a StmtRec<'a>, attrs: &mut Attrs<'a>) {
     for (value, name) in [
         (&stmt.decision, "pgwarden.policy.decision"),
         (&stmt.rule, "pgwarden.policy.rule"),

@@ -171,9 +171,39 @@ fn key_value(out: &mut Vec<u8>, k: &str, v: &AnyValue<'_>) {
     message(out, 2, |m| any_value(m, v));
 }
 
+/// The encoded length of a scalar `AnyValue` (the nested ones are written with [`message`]).
+fn scalar_len(v: &AnyValue<'_>) -> Option<usize> {
+    let bytes = |n: usize| 1 + varint_len(n as u64) + n;
+    match v {
+        AnyValue::Str(s) => Some(bytes(s.len())),
+        AnyValue::Bytes(b) => Some(bytes(b.len())),
+        AnyValue::Bool(b) => Some(1 + varint_len(u64::from(*b))),
+        AnyValue::Int(i) => Some(1 + varint_len(*i as u64)),
+        AnyValue::Double(_) => Some(9),
+        AnyValue::Array(_) | AnyValue::KvList(_) => None,
+    }
+}
+
 fn attributes(out: &mut Vec<u8>, field: u32, attrs: &[(&str, AnyValue<'_>)]) {
     for (k, v) in attrs {
-        message(out, field, |kv| key_value(kv, k, v));
+        let Some(value_len) = scalar_len(v) else {
+            message(out, field, |kv| key_value(kv, k, v));
+            continue;
+        };
+        // Lengths known up front: each KeyValue written straight, with no length to patch.
+        let key_len = if k.is_empty() {
+            0
+        } else {
+            1 + varint_len(k.len() as u64) + k.len()
+        };
+        let kv_len = key_len + 1 + varint_len(value_len as u64) + value_len;
+        out.reserve(1 + varint_len(kv_len as u64) + kv_len);
+        key(out, field, LEN);
+        varint(out, kv_len as u64);
+        bytes_field(out, 1, k.as_bytes());
+        key(out, 2, LEN);
+        varint(out, value_len as u64);
+        any_value(out, v);
     }
 }
 
