@@ -141,6 +141,55 @@ def test_extended_parse_is_refused_then_skipped_to_sync(latin1_session: RawConne
     assert data_rows(answer) == [[b"ok"]]
 
 
+def raw_bind(portal: bytes, statement: bytes) -> bytes:
+    """A Bind of a statement without parameters, its names given as raw bytes."""
+    return message(b"B", portal + b"\0" + statement + b"\0" + b"\0\0" * 3)
+
+
+def test_portal_names_in_the_client_encoding_work_as_on_postgres(
+    latin1_session: RawConnection,
+) -> None:
+    # Names need not be UTF-8: PostgreSQL reads them in the client encoding (LATIN1 'é').
+    conn = latin1_session
+    portal = b"p\xe9"
+    conn.send(
+        parse("select 'ok'", name="s1")
+        + raw_bind(portal, b"s1")
+        + message(b"D", b"P" + portal + b"\0")
+        + message(b"E", portal + b"\0" + b"\0\0\0\0")
+        + message(b"C", b"P" + portal + b"\0")
+        + sync()
+    )
+    answer = conn.read_until(b"Z")
+    assert tags(answer) == b"12TDC3Z", answer
+    assert data_rows(answer) == [[b"ok"]]
+    assert tags(conn.simple_query("select 'after'")) == b"TDCZ"
+
+
+def test_names_invalid_in_the_client_encoding_get_postgres_own_error(
+    gateway: GatewayProcess,
+) -> None:
+    conn, _ = connect_authenticated(
+        gateway.host, gateway.port, CLIENT_USER, CLIENT_PASSWORD, TEST_DATABASE
+    )
+    try:
+        # Under UTF8 the server refuses the name (22021), the batch skips to Sync, and
+        # the session goes on.
+        conn.send(parse("select 'still here'", name="s1") + sync())
+        assert tags(conn.read_until(b"Z")) == b"1Z"
+        conn.send(raw_bind(b"p\xff", b"s1") + execute() + sync())
+        answer = conn.read_until(b"Z")
+        assert tags(answer) == b"EZ", answer
+        assert answer[0].fields["C"] == "22021", answer[0].fields
+        assert "0xff" in answer[0].fields["M"], answer[0].fields
+        conn.send(raw_bind(b"", b"s1") + execute() + sync())
+        answer = conn.read_until(b"Z")
+        assert tags(answer) == b"2DCZ", answer
+        assert data_rows(answer) == [[b"still here"]]
+    finally:
+        conn.close()
+
+
 def test_psycopg_gets_character_not_in_repertoire(gateway: GatewayProcess) -> None:
     with psycopg.connect(gateway.dsn(), autocommit=True) as conn:
         conn.execute("set client_encoding to 'LATIN1'")

@@ -127,7 +127,7 @@ fn extended_round(aid: usize) -> Vec<u8> {
     let aid = aid.to_string();
     Bind::encode_parts(&mut out, "", "P0_1", &[], &[Some(aid.as_bytes())], &[]);
     FrontendMessage::Execute(Execute {
-        portal: "",
+        portal: b"",
         max_rows: 0,
     })
     .encode(&mut out);

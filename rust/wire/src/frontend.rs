@@ -43,10 +43,14 @@ pub struct Parse<'a> {
 }
 
 /// Bind: creates portal `portal` from statement `statement` with parameter values.
+///
+/// Statement and portal names here, in Execute, Describe and Close are opaque bytes: the
+/// server reads them in the client encoding (and refuses bytes invalid in it, 22021), and
+/// the gateway only needs them to match a Bind to its Parse and an Execute to its Bind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bind<'a> {
-    pub portal: &'a str,
-    pub statement: &'a str,
+    pub portal: &'a [u8],
+    pub statement: &'a [u8],
     pub param_formats: Int16Array<'a>,
     pub params: ValueList<'a>,
     pub result_formats: Int16Array<'a>,
@@ -66,7 +70,7 @@ impl Bind<'_> {
 /// Execute: runs portal `portal`, at most `max_rows` rows (0 = all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Execute<'a> {
-    pub portal: &'a str,
+    pub portal: &'a [u8],
     pub max_rows: i32,
 }
 
@@ -98,14 +102,14 @@ impl Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Describe<'a> {
     pub target: Target,
-    pub name: &'a str,
+    pub name: &'a [u8],
 }
 
 /// Close: drops a prepared statement or portal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Close<'a> {
     pub target: Target,
-    pub name: &'a str,
+    pub name: &'a [u8],
 }
 
 /// FunctionCall: the fast-path interface, calls a function by OID with arguments.
@@ -202,19 +206,19 @@ impl<'a> FrontendMessage<'a> {
                 p.param_types.write(&mut w);
             }
             FrontendMessage::Bind(b) => {
-                w.cstr(b.portal.as_bytes()).cstr(b.statement.as_bytes());
+                w.cstr(b.portal).cstr(b.statement);
                 b.param_formats.write(&mut w);
                 b.params.write(&mut w);
                 b.result_formats.write(&mut w);
             }
             FrontendMessage::Execute(e) => {
-                w.cstr(e.portal.as_bytes()).i32(e.max_rows);
+                w.cstr(e.portal).i32(e.max_rows);
             }
             FrontendMessage::Describe(d) => {
-                w.u8(d.target.byte()).cstr(d.name.as_bytes());
+                w.u8(d.target.byte()).cstr(d.name);
             }
             FrontendMessage::Close(c) => {
-                w.u8(c.target.byte()).cstr(c.name.as_bytes());
+                w.u8(c.target.byte()).cstr(c.name);
             }
             FrontendMessage::CopyData(data) | FrontendMessage::AuthResponse(data) => {
                 w.bytes(data);
@@ -262,7 +266,7 @@ impl<'a> Describe<'a> {
     pub fn decode(body: &'a [u8]) -> Result<Self> {
         let mut r = BodyReader::new(body, "Describe");
         let target = Target::read(&mut r, "Describe")?;
-        let name = r.cstr_utf8()?;
+        let name = r.cstr()?;
         r.finish()?;
         Ok(Describe { target, name })
     }
@@ -272,7 +276,7 @@ impl<'a> Close<'a> {
     pub fn decode(body: &'a [u8]) -> Result<Self> {
         let mut r = BodyReader::new(body, "Close");
         let target = Target::read(&mut r, "Close")?;
-        let name = r.cstr_utf8()?;
+        let name = r.cstr()?;
         r.finish()?;
         Ok(Close { target, name })
     }
@@ -296,8 +300,8 @@ impl<'a> Parse<'a> {
 impl<'a> Bind<'a> {
     pub fn decode(body: &'a [u8]) -> Result<Self> {
         let mut r = BodyReader::new(body, "Bind");
-        let portal = r.cstr_utf8()?;
-        let statement = r.cstr_utf8()?;
+        let portal = r.cstr()?;
+        let statement = r.cstr()?;
         let param_formats = Int16Array::read(&mut r)?;
         let params = ValueList::read(&mut r, "Bind parameters")?;
         let result_formats = Int16Array::read(&mut r)?;
@@ -336,7 +340,7 @@ impl<'a> Bind<'a> {
 impl<'a> Execute<'a> {
     pub fn decode(body: &'a [u8]) -> Result<Self> {
         let mut r = BodyReader::new(body, "Execute");
-        let portal = r.cstr_utf8()?;
+        let portal = r.cstr()?;
         let max_rows = r.i32()?;
         r.finish()?;
         Ok(Execute { portal, max_rows })
@@ -474,16 +478,16 @@ mod tests {
         let bm = FrontendMessage::decode(b'B', &b[5..]).unwrap();
         roundtrip(bm);
         roundtrip(FrontendMessage::Execute(Execute {
-            portal: "",
+            portal: b"",
             max_rows: 0,
         }));
         roundtrip(FrontendMessage::Describe(Describe {
             target: Target::Statement,
-            name: "s1",
+            name: b"s1",
         }));
         roundtrip(FrontendMessage::Close(Close {
             target: Target::Portal,
-            name: "p",
+            name: b"p",
         }));
         roundtrip(FrontendMessage::Sync);
         roundtrip(FrontendMessage::Flush);
@@ -516,7 +520,7 @@ mod tests {
         let Ok(FrontendMessage::Bind(bind)) = FrontendMessage::decode(b'B', &b[5..]) else {
             panic!()
         };
-        assert_eq!((bind.portal, bind.statement), ("p1", "s1"));
+        assert_eq!((bind.portal, bind.statement), (&b"p1"[..], &b"s1"[..]));
         let vals: Vec<_> = bind.params.iter().collect();
         assert_eq!(vals, vec![Some(&b"42"[..]), Some(&[1u8, 2][..]), None]);
         assert_eq!(

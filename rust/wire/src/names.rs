@@ -1,5 +1,6 @@
 //! Client-side view of prepared statements and portals, so an Execute can be traced
-//! back to the SQL text it runs (portal -> statement -> text).
+//! back to the SQL text it runs (portal -> statement -> text).  Names are the bytes the
+//! client sent: the server reads them in the client encoding, which need not be UTF-8.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,13 +18,13 @@ pub(crate) struct Portal {
 #[derive(Debug, Default)]
 pub(crate) struct PreparedNames {
     unnamed_statement: Option<Arc<str>>,
-    statements: HashMap<Box<str>, Arc<str>>,
+    statements: HashMap<Box<[u8]>, Arc<str>>,
     unnamed_portal: Option<Portal>,
-    portals: HashMap<Box<str>, Portal>,
+    portals: HashMap<Box<[u8]>, Portal>,
 }
 
 impl PreparedNames {
-    pub(crate) fn define_statement(&mut self, name: &str, sql: Arc<str>) {
+    pub(crate) fn define_statement(&mut self, name: &[u8], sql: Arc<str>) {
         if name.is_empty() {
             self.unnamed_statement = Some(sql);
         } else {
@@ -31,7 +32,7 @@ impl PreparedNames {
         }
     }
 
-    pub(crate) fn statement(&self, name: &str) -> Option<&Arc<str>> {
+    pub(crate) fn statement(&self, name: &[u8]) -> Option<&Arc<str>> {
         if name.is_empty() {
             self.unnamed_statement.as_ref()
         } else {
@@ -39,7 +40,7 @@ impl PreparedNames {
         }
     }
 
-    pub(crate) fn bind_portal(&mut self, name: &str, portal: Portal) {
+    pub(crate) fn bind_portal(&mut self, name: &[u8], portal: Portal) {
         if name.is_empty() {
             self.unnamed_portal = Some(portal);
         } else {
@@ -47,7 +48,7 @@ impl PreparedNames {
         }
     }
 
-    pub(crate) fn portal(&self, name: &str) -> Option<&Portal> {
+    pub(crate) fn portal(&self, name: &[u8]) -> Option<&Portal> {
         if name.is_empty() {
             self.unnamed_portal.as_ref()
         } else {
@@ -55,7 +56,7 @@ impl PreparedNames {
         }
     }
 
-    pub(crate) fn close_statement(&mut self, name: &str) {
+    pub(crate) fn close_statement(&mut self, name: &[u8]) {
         if name.is_empty() {
             self.unnamed_statement = None;
         } else {
@@ -63,7 +64,7 @@ impl PreparedNames {
         }
     }
 
-    pub(crate) fn close_portal(&mut self, name: &str) {
+    pub(crate) fn close_portal(&mut self, name: &[u8]) {
         if name.is_empty() {
             self.unnamed_portal = None;
         } else {

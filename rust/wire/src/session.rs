@@ -275,8 +275,8 @@ impl ClientHandler<'_> {
             // The server has no statement of that name after the failed Parse (or an
             // older one, which keeps its text): a Bind of it in the same batch is
             // skipped, and recorded with this text and the error.
-            if name.is_empty() || self.names.statement(name).is_none() {
-                self.names.define_statement(name, sql.clone());
+            if name.is_empty() || self.names.statement(name.as_bytes()).is_none() {
+                self.names.define_statement(name.as_bytes(), sql.clone());
             }
         }
         self.tracker
@@ -309,7 +309,7 @@ impl ClientHandler<'_> {
                 let p = Parse::decode(body)?;
                 let sql = self.wants_text().then(|| Arc::<str>::from(p.sql));
                 if let Some(sql) = &sql {
-                    self.names.define_statement(p.name, sql.clone());
+                    self.names.define_statement(p.name.as_bytes(), sql.clone());
                 }
                 if self.emit_events {
                     self.events.push(ClientEvent::Parse {
@@ -361,7 +361,7 @@ impl ClientHandler<'_> {
                 };
                 if self.emit_events {
                     self.events.push(ClientEvent::Execute {
-                        portal: e.portal.into(),
+                        portal: String::from_utf8_lossy(e.portal).into(),
                         sql: sql.clone().unwrap_or_default(),
                         start,
                         end,

@@ -562,13 +562,58 @@ fn oversized_and_malformed_input_is_refused() {
         codec.feed_client(b"Q\0\0\0\x06\xff\xfe").is_err(),
         "a Query without its terminator is malformed, UTF-8 or not"
     );
-    let mut codec = SessionCodec::new(SessionConfig::default());
-    assert!(
-        codec
-            .feed_client(&raw_message(b'B', b"\xff\0\0\0\0\0\0\0\0"))
-            .is_err(),
-        "names outside Parse must be UTF-8"
+}
+
+/// Portal and statement names are bytes in the client encoding (here LATIN1 'é'): a Bind,
+/// Execute, Describe and Close naming them go to the server unchanged, and the Execute is
+/// traced back to its statement's text.  (Under UTF8 the server refuses such a name with
+/// 22021 itself, and the session goes on.)
+#[test]
+fn names_that_are_not_utf8_are_passed_through_and_tracked() {
+    let mut codec = SessionCodec::new(recording());
+    run(
+        &mut codec,
+        &cat(&[parse("s1", "SELECT 1"), sync()]),
+        &cat(&[parse_complete(), ready(b'I')]),
     );
+    let bind_latin1 = raw_message(b'B', b"p\xe9\0s1\0\0\0\0\0\0\0");
+    let execute_latin1 = raw_message(b'E', b"p\xe9\0\0\0\0\0");
+    let describe_latin1 = raw_message(b'D', b"Pp\xe9\0");
+    let close_latin1 = raw_message(b'C', b"Pp\xe9\0");
+    let client = cat(&[
+        bind_latin1.clone(),
+        describe_latin1.clone(),
+        execute_latin1.clone(),
+        close_latin1.clone(),
+        sync(),
+    ]);
+    let (c, _) = run(
+        &mut codec,
+        &client,
+        &cat(&[
+            bind_complete(),
+            row_description(&["?column?"]),
+            data_row(&[Some(b"1")]),
+            command_complete("SELECT 1"),
+            close_complete(),
+            ready(b'I'),
+        ]),
+    );
+    assert_eq!(c.forwarded, client, "forwarded unchanged");
+    let e_start = bind_latin1.len() + describe_latin1.len();
+    assert_eq!(
+        c.client_events,
+        vec![ClientEvent::Execute {
+            portal: "p\u{FFFD}".into(),
+            sql: "SELECT 1".into(),
+            start: e_start,
+            end: e_start + execute_latin1.len()
+        }]
+    );
+    let r = records(&mut codec);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["statement"], "SELECT 1");
+    assert_eq!(r[0]["rows"], 1);
 }
 
 // --- statements refused in place (text not UTF-8) -----------------------------------------

@@ -31,26 +31,29 @@ pub fn bind(portal: &str, stmt: &str, formats: &[i16], params: &[Option<&[u8]>])
 pub fn describe_stmt(name: &str) -> Vec<u8> {
     enc_f(FrontendMessage::Describe(Describe {
         target: Target::Statement,
-        name,
+        name: name.as_bytes(),
     }))
 }
 
 pub fn describe_portal(name: &str) -> Vec<u8> {
     enc_f(FrontendMessage::Describe(Describe {
         target: Target::Portal,
-        name,
+        name: name.as_bytes(),
     }))
 }
 
 pub fn close_stmt(name: &str) -> Vec<u8> {
     enc_f(FrontendMessage::Close(Close {
         target: Target::Statement,
-        name,
+        name: name.as_bytes(),
     }))
 }
 
 pub fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
-    enc_f(FrontendMessage::Execute(Execute { portal, max_rows }))
+    enc_f(FrontendMessage::Execute(Execute {
+        portal: portal.as_bytes(),
+        max_rows,
+    }))
 }
 
 pub fn sync() -> Vec<u8> {
