@@ -167,7 +167,7 @@ def test_spool_suffix_verifies_after_delivered_segments_are_deleted(tmp_path: Pa
     trail.close()
 
 
-def test_busy_streams_gather_about_a_request_between_passes(tmp_path: Path) -> None:
+def test_busy_streams_gather_about_a_request_and_idle_ones_poll_less_often(tmp_path: Path) -> None:
     shipper = Shipper(
         settings_for(tmp_path / "audit", batch_size=2048, poll_interval_ms=100),
         sink=FlakySink(failures=0),
@@ -182,6 +182,12 @@ def test_busy_streams_gather_about_a_request_between_passes(tmp_path: Path) -> N
         sink=FlakySink(failures=0),
     )
     assert slow.gather_seconds(500, 0.1) == pytest.approx(3.0)  # never below the poll
+    # Idle: the poll interval for a second of idle passes, then doubling up to a second.
+    waits = [shipper.idle_seconds(n) for n in range(1, 16)]
+    assert waits[:10] == [pytest.approx(0.1)] * 10
+    assert waits[10:14] == [pytest.approx(0.2), pytest.approx(0.4), pytest.approx(0.8), 1.0]
+    assert waits[14] == 1.0
+    assert slow.idle_seconds(40) == pytest.approx(3.0)  # never below the poll
 
 
 def test_reader_returns_every_line_once_and_locates_it(tmp_path: Path) -> None:

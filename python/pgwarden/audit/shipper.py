@@ -70,6 +70,9 @@ STEP_BYTES_RECORDS: Final = 64 << 20
 #: The longest the shipper lets records gather while statements keep coming (it waits
 #: until about one request's worth is there, at least a poll interval).
 GATHER_MAX_SECONDS: Final = 1.0
+#: Idle passes in a row (a second of them at the default poll interval) after which the
+#: shipper polls less often: the wait doubles per idle pass, up to GATHER_MAX_SECONDS.
+IDLE_PASSES_BEFORE_BACKOFF: Final = 10
 #: Delivered segments handed back to a live writer for reuse (the rest are deleted).
 FREE_SEGMENTS_KEPT: Final = 1
 #: The head every record starts with (rust/wire/src/audit_record.rs, RecordBody::begin),
@@ -338,6 +341,7 @@ class Shipper:
         self.resource = build_resource(audit, settings.listen_port)
         self.streams: dict[str, StreamShipper] = {}
         self._backoff = 0.0
+        self._idle_passes = 0
         self.exports_failed = 0
         #: Spans delivered since start, every stream.
         self.delivered_spans = 0
@@ -419,6 +423,7 @@ class Shipper:
             progressed, failed = self.ship_once()
             gathered = (self.delivered_spans - spans_before, started - previous_pass)
             previous_pass = started
+            self._idle_passes = 0 if (progressed or failed) else self._idle_passes + 1
             if failed:
                 self.exports_failed += 1
                 self._backoff = min(audit.retry_max_seconds, max(0.5, self._backoff * 2))
@@ -440,8 +445,21 @@ class Shipper:
                     shipper.checkpoint()  # idle: make everything delivered permanent
                 if until_empty and not self._anything_left():
                     return 0
-                stop.wait(audit.poll_interval_ms / 1000)
+                stop.wait(self.idle_seconds(self._idle_passes))
         return 0
+
+    def idle_seconds(self, idle_passes: int) -> float:
+        """How long to wait after ``idle_passes`` passes in a row found nothing: a poll
+        interval, then, after :data:`IDLE_PASSES_BEFORE_BACKOFF`, twice as long per idle
+        pass, at most :data:`GATHER_MAX_SECONDS` (never less than the poll interval).  An
+        idle shipper then costs about a tenth of the CPU of one polling every 100 ms, and
+        the first statement after a quiet spell is shipped within a second, as a busy
+        stream's are."""
+        poll = self.settings.audit.poll_interval_ms / 1000
+        doublings = min(idle_passes - IDLE_PASSES_BEFORE_BACKOFF, 16)
+        if doublings <= 0:
+            return poll
+        return max(poll, min(poll * (1 << doublings), GATHER_MAX_SECONDS))
 
     def gather_seconds(self, spans: int, seconds: float) -> float:
         """How long to let records gather after a pass that caught up, having delivered
