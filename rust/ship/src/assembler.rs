@@ -282,9 +282,10 @@ impl StreamAssembler {
         let mut recording_index: HashMap<String, usize> = HashMap::new();
         let template = RecordChain::new(&self.config.key, [0; HASH_LEN]);
         let mut head = from_hex(&work.prev_hash).unwrap_or([0; HASH_LEN]);
-        let mut key = String::new(); // a statement key to look up, without allocating
-                                     // Statements opened in this batch, by (session, n), borrowing from the lines; what
-                                     // is still open after the batch moves to `work.open_statements`, owned.
+        // A statement key to look up, without allocating.
+        let mut key = String::new();
+        // Statements opened in this batch, by (session, n), borrowing from the lines; what
+        // is still open after the batch moves to `work.open_statements`, owned.
         let mut fresh: HashMap<(&'l str, u64), StmtRec<'l>> = HashMap::new();
 
         for (index, raw) in lines.iter().enumerate() {
@@ -399,7 +400,6 @@ impl StreamAssembler {
                 }
                 "decision" => {
                     let n = line.n.unwrap_or(0);
-                    statement_key_into(&mut key, sid, n);
                     let decide = |stmt: &mut StmtRec<'_>| {
                         for (field, value) in [
                             (&mut stmt.decision, &line.decision),
@@ -418,8 +418,11 @@ impl StreamAssembler {
                     };
                     if let Some(stmt) = in_batch {
                         decide(stmt);
-                    } else if let Some(stmt) = work.open_statements.get_mut(key.as_str()) {
-                        decide(stmt);
+                    } else {
+                        statement_key_into(&mut key, sid, n);
+                        if let Some(stmt) = work.open_statements.get_mut(key.as_str()) {
+                            decide(stmt);
+                        }
                     }
                 }
                 "session" => {
