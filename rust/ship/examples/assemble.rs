@@ -46,7 +46,7 @@ fn phases(lines: &[&[u8]], n: f64) {
     );
     let t = Instant::now();
     for l in lines {
-        std::hint::black_box(serde_json::from_slice::<Line<'_>>(l).ok());
+        std::hint::black_box(Line::parse(l).ok());
     }
     println!(
         "parse         {:.2} us/line",
@@ -54,7 +54,7 @@ fn phases(lines: &[&[u8]], n: f64) {
     );
     let t = Instant::now();
     for l in lines {
-        if let Ok(line) = serde_json::from_slice::<Line<'_>>(l) {
+        if let Ok(line) = Line::parse(l) {
             if let Some(sql) = line.sql.as_deref() {
                 std::hint::black_box(pgwarden_ship::shape::query_shape(sql));
             }

@@ -91,6 +91,17 @@ pub struct Line<'a> {
     pub masked_columns: Option<Value>,
 }
 
+impl<'a> Line<'a> {
+    /// Parses one record line (sonic-rs: its SIMD string scanning reads a line in about
+    /// half the time serde_json takes, and it borrows unescaped strings the same way).
+    pub fn parse(raw: &'a [u8]) -> Result<Line<'a>, String> {
+        // Validated as UTF-8 once, whole: the parser then reads each string without
+        // validating it again.
+        let text = std::str::from_utf8(raw).map_err(|e| e.to_string())?;
+        sonic_rs::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
 /// An optional string borrowed from the line unless it has escapes.  (Serde borrows a
 /// `Cow<str>` field, but not one inside an `Option`: that would allocate each string.)
 fn borrowed<'de: 'a, 'a, D>(d: D) -> Result<Option<Cow<'a, str>>, D::Error>
@@ -309,7 +320,7 @@ mod tests {
     #[test]
     fn strings_are_borrowed_unless_escaped_and_null_is_none() {
         let raw = r#"{"seq":3,"type":"stmt","session":"s1","sql":"SELECT \"a\" FROM t","hash":"ab","error":null,"stream":"w0"}"#;
-        let line: Line<'_> = serde_json::from_str(raw).unwrap();
+        let line = Line::parse(raw.as_bytes()).unwrap();
         assert!(matches!(line.session, Some(Cow::Borrowed("s1"))));
         assert!(matches!(line.stream, Some(Cow::Borrowed("w0"))));
         assert!(matches!(line.hash, Some(Cow::Borrowed("ab"))));
@@ -319,7 +330,14 @@ mod tests {
         }
         assert_eq!(line.error, None);
         assert_eq!(line.protocol, None);
-        let wrong = serde_json::from_str::<Line<'_>>(r#"{"type":"stmt","sql":5}"#);
-        assert!(wrong.unwrap_err().to_string().contains("a string or null"));
+        let wrong = Line::parse(br#"{"type":"stmt","sql":5}"#);
+        assert!(wrong.unwrap_err().contains("a string or null"));
+        // Anything after the object, or a line cut short, is not a record.
+        assert!(Line::parse(br#"{"type":"stmt"} {"type":"end"}"#).is_err());
+        assert!(Line::parse(br#"{"type":"stmt","sql":"SEL"#).is_err());
+        assert!(Line::parse(br#"{"type":"stmt","n":-1}"#).is_err());
+        assert!(Line::parse(b"{\"type\":\"stmt\",\"sql\":\"\xff\"}")
+            .unwrap_err()
+            .contains("utf-8"));
     }
 }

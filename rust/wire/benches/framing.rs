@@ -2,13 +2,19 @@
 //! `cargo bench -p pgwarden-wire --bench framing -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pgwarden_wire::arrays::{write_i16s, write_values};
 use pgwarden_wire::backend::{BackendMessage, FieldDescription, RowDescription, TransactionStatus};
 use pgwarden_wire::frontend::{Bind, Execute, FrontendMessage, Query};
 use pgwarden_wire::writer::MessageWriter;
-use pgwarden_wire::{SessionCodec, SessionConfig};
+use pgwarden_wire::{
+    AuditConfig, AuditSpool, CaptureLimits, FsyncPolicy, SessionCodec, SessionConfig, SpoolOptions,
+};
 
 /// Typical socket read size.
 const CHUNK: usize = 64 * 1024;
@@ -144,6 +150,60 @@ fn recorded() -> SessionConfig {
     }
 }
 
+/// A spool in a directory of its own, removed when dropped (outside the timed part).
+struct BenchSpool {
+    spool: Arc<AuditSpool>,
+    dir: PathBuf,
+}
+
+impl BenchSpool {
+    fn open() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pgwarden-bench-spool-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let spool = AuditSpool::open(SpoolOptions {
+            directory: dir.clone(),
+            stream: "bench".into(),
+            key: b"pgwarden-bench-chain-key".to_vec(),
+            segment_bytes: 4 << 20,
+            max_bytes: 1 << 30,
+            fsync: FsyncPolicy::Never,
+            usage_interval: Duration::from_secs(1),
+            open_members: String::new(),
+        })
+        .expect("open a spool");
+        BenchSpool { spool, dir }
+    }
+
+    /// A session writing to this spool as `pgwarden serve` does with audit on: strict,
+    /// results recorded with the default caps, parameters not recorded.
+    fn codec(&self) -> SessionCodec {
+        SessionCodec::new(SessionConfig {
+            audit: Some(AuditConfig {
+                spool: self.spool.clone(),
+                session_id: "0123456789abcdef".into(),
+                record_params: false,
+                capture: CaptureLimits {
+                    max_rows: 100,
+                    max_bytes: 64 * 1024,
+                },
+                strict: true,
+            }),
+            ..SessionConfig::default()
+        })
+    }
+}
+
+impl Drop for BenchSpool {
+    fn drop(&mut self) {
+        let _ = self.spool.close();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn bench_client(c: &mut Criterion) {
     let mut g = c.benchmark_group("client");
     let statements: Vec<Vec<u8>> = (0..1000)
@@ -232,6 +292,26 @@ fn bench_client(c: &mut Criterion) {
             }
             black_box(codec.take_records());
         })
+    });
+    // The same with audit on: a `stmt` and an `end` record per round trip, sealed into the
+    // hash chain and stored in a mapped spool segment (a fresh spool per batch).
+    g.bench_function("pgbench_extended_roundtrips_audited", |b| {
+        b.iter_batched(
+            || {
+                let spool = BenchSpool::open();
+                let mut codec = spool.codec();
+                codec.feed_client(&prepare).unwrap();
+                (spool, codec)
+            },
+            |(spool, mut codec)| {
+                for r in &rounds {
+                    black_box(codec.feed_client(black_box(r)).unwrap());
+                    black_box(codec.feed_server(black_box(&response)).unwrap());
+                }
+                (spool, codec)
+            },
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
 }
