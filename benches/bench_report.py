@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pgbench_run import CPU_GROUPS
 from pgwarden.audit.spool import CHECKPOINT_INTERVAL_SECONDS
@@ -373,6 +373,25 @@ class VariantRatio:
     """Median over rounds of the base's CPU time per transaction over the variant's: on a
     machine whose CPU is saturated, the TPS ratio without the host's noise."""
     cpu_per_round: tuple[float, ...] = ()
+    steal_matched: tuple[float, ...] = ()
+    """The per-round ratios of the rounds whose two runs saw about the same host steal
+    (within :data:`STEAL_MATCH` of each other): on a shared host, a round where the host
+    took CPU from one run and not the other says more about the host than the variant."""
+
+    @property
+    def steal_matched_ratio(self) -> float | None:
+        return statistics.median(self.steal_matched) if self.steal_matched else None
+
+
+#: Largest difference in host steal (share of CPU time) between the two runs of a round for
+#: the round to count as steal-matched.
+STEAL_MATCH: Final = 0.02
+
+
+def _steal_matched(reference: PgbenchRecord, record: PgbenchRecord) -> bool:
+    if reference.steal_share is None or record.steal_share is None:
+        return False
+    return abs(reference.steal_share - record.steal_share) <= STEAL_MATCH
 
 
 def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> list[VariantRatio]:
@@ -383,6 +402,7 @@ def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> li
     }
     groups: dict[tuple[str, str], list[float]] = {}
     cpu_groups: dict[tuple[str, str], list[float]] = {}
+    matched: dict[tuple[str, str], list[float]] = {}
     clients: dict[str, int] = {}
     for (round_no, scenario, target), record in by_key.items():
         if target in (DIRECT, PGBOUNCER, base):
@@ -391,6 +411,8 @@ def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> li
         if reference is None or reference.tps <= 0:
             continue
         groups.setdefault((scenario, target), []).append(record.tps / reference.tps)
+        if _steal_matched(reference, record):
+            matched.setdefault((scenario, target), []).append(record.tps / reference.tps)
         cpu_ratio = _cpu_ratio(reference.cpu_us_per_tx, record.cpu_us_per_tx)
         if cpu_ratio is not None:
             cpu_groups.setdefault((scenario, target), []).append(cpu_ratio)
@@ -407,6 +429,7 @@ def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> li
                 per_round=tuple(round(r, 4) for r in ratios),
                 cpu_ratio=statistics.median(cpu_ratios) if cpu_ratios else None,
                 cpu_per_round=tuple(round(r, 4) for r in cpu_ratios),
+                steal_matched=tuple(round(r, 4) for r in matched.get((scenario, target), [])),
             )
         )
     return result
@@ -509,6 +532,16 @@ def audit_goal_checks(
             detail += " (rounds: " + ", ".join(f"{r:.2f}" for r in ratio.per_round) + ")"
         if len(ratio.cpu_per_round) > 1:
             detail += "; cpu-based by round: " + ", ".join(f"{r:.2f}" for r in ratio.cpu_per_round)
+        if len(ratio.per_round) > 1:
+            matched = ratio.steal_matched_ratio
+            detail += (
+                f"; rounds whose runs saw host steal within {STEAL_MATCH:.0%} of each other: "
+                + (
+                    f"median {matched:.2f} ({len(ratio.steal_matched)} of {len(ratio.per_round)})"
+                    if matched is not None
+                    else "none"
+                )
+            )
         shipper = shipping.get((ratio.scenario, ratio.target))
         if shipper is not None:
             detail += f"; shipper {shipper.verdict()}"
@@ -799,7 +832,9 @@ def write_json(
         "summary": {
             "pgbench": [asdict(s) for s in pgbench_summary],
             "bulk": [asdict(s) for s in bulk_summary],
-            f"variants_vs_{PGWARDEN}": [asdict(r) for r in vs_base],
+            f"variants_vs_{PGWARDEN}": [
+                asdict(r) | {"steal_matched_ratio": r.steal_matched_ratio} for r in vs_base
+            ],
             "audit": [
                 asdict(a) | {"kept_up": a.kept_up, "verdict": a.verdict()} for a in audit_summary
             ],
