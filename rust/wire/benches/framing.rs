@@ -1,20 +1,18 @@
 //! Relay framing throughput.  Run:
 //! `cargo bench -p pgwarden-wire --bench framing -- --warm-up-time 1 --measurement-time 3`
 
+mod common;
+
 use std::hint::black_box;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pgwarden_wire::arrays::{write_i16s, write_values};
+use pgwarden_wire::arrays::write_values;
 use pgwarden_wire::backend::{BackendMessage, FieldDescription, RowDescription, TransactionStatus};
-use pgwarden_wire::frontend::{Bind, Execute, FrontendMessage, Query};
+use pgwarden_wire::frontend::{FrontendMessage, Query};
 use pgwarden_wire::writer::MessageWriter;
-use pgwarden_wire::{
-    AuditConfig, AuditSpool, CaptureLimits, FsyncPolicy, SessionCodec, SessionConfig, SpoolOptions,
-};
+use pgwarden_wire::{FsyncPolicy, SessionCodec, SessionConfig};
+
+use common::{extended_response, extended_round, prepare_select, BenchSpool};
 
 /// Typical socket read size.
 const CHUNK: usize = 64 * 1024;
@@ -127,80 +125,12 @@ fn query(sql: &str) -> Vec<u8> {
     out
 }
 
-/// pgbench -M extended: Bind/Execute/Sync of the prepared select-only statement.
-fn extended_round(aid: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let aid = aid.to_string();
-    Bind::encode_parts(&mut out, "", "P0_1", &[], &[Some(aid.as_bytes())], &[]);
-    FrontendMessage::Execute(Execute {
-        portal: b"",
-        max_rows: 0,
-    })
-    .encode(&mut out);
-    FrontendMessage::Sync.encode(&mut out);
-    out
-}
-
 fn recorded() -> SessionConfig {
     SessionConfig {
         record_statements: true,
         client_events: true,
         context_json: "\"session\":\"bench\",\"user\":\"alice\"".into(),
         ..SessionConfig::default()
-    }
-}
-
-/// A spool in a directory of its own, removed when dropped (outside the timed part).
-struct BenchSpool {
-    spool: Arc<AuditSpool>,
-    dir: PathBuf,
-}
-
-impl BenchSpool {
-    fn open() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pgwarden-bench-spool-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let spool = AuditSpool::open(SpoolOptions {
-            directory: dir.clone(),
-            stream: "bench".into(),
-            key: b"pgwarden-bench-chain-key".to_vec(),
-            segment_bytes: 4 << 20,
-            max_bytes: 1 << 30,
-            fsync: FsyncPolicy::Never,
-            usage_interval: Duration::from_secs(1),
-            open_members: String::new(),
-        })
-        .expect("open a spool");
-        BenchSpool { spool, dir }
-    }
-
-    /// A session writing to this spool as `pgwarden serve` does with audit on: strict,
-    /// results recorded with the default caps, parameters not recorded.
-    fn codec(&self) -> SessionCodec {
-        SessionCodec::new(SessionConfig {
-            audit: Some(AuditConfig {
-                spool: self.spool.clone(),
-                session_id: "0123456789abcdef".into(),
-                record_params: false,
-                capture: CaptureLimits {
-                    max_rows: 100,
-                    max_bytes: 64 * 1024,
-                },
-                strict: true,
-            }),
-            ..SessionConfig::default()
-        })
-    }
-}
-
-impl Drop for BenchSpool {
-    fn drop(&mut self) {
-        let _ = self.spool.close();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -252,24 +182,9 @@ fn bench_client(c: &mut Criterion) {
 
     // One pgbench -M extended round trip per iteration, both directions, recorded.
     let mut g = c.benchmark_group("session");
-    let mut prepare = Vec::new();
-    let mut w = MessageWriter::typed(&mut prepare, b'P');
-    w.cstr(b"P0_1")
-        .cstr(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;");
-    write_i16s(&mut w, &[]);
-    w.finish();
+    let prepare = prepare_select();
     let rounds: Vec<Vec<u8>> = (0..1000).map(|i| extended_round(i * 97)).collect();
-    let mut response = Vec::new();
-    backend(BackendMessage::BindComplete, &mut response);
-    data_row(&mut response, &[b"0"]);
-    backend(
-        BackendMessage::CommandComplete { tag: "SELECT 1" },
-        &mut response,
-    );
-    backend(
-        BackendMessage::ReadyForQuery(TransactionStatus::Idle),
-        &mut response,
-    );
+    let response = extended_response();
     let bytes: usize = rounds.iter().map(Vec::len).sum::<usize>() + rounds.len() * response.len();
     g.throughput(Throughput::Bytes(bytes as u64));
     g.bench_function("pgbench_extended_roundtrips_passthrough", |b| {
@@ -298,7 +213,7 @@ fn bench_client(c: &mut Criterion) {
     g.bench_function("pgbench_extended_roundtrips_audited", |b| {
         b.iter_batched(
             || {
-                let spool = BenchSpool::open();
+                let spool = BenchSpool::open(4 << 20, FsyncPolicy::Never);
                 let mut codec = spool.codec();
                 codec.feed_client(&prepare).unwrap();
                 (spool, codec)
