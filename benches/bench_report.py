@@ -410,9 +410,10 @@ def variant_ratios(records: Iterable[PgbenchRecord], base: str = PGWARDEN) -> li
         reference = by_key.get((round_no, scenario, base))
         if reference is None or reference.tps <= 0:
             continue
-        groups.setdefault((scenario, target), []).append(record.tps / reference.tps)
+        ratio = record.tps / reference.tps
+        groups.setdefault((scenario, target), []).append(ratio)
         if _steal_matched(reference, record):
-            matched.setdefault((scenario, target), []).append(record.tps / reference.tps)
+            matched.setdefault((scenario, target), []).append(ratio)
         cpu_ratio = _cpu_ratio(reference.cpu_us_per_tx, record.cpu_us_per_tx)
         if cpu_ratio is not None:
             cpu_groups.setdefault((scenario, target), []).append(cpu_ratio)
@@ -529,10 +530,11 @@ def audit_goal_checks(
             f"{PGWARDEN} {tps.get((ratio.scenario, PGWARDEN), 0):,.0f} TPS"
         )
         if len(ratio.per_round) > 1:
+            # cpu_per_round has a ratio for each of these rounds that measured CPU.
             detail += " (rounds: " + ", ".join(f"{r:.2f}" for r in ratio.per_round) + ")"
-        if len(ratio.cpu_per_round) > 1:
-            detail += "; cpu-based by round: " + ", ".join(f"{r:.2f}" for r in ratio.cpu_per_round)
-        if len(ratio.per_round) > 1:
+            if len(ratio.cpu_per_round) > 1:
+                cpu_rounds = ", ".join(f"{r:.2f}" for r in ratio.cpu_per_round)
+                detail += f"; cpu-based by round: {cpu_rounds}"
             matched = ratio.steal_matched_ratio
             detail += (
                 f"; rounds whose runs saw host steal within {STEAL_MATCH:.0%} of each other: "

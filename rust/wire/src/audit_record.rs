@@ -16,7 +16,7 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::record::json_str;
+use crate::record::{json_str, write_u64};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -200,11 +200,11 @@ impl RecordBody {
         let b = &mut self.buf;
         b.clear();
         b.extend_from_slice(b"{\"seq\":");
-        push_u64(b, seq);
+        write_u64(b, seq);
         b.extend_from_slice(b",\"stream\":");
         b.extend_from_slice(stream_json.as_bytes());
         b.extend_from_slice(b",\"ts\":");
-        push_u64(b, ts_us);
+        write_u64(b, ts_us);
         b.extend_from_slice(b",\"type\":\"");
         b.extend_from_slice(kind.as_bytes());
         b.push(b'"');
@@ -239,7 +239,7 @@ impl RecordBody {
     }
 
     pub fn u64(&mut self, name: &str, value: u64) {
-        push_u64(self.key(name), value);
+        write_u64(self.key(name), value);
     }
 
     /// A value that is already JSON (an array, an object, a pre-encoded string).
@@ -266,10 +266,6 @@ impl RecordBody {
         self.buf.push(b'}');
         &self.buf
     }
-}
-
-fn push_u64(b: &mut Vec<u8>, v: u64) {
-    b.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 #[cfg(test)]
@@ -365,9 +361,9 @@ mod tests {
     #[test]
     fn numbers() {
         let mut b = Vec::new();
-        push_u64(&mut b, 0);
+        write_u64(&mut b, 0);
         b.push(b' ');
-        push_u64(&mut b, u64::MAX);
+        write_u64(&mut b, u64::MAX);
         assert_eq!(b, b"0 18446744073709551615");
     }
 }

@@ -53,7 +53,7 @@ pub fn extended_response() -> Vec<u8> {
 
 /// A spool in a directory of its own, removed when dropped.
 pub struct BenchSpool {
-    pub spool: Arc<AuditSpool>,
+    spool: Arc<AuditSpool>,
     dir: PathBuf,
 }
 
