@@ -8,6 +8,7 @@ load and the server cache are the same for every target because targets alternat
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,47 @@ KEEP_UP_SECONDS_CHECKPOINT = KEEP_UP_SECONDS + CHECKPOINT_INTERVAL_SECONDS
 #: A drain shorter than this is reported without a rate (the polling step is 0.1 s).
 MIN_DRAIN_SECONDS = 0.5
 MIB = 1024 * 1024
+#: The interval given around a median of per-round ratios: its coverage, how many
+#: bootstrap resamples estimate it, and the fewest rounds it is given for.
+INTERVAL_CONFIDENCE: Final = 0.95
+INTERVAL_RESAMPLES: Final = 4000
+INTERVAL_MIN_ROUNDS: Final = 4
+
+
+def median_interval(
+    values: Sequence[float],
+    *,
+    confidence: float = INTERVAL_CONFIDENCE,
+    resamples: int = INTERVAL_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """A bootstrap percentile interval for the median of ``values``: resample the values
+    with replacement, take each resample's median, and keep the central ``confidence``
+    share of those medians.  Seeded, so the same rounds always print the same interval.
+    None for fewer than :data:`INTERVAL_MIN_ROUNDS` values, where it says nothing."""
+    if len(values) < INTERVAL_MIN_ROUNDS:
+        return None
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    low = medians[int(tail * resamples)]
+    high = medians[min(resamples - 1, int((1 - tail) * resamples))]
+    return low, high
+
+
+def interval_verdict(interval: tuple[float, float] | None, goal: float) -> str:
+    """Whether the rounds decide a ``>= goal`` question: the whole interval on one side
+    of the goal, or not."""
+    if interval is None:
+        return f"too few rounds for an interval (at least {INTERVAL_MIN_ROUNDS})"
+    low, high = interval
+    shown = f"{INTERVAL_CONFIDENCE:.0%} interval of the median {low:.2f}-{high:.2f}"
+    if low >= goal:
+        return f"{shown}: at or above the goal"
+    if high < goal:
+        return f"{shown}: below the goal"
+    return f"{shown}: spans the goal, so these rounds do not decide it"
 
 
 @dataclass(frozen=True)
@@ -382,6 +424,12 @@ class VariantRatio:
     def steal_matched_ratio(self) -> float | None:
         return statistics.median(self.steal_matched) if self.steal_matched else None
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """Where the median ratio lies, given how much the rounds scatter
+        (:func:`median_interval`)."""
+        return median_interval(self.per_round)
+
 
 #: Largest difference in host steal (share of CPU time) between the two runs of a round for
 #: the round to count as steal-matched.
@@ -544,6 +592,7 @@ def audit_goal_checks(
                     else "none"
                 )
             )
+            detail += "; " + interval_verdict(ratio.interval, AUDIT_TPS_GOAL)
         shipper = shipping.get((ratio.scenario, ratio.target))
         if shipper is not None:
             detail += f"; shipper {shipper.verdict()}"
@@ -835,7 +884,8 @@ def write_json(
             "pgbench": [asdict(s) for s in pgbench_summary],
             "bulk": [asdict(s) for s in bulk_summary],
             f"variants_vs_{PGWARDEN}": [
-                asdict(r) | {"steal_matched_ratio": r.steal_matched_ratio} for r in vs_base
+                asdict(r) | {"steal_matched_ratio": r.steal_matched_ratio, "interval": r.interval}
+                for r in vs_base
             ],
             "audit": [
                 asdict(a) | {"kept_up": a.kept_up, "verdict": a.verdict()} for a in audit_summary
