@@ -13,6 +13,7 @@ import statistics
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
@@ -424,10 +425,11 @@ class VariantRatio:
     def steal_matched_ratio(self) -> float | None:
         return statistics.median(self.steal_matched) if self.steal_matched else None
 
-    @property
+    @cached_property
     def interval(self) -> tuple[float, float] | None:
         """Where the median ratio lies, given how much the rounds scatter
-        (:func:`median_interval`)."""
+        (:func:`median_interval`; computed once, as the goal check and the JSON both use
+        it)."""
         return median_interval(self.per_round)
 
 

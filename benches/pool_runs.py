@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import bench_report
@@ -35,21 +36,29 @@ def load_records(path: Path, offset: int) -> list[bench_report.PgbenchRecord]:
     return records
 
 
+def load_runs(paths: Sequence[Path]) -> list[bench_report.PgbenchRecord]:
+    """The pgbench runs of every document, each file's rounds numbered after the last
+    file's, so that rounds of different runs are never paired."""
+    records: list[bench_report.PgbenchRecord] = []
+    offset = 0
+    for path in paths:
+        run = load_records(path, offset)
+        records += run
+        offset = max((r.round for r in run), default=offset)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="gateway_bench.py result JSON")
     args = parser.parse_args(argv)
-    records: list[bench_report.PgbenchRecord] = []
-    offset = 0
-    for path in args.results:
-        run = load_records(path, offset)
-        records += run
-        offset = max((r.round for r in run), default=offset)
+    records = load_runs(args.results)
     ratios = bench_report.variant_ratios(records)
     if not ratios:
         print("no pgwarden variant measured next to plain pgwarden in these runs")
         return 1
-    print(f"{len(args.results)} runs, {offset} rounds")
+    rounds = len({r.round for r in records})
+    print(f"{len(args.results)} runs, {rounds} rounds")
     for ratio in sorted(ratios, key=lambda r: (r.target, r.scenario)):
         matched = ratio.steal_matched_ratio
         print(
