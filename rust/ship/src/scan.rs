@@ -310,6 +310,67 @@ mod tests {
         assert_eq!(format!("{fast:?}"), format!("{:?}", full(text).unwrap()));
     }
 
+    /// The fields `Line` deserialises, as its derived `Deserialize` names them.
+    fn line_fields() -> &'static [&'static str] {
+        use serde::de::{Error, Visitor};
+        use serde::Deserialize;
+
+        struct Names<'n>(&'n mut &'static [&'static str]);
+        impl<'de> serde::Deserializer<'de> for Names<'_> {
+            type Error = serde::de::value::Error;
+
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(Error::custom("field names only"))
+            }
+
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                *self.0 = fields;
+                Err(Error::custom("field names only"))
+            }
+
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                enum identifier ignored_any
+            }
+        }
+        let mut fields: &'static [&'static str] = &[];
+        let _ = Line::deserialize(Names(&mut fields));
+        fields
+    }
+
+    /// A field added to `Line` and not to the scan would be skipped as unknown: every
+    /// field, with every kind of scalar, reads the same through both or is left alone.
+    #[test]
+    fn every_field_of_a_line_reads_the_same_through_the_scan() {
+        let fields = line_fields();
+        assert!(fields.len() >= 36 && fields.contains(&"sql") && fields.contains(&"type"));
+        let mut scanned = 0;
+        for field in fields {
+            for value in [r#""s""#, "7", "-7", "true", "null"] {
+                let text = if *field == "type" {
+                    format!(r#"{{"type":{value}}}"#)
+                } else {
+                    format!(r#"{{"type":"stmt","{field}":{value}}}"#)
+                };
+                if let Some(fast) = scan(&text) {
+                    scanned += 1;
+                    let slow = full(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+                    assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{text}");
+                }
+            }
+        }
+        assert!(
+            scanned > fields.len(),
+            "the scan read {scanned} of the samples"
+        );
+    }
+
     mod props {
         use proptest::prelude::*;
 
