@@ -34,6 +34,13 @@ pub(crate) fn scan(text: &str) -> Option<Line<'_>> {
             let bit = 1u32 << bit;
             (seen & bit == 0).then(|| seen |= bit)
         };
+        // An optional field: `null` or the value its reader takes.
+        macro_rules! opt {
+            ($bit:expr, $field:ident, $read:expr) => {{
+                once($bit)?;
+                s.opt_into(&mut line.$field, $read)?
+            }};
+        }
         match key {
             "seq" => {
                 once(0)?;
@@ -45,67 +52,35 @@ pub(crate) fn scan(text: &str) -> Option<Line<'_>> {
             }
             "type" => {
                 once(2)?;
-                kind = Some(Cow::Borrowed(s.string()?));
+                kind = Some(s.text()?);
             }
-            "stream" => once(3).and_then(|()| s.text_into(&mut line.stream))?,
-            "session" => once(4).and_then(|()| s.text_into(&mut line.session))?,
-            "hash" => once(5).and_then(|()| s.text_into(&mut line.hash))?,
-            "protocol" => once(6).and_then(|()| s.text_into(&mut line.protocol))?,
-            "sql" => once(7).and_then(|()| s.text_into(&mut line.sql))?,
-            "command_tag" => once(8).and_then(|()| s.text_into(&mut line.command_tag))?,
-            "sqlstate" => once(9).and_then(|()| s.text_into(&mut line.sqlstate))?,
-            "error" => once(10).and_then(|()| s.text_into(&mut line.error))?,
-            "client_address" => once(11).and_then(|()| s.text_into(&mut line.client_address))?,
-            "database" => once(12).and_then(|()| s.text_into(&mut line.database))?,
-            "upstream_user" => once(13).and_then(|()| s.text_into(&mut line.upstream_user))?,
-            "server_address" => once(14).and_then(|()| s.text_into(&mut line.server_address))?,
-            "application_name" => {
-                once(15).and_then(|()| s.text_into(&mut line.application_name))?;
-            }
-            "reason" => once(16).and_then(|()| s.text_into(&mut line.reason))?,
-            "message" => once(17).and_then(|()| s.text_into(&mut line.message))?,
-            "stage" => once(18).and_then(|()| s.text_into(&mut line.stage))?,
-            "n" => {
-                once(19)?;
-                line.n = s.or_null(Scanner::unsigned)?;
-            }
-            "duration_us" => {
-                once(20)?;
-                line.duration_us = s.or_null(Scanner::unsigned)?;
-            }
-            "started" => {
-                once(21)?;
-                line.started = s.or_null(Scanner::unsigned)?;
-            }
-            "function_oid" => {
-                once(22)?;
-                line.function_oid = s.or_null(Scanner::signed)?;
-            }
-            "rows" => {
-                once(23)?;
-                line.rows = s.or_null(Scanner::signed)?;
-            }
-            "data_rows" => {
-                once(24)?;
-                line.data_rows = s.or_null(Scanner::signed)?;
-            }
-            "server_port" => {
-                once(25)?;
-                line.server_port = s.or_null(Scanner::signed)?;
-            }
-            "statements" => {
-                once(26)?;
-                line.statements = s.or_null(Scanner::signed)?;
-            }
-            "tls" => {
-                once(27)?;
-                line.tls = s.or_null(Scanner::boolean)?;
-            }
-            "result" => {
-                // The recorded result stays in the line as written; it is not read here.
-                once(28)?;
-                line.result = s.or_null(|s| s.string().map(|_| IgnoredAny))?;
-            }
+            "stream" => opt!(3, stream, Scanner::text),
+            "session" => opt!(4, session, Scanner::text),
+            "hash" => opt!(5, hash, Scanner::text),
+            "protocol" => opt!(6, protocol, Scanner::text),
+            "sql" => opt!(7, sql, Scanner::text),
+            "command_tag" => opt!(8, command_tag, Scanner::text),
+            "sqlstate" => opt!(9, sqlstate, Scanner::text),
+            "error" => opt!(10, error, Scanner::text),
+            "client_address" => opt!(11, client_address, Scanner::text),
+            "database" => opt!(12, database, Scanner::text),
+            "upstream_user" => opt!(13, upstream_user, Scanner::text),
+            "server_address" => opt!(14, server_address, Scanner::text),
+            "application_name" => opt!(15, application_name, Scanner::text),
+            "reason" => opt!(16, reason, Scanner::text),
+            "message" => opt!(17, message, Scanner::text),
+            "stage" => opt!(18, stage, Scanner::text),
+            "n" => opt!(19, n, Scanner::unsigned),
+            "duration_us" => opt!(20, duration_us, Scanner::unsigned),
+            "started" => opt!(21, started, Scanner::unsigned),
+            "function_oid" => opt!(22, function_oid, Scanner::signed),
+            "rows" => opt!(23, rows, Scanner::signed),
+            "data_rows" => opt!(24, data_rows, Scanner::signed),
+            "server_port" => opt!(25, server_port, Scanner::signed),
+            "statements" => opt!(26, statements, Scanner::signed),
+            "tls" => opt!(27, tls, Scanner::boolean),
+            // The recorded result stays in the line as written; it is not read here.
+            "result" => opt!(28, result, |s: &mut Scanner| s.string().map(|_| IgnoredAny)),
             // Fields holding any JSON value (parameters, identity, policy decision): the
             // full parser reads them.
             "params" | "result_omitted" | "user" | "decision" | "rule" | "policy_version"
@@ -179,9 +154,17 @@ impl<'a> Scanner<'a> {
         Some(&self.text[start..start + len])
     }
 
-    /// A string or `null` into `field`.
-    fn text_into(&mut self, field: &mut Option<Cow<'a, str>>) -> Option<()> {
-        *field = self.or_null(|s| s.string().map(Cow::Borrowed))?;
+    fn text(&mut self) -> Option<Cow<'a, str>> {
+        self.string().map(Cow::Borrowed)
+    }
+
+    /// `null` (as `None`) or the value `read` reads, into an optional field.
+    fn opt_into<T>(
+        &mut self,
+        field: &mut Option<T>,
+        read: impl FnOnce(&mut Self) -> Option<T>,
+    ) -> Option<()> {
+        *field = self.or_null(read)?;
         Some(())
     }
 
