@@ -7,8 +7,13 @@ contain psql's own screen output, line for line and in order, plus who ran it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
+
+from otlp_receiver import OtlpReceiver
+from pgwarden.audit.recording import INDEX, read_session
+from pgwarden.audit.spool import AuditPaths, list_streams, segment_names
 
 from harness import (
     CLIENT_USER,
@@ -35,6 +40,26 @@ select count(*) as total from replay_t;
 """
 
 
+def recorded_sessions(directory: Path, count: int = 1) -> list[str]:
+    """The ids of the recorded sessions, once ``count`` of them are recorded to their end."""
+
+    def ended() -> list[str]:
+        found = []
+        for index in directory.glob(f"recorded/*/{INDEX}"):
+            for line in index.read_text().splitlines():
+                session_id = line.split()[0]
+                try:
+                    records = read_session(directory, session_id)
+                except FileNotFoundError:
+                    continue
+                if records[-1]["type"] == "session_end":
+                    found.append(session_id)
+        return found
+
+    assert wait_until(lambda: len(ended()) >= count, timeout=30), ended()
+    return ended()
+
+
 def test_replay_matches_psql_output(start_gateway: StartGateway, tmp_path: Path) -> None:
     directory = tmp_path / "audit"
     gateway = start_gateway(
@@ -50,15 +75,9 @@ def test_replay_matches_psql_output(start_gateway: StartGateway, tmp_path: Path)
     )
     shown = run_tool(["psql", "--no-psqlrc", "-X", "-f", "-"], gateway.env(), input=SCRIPT)
     assert "(3 rows)" in shown.stdout, shown.stderr
-    sessions = directory / "sessions"
-    assert wait_until(
-        lambda: any(b"session_end" in p.read_bytes() for p in sessions.glob("*.jsonl")),
-        timeout=30,
-    )
-    (recording,) = sessions.glob("*.jsonl")
-    session_id = recording.stem
+    (session_id,) = recorded_sessions(directory)
     replay = subprocess.run(
-        [*gateway_command("replay", session_id, "--dir", str(sessions))],
+        [*gateway_command("replay", session_id, "--dir", str(directory))],
         env=gateway_environment(),
         capture_output=True,
         text=True,
@@ -107,14 +126,9 @@ def test_recording_caps_rows_but_reports_the_count(
         gateway.env(),
     )
     assert "(50 rows)" in result.stdout
-    sessions = directory / "sessions"
-    assert wait_until(
-        lambda: any(b"session_end" in p.read_bytes() for p in sessions.glob("*.jsonl")),
-        timeout=30,
-    )
-    (recording,) = sessions.glob("*.jsonl")
+    (session_id,) = recorded_sessions(directory)
     replay = subprocess.run(
-        [*gateway_command("replay", recording.stem, "--dir", str(sessions))],
+        [*gateway_command("replay", session_id, "--dir", str(directory))],
         env=gateway_environment(),
         capture_output=True,
         text=True,
@@ -124,3 +138,79 @@ def test_recording_caps_rows_but_reports_the_count(
     assert "(50 rows)" in out  # the count the client got
     assert "\n 3\n" in out and "\n 4\n" not in out  # only the first rows are kept
     assert "-- recording cut: 47 more row(s)" in out
+
+
+def test_recordings_are_the_delivered_segments(start_gateway: StartGateway, tmp_path: Path) -> None:
+    """Spans go to a real OTLP receiver; two sessions interleave over many small segments.
+    Each delivered segment moves into the recording (no second copy of its records), the
+    chain of the recorded stream verifies, and each session replays whole and alone."""
+    directory = tmp_path / "audit"
+    with OtlpReceiver("http") as receiver:
+        gateway = start_gateway(
+            {
+                "audit": {
+                    "directory": str(directory),
+                    "exporter": "otlp_http",
+                    "endpoint": receiver.endpoint,
+                    "poll_interval_ms": 50,
+                    "segment_bytes": 16 * 1024,
+                }
+            }
+        )
+        statements = 150
+        with gateway.connect() as a, gateway.connect() as b:
+            for i in range(statements):
+                a.execute(f"select {i} as seg_a_{i}")
+                b.execute(f"select {i} as seg_b_{i}")
+        sessions = recorded_sessions(directory, count=2)
+        assert receiver.wait_for(lambda spans: len(spans) >= 2 * statements + 2, timeout=30)
+        assert gateway.terminate() == 0
+        # What the gateway's shipper left (the stream's close) is shipped by hand.
+        env = gateway_environment(
+            {
+                "PGWARDEN_AUDIT__DIRECTORY": str(directory),
+                "PGWARDEN_AUDIT__EXPORTER": "otlp_http",
+                "PGWARDEN_AUDIT__ENDPOINT": receiver.endpoint,
+            }
+        )
+        shipped = subprocess.run(
+            [*gateway_command("audit", "ship", "--until-empty")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shipped.returncode == 0, shipped.stderr
+
+    paths = AuditPaths(directory)
+    (stream,) = list_streams(paths.recorded)
+    kept = segment_names(stream)
+    assert len(kept) > 10, kept  # the records spanned many segments, all kept
+    assert not (directory / "sessions").exists()  # no second copy
+    assert not any(segment_names(s) for s in list_streams(paths.spool))  # all delivered
+
+    checked = subprocess.run(
+        [*gateway_command("audit", "verify", str(directory))],
+        env=gateway_environment({"PGWARDEN_AUDIT__DIRECTORY": str(directory)}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert re.search(r"^OK: \d+ records in 1 stream", checked.stdout, re.M), checked.stdout
+
+    for session_id in sessions:
+        replay = subprocess.run(
+            [*gateway_command("replay", session_id, "--dir", str(directory))],
+            env=gateway_environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert replay.returncode == 0, replay.stderr
+        mine = "a" if "seg_a_0" in replay.stdout else "b"
+        other = "b" if mine == "a" else "a"
+        positions = [replay.stdout.find(f"as seg_{mine}_{i};") for i in range(statements)]
+        assert all(p >= 0 for p in positions), replay.stdout[-2000:]
+        assert positions == sorted(positions)
+        assert f"seg_{other}_" not in replay.stdout

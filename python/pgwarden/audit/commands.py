@@ -135,7 +135,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from pgwarden.audit.recording import read_session
     from pgwarden.audit.replay import transcript
-    from pgwarden.audit.spool import AuditPaths
 
     directory: Path | None = args.dir
     if directory is None:
@@ -145,7 +144,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if settings.audit.directory is None:
             print("pgwarden: audit.directory is not set; give --dir", file=sys.stderr)
             return EXIT_CONFIG
-        directory = AuditPaths(settings.audit.directory).sessions
+        directory = settings.audit.directory
     try:
         records = read_session(directory, args.session_id)
     except ValueError as exc:
@@ -196,6 +195,6 @@ def add_commands(commands: Any) -> None:
     replay.add_argument("session_id", help="the session id (pgwarden.session.id)")
     replay.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
     replay.add_argument(
-        "--dir", type=Path, metavar="DIR", help="recordings directory (default: from settings)"
+        "--dir", type=Path, metavar="DIR", help="audit directory (default: from the settings)"
     )
     replay.set_defaults(func=cmd_replay)

@@ -1,99 +1,221 @@
-"""Session recordings: each session's audit records in a file of its own.
+"""Session recordings: the delivered spool segments, kept, and an index of the sessions.
 
-The shipper appends a session's ``session``, ``stmt``, ``decision``, ``end`` (with the
-result as the client saw it, within the recording caps) and ``session_end`` records to
-``<audit.directory>/sessions/<session id>.jsonl`` once the backend has acknowledged them,
-and fsyncs before it lets the spool forget them.  The lines are the sealed spool records,
-unchanged.  ``pgwarden replay`` reads them back (:func:`read_session`).
+A recording is not a second copy of the records.  Once the backend has acknowledged every
+record of a segment, the shipper moves the segment file from ``spool/<stream>/`` to
+``recorded/<stream>/`` (a rename) instead of deleting it; each stream's
+``recorded/<stream>/sessions.idx`` says where each of its sessions starts (``<session id>
+<seq>`` per line).  The records keep their hash chain: ``pgwarden audit verify`` checks a
+recorded stream like a spooled one.  The ``end`` records carry each statement's result as
+the client saw it, within the recording caps.
+
+``pgwarden replay`` finds the session in the indexes and reads the stream's segments from
+the one holding the session's first record, recorded or still in the spool, until its
+``session_end`` (:func:`read_session`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 from pgwarden.audit import records as kinds
 from pgwarden.audit.records import Record
+from pgwarden.audit.spool import (
+    RECORDED_DIR,
+    SEGMENT_SUFFIX,
+    SESSIONS_DIR,
+    SPOOL_DIR,
+    segment_names,
+)
 
+#: The record types a replay shows.
 RECORDED: Final = frozenset(
     {kinds.SESSION, kinds.REFUSED, kinds.STMT, kinds.DECISION, kinds.END, kinds.SESSION_END}
 )
+#: The records that start a session (and so an index entry).
+STARTS: Final = frozenset({kinds.SESSION, kinds.REFUSED})
+#: The records after which a session has nothing more.
+ENDS: Final = frozenset({kinds.SESSION_END, kinds.REFUSED})
+INDEX: Final = "sessions.idx"
 _SESSION_ID: Final = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_SEQ: Final = re.compile(rb'"seq":(\d+)')
 
 
-def session_file(directory: Path, session_id: str) -> Path:
+def check_session_id(session_id: str) -> str:
     if not _SESSION_ID.fullmatch(session_id):
         raise ValueError(f"not a session id: {session_id!r}")
-    return directory / f"{session_id}.jsonl"
+    return session_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class SessionRecorder:
-    """Buffers recorded lines per session; appends them once delivered; fsyncs on demand.
+    """Keeps one stream's delivered segments and indexes the sessions that start in it.
 
-    The shipper calls :meth:`write` after each acknowledged delivery and :meth:`sync` before
-    each checkpoint: a recording is on disk before the spool may forget its records.
+    The shipper hands it the session-starting records of each delivered batch
+    (:meth:`add_lines`), calls :meth:`write` after the delivery and :meth:`sync` before
+    each checkpoint, and :meth:`keep` for each segment the checkpoint leaves behind.
     """
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._pending: dict[str, list[bytes]] = defaultdict(list)
-        self._unsynced: set[str] = set()
+    def __init__(self, recorded: Path, stream: str) -> None:
+        #: ``recorded/<stream>``.
+        self.directory = recorded / stream
+        self._pending: list[bytes] = []
+        self._unsynced = False
+        self._moved = False
 
     def add(self, kind: str, session: str, line: bytes) -> None:
-        if kind in RECORDED:
-            self._pending[session].append(line + b"\n")
+        """One delivered record (read as far as its head)."""
+        if kind in STARTS:
+            self.add_lines(session, line + b"\n")
 
     def add_lines(self, session: str, lines: bytes) -> None:
-        """Newline-terminated recorded lines of one session (already filtered by kind)."""
-        self._pending[session].append(lines)
+        """Newline-terminated session-starting records of one session."""
+        for found in _SEQ.finditer(lines):
+            self._pending.append(f"{session} {int(found[1])}\n".encode())
 
     def discard(self) -> None:
         """Forget what was buffered (its delivery failed; it will be read again)."""
         self._pending.clear()
 
     def write(self) -> None:
-        """Append everything buffered to the session files (not yet fsynced)."""
+        """Append the buffered index entries (not yet fsynced)."""
         if not self._pending:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        for session, lines in self._pending.items():
-            path = session_file(self.directory, session)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(b"".join(lines))
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            self._unsynced.add(session)
+        data = b"".join(self._pending)
+        fd = os.open(
+            self.directory / INDEX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        self._unsynced = True
         self._pending.clear()
 
     def sync(self) -> None:
-        """fsync every session file written since the last sync."""
-        for session in self._unsynced:
-            try:
-                fd = os.open(session_file(self.directory, session), os.O_WRONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._unsynced.clear()
+        """fsync the index and the directory the segments moved into."""
+        if self._unsynced:
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(self.directory / INDEX, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._unsynced = False
+        if self._moved:
+            _fsync_dir(self.directory)
+            self._moved = False
+
+    def keep(self, segment: Path, length: int | None = None) -> None:
+        """Move a delivered segment into the recording (cut to ``length`` bytes if given:
+        the unwritten rest of a stream's last segment)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if length is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.truncate(segment, length)
+        segment.rename(self.directory / segment.name)
+        self._moved = True
 
     def flush(self) -> None:
-        """Append and fsync everything buffered."""
         self.write()
         self.sync()
 
 
-def read_session(directory: Path, session_id: str) -> list[Record]:
-    """A session's records in order, each once (a retried delivery may repeat lines)."""
-    path = session_file(directory, session_id)
+def find_session(root: Path, session_id: str) -> tuple[str, int] | None:
+    """(stream, seq of its first record) of a recorded session, from the indexes."""
+    prefix = f"{check_session_id(session_id)} ".encode()
+    recorded = root / RECORDED_DIR
+    try:
+        streams = sorted(os.listdir(recorded))
+    except FileNotFoundError:
+        return None
+    for stream in streams:
+        try:
+            data = (recorded / stream / INDEX).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for line in data.splitlines():
+            if line.startswith(prefix):
+                with contextlib.suppress(ValueError):
+                    return stream, int(line[len(prefix) :])
+    return None
+
+
+def _segments_from(root: Path, stream: str, seq: int) -> Iterator[Path]:
+    """The stream's segments, recorded then still spooled, from the one holding ``seq``."""
+    places = [root / RECORDED_DIR / stream, root / SPOOL_DIR / stream]
+    names = sorted({n for place in places for n in segment_names(place)})
+    first = 0
+    for i, name in enumerate(names):
+        with contextlib.suppress(ValueError):
+            if int(name.removesuffix(SEGMENT_SUFFIX)) <= seq:
+                first = i
+    for name in names[first:]:
+        for place in places:
+            path = place / name
+            if path.exists():
+                yield path
+                break
+
+
+def read_session(root: Path, session_id: str) -> list[Record]:
+    """A session's records in order, from the audit directory ``root``.
+
+    Raises FileNotFoundError when no recording holds the session.
+    """
+    located = find_session(root, session_id)
+    if located is None:
+        legacy = root / SESSIONS_DIR / f"{check_session_id(session_id)}.jsonl"
+        return _read_jsonl(legacy)  # recordings of earlier versions; raises if absent
+    stream, seq = located
+    needle = f'"session":"{session_id}"'.encode()
+    out: list[Record] = []
+    seen: set[int] = set()
+    for path in _segments_from(root, stream, seq):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # moved between listing and reading: the other place
+            moved = root / RECORDED_DIR / stream / path.name
+            data = moved.read_bytes()
+        limit = data.find(b"\0")
+        if limit < 0:
+            limit = len(data)
+        pos = data.find(needle, 0, limit)
+        while pos >= 0:
+            start = data.rfind(b"\n", 0, pos) + 1
+            stop = data.find(b"\n", pos)
+            if stop < 0:
+                break  # a record being written
+            record: Record = json.loads(data[start:stop])
+            n = int(record.get("seq", 0))
+            if record.get("session") == session_id and n >= seq and n not in seen:
+                if record.get("type") in RECORDED:
+                    seen.add(n)
+                    out.append(record)
+                if record.get("type") in ENDS:
+                    return out
+            pos = data.find(needle, stop, limit)
+    if not out:
+        raise FileNotFoundError(session_id)
+    return out
+
+
+def _read_jsonl(path: Path) -> list[Record]:
     seen: set[tuple[str, int]] = set()
     out: list[Record] = []
     with path.open("rb") as handle:
@@ -103,9 +225,8 @@ def read_session(directory: Path, session_id: str) -> list[Record]:
                 continue
             record: Record = json.loads(raw)
             key = (str(record.get("stream")), int(record.get("seq", 0)))
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(record)
+            if key not in seen:
+                seen.add(key)
+                out.append(record)
     out.sort(key=lambda r: (str(r.get("stream")), int(r.get("seq", 0))))
     return out

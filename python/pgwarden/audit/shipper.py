@@ -112,7 +112,9 @@ class StreamShipper:
         self.spans = spans
         self.state = Checkpoint.load(stream_dir)
         self.reader = StreamReader(stream_dir, self.state.position)
-        self.recorder = SessionRecorder(recordings) if recordings is not None else None
+        self.recorder = (
+            SessionRecorder(recordings, stream_dir.name) if recordings is not None else None
+        )
         self.assembler = (
             new_assembler(
                 key=key,
@@ -194,6 +196,7 @@ class StreamShipper:
         self.delivered_spans += batch.span_count
         if finishing:
             if recorder is not None:
+                self._keep_all(recorder)
                 recorder.sync()
             shutil.rmtree(self.dir, ignore_errors=True)
             return "finished"
@@ -232,10 +235,22 @@ class StreamShipper:
         self.state.save(self.dir)
         self.saved = self.state.copy()
         self._delete_behind(self.state.position)
+        if self.recorder is not None:
+            self.recorder.sync()  # the moves
+
+    def _keep_all(self, recorder: SessionRecorder) -> None:
+        """A finished stream: every segment into the recording, the last one cut where its
+        records end."""
+        position = self.reader.position
+        for name in segment_names(self.dir):
+            length = position.offset if position and name == position.segment else None
+            with contextlib.suppress(FileNotFoundError):
+                recorder.keep(self.dir / name, length)
 
     def _delete_behind(self, position: Position | None) -> None:
-        """Remove the segments before ``position``; a live writer gets a couple back to
-        reuse (``.free-*``: refilling a mapped file costs less than a new one)."""
+        """Move the segments before ``position`` into the recording, or without one remove
+        them; a live writer gets a couple back to reuse (``.free-*``: refilling a mapped
+        file costs less than a new one)."""
         if position is None:
             return
         alive = writer_alive(self.dir)
@@ -244,7 +259,9 @@ class StreamShipper:
             if name >= position.segment:
                 break
             with contextlib.suppress(FileNotFoundError):
-                if alive and free < FREE_SEGMENTS_KEPT:
+                if self.recorder is not None:
+                    self.recorder.keep(self.dir / name)
+                elif alive and free < FREE_SEGMENTS_KEPT:
                     (self.dir / name).rename(self.dir / f"{FREE_PREFIX}{name}")
                     free += 1
                 else:
@@ -357,7 +374,7 @@ class Shipper:
                 query_text=audit.query_text,
                 query_text_max_bytes=audit.query_text_max_bytes,
                 spans=getattr(self.sink, "needs_spans", True),
-                recordings=self.paths.sessions if audit.recording else None,
+                recordings=self.paths.recorded if audit.recording else None,
                 recording_logs=audit.recording_logs,
                 batch_size=audit.batch_size,
                 request_bytes=audit.max_request_bytes,

@@ -26,7 +26,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from pgwarden import __version__, _wire
 from pgwarden.audit import sql
-from pgwarden.audit.recording import RECORDED
+from pgwarden.audit.recording import STARTS
 
 DB_SYSTEM: Final = "postgresql"
 SESSION_SPAN_NAME: Final = "pgwarden session"
@@ -79,7 +79,7 @@ def new_assembler(
         request_spans=request_spans,
         request_bytes=request_bytes,
         query_text_max_bytes=query_text_max_bytes,
-        recorded=sorted(RECORDED) if recording else [],
+        recorded=sorted(STARTS) if recording else [],
         result_logs=result_logs,
         state=state,
         analyze=analysis,

@@ -9,7 +9,8 @@
       spool/<stream>/<seq>.seg        segment files, named after the seq of their first record
       spool/<stream>/.free-<seq>.seg  delivered segments the writer may reuse
       spool/<stream>/checkpoint.json  what the shipper has delivered (and still holds open)
-      sessions/<session id>.jsonl     session recordings (written by the shipper)
+      recorded/<stream>/<seq>.seg     delivered segments kept as session recordings
+      recorded/<stream>/sessions.idx  where each session of the stream starts
 
 A *stream* is what one gateway process wrote in its lifetime (the Rust ``AuditSpool``,
 ``rust/wire/src/audit_spool.rs``).  Segment files are allocated whole and filled from the
@@ -33,6 +34,8 @@ from typing import Any, Final, overload
 from pgwarden.audit.records import Record
 
 SPOOL_DIR: Final = "spool"
+RECORDED_DIR: Final = "recorded"
+#: Session recordings of earlier versions (one file of records per session).
 SESSIONS_DIR: Final = "sessions"
 SHIPPER_LOCK: Final = "shipper.lock"
 WRITER_LOCK: Final = "writer.lock"
@@ -65,8 +68,8 @@ class AuditPaths:
         return self.root / SPOOL_DIR
 
     @property
-    def sessions(self) -> Path:
-        return self.root / SESSIONS_DIR
+    def recorded(self) -> Path:
+        return self.root / RECORDED_DIR
 
     @property
     def shipper_lock(self) -> Path:

@@ -1,12 +1,14 @@
 """``pgwarden audit verify``: check the hash chain of a spool or of an exported file.
 
-A path may be an audit directory, its ``spool/`` directory, one stream directory, one
-segment file, or a file of records written by the ``file`` exporter (several streams
-interleaved).  Each stream is checked on its own: consecutive ``seq`` numbers, and each
-record's hash equal to ``HMAC(key, previous hash || record)``.  The first broken or
-missing link of each stream is reported with where it is.  A check can start in the middle
-of a stream (the shipper deletes what the backend acknowledged): it then starts at a
-``segment`` record, whose ``prev`` names the hash before it.
+A path may be an audit directory (its ``recorded/`` and ``spool/`` streams; a stream's
+segments in both places are read as one), its ``spool/`` or ``recorded/`` directory, one
+stream directory, one segment file, or a file of records written by the ``file`` exporter
+(several streams interleaved).  Each stream is checked on its own: consecutive ``seq``
+numbers, and each record's hash equal to ``HMAC(key, previous hash || record)``.  The first
+broken or missing link of each stream is reported with where it is.  A check can start in
+the middle of a stream (without session recording, the shipper deletes what the backend
+acknowledged): it then starts at a ``segment`` record, whose ``prev`` names the hash
+before it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from pgwarden.audit import chain
 from pgwarden.audit import records as kinds
-from pgwarden.audit.spool import SPOOL_DIR, list_streams, segment_names
+from pgwarden.audit.spool import RECORDED_DIR, SPOOL_DIR, list_streams, segment_names
 
 
 @dataclass
@@ -137,8 +139,11 @@ class _Checker:
         result.last_seq = seq
 
 
-def _stream_lines(stream_dir: Path) -> Iterator[tuple[bytes, str]]:
-    for name in segment_names(stream_dir):
+def _stream_lines(stream_dirs: list[Path]) -> Iterator[tuple[bytes, str]]:
+    """The lines of one stream's segments, wherever each is (recorded or spooled)."""
+    where = {name: d for d in stream_dirs for name in segment_names(d)}
+    for name in sorted(where):
+        stream_dir = where[name]
         data = (stream_dir / name).read_bytes()
         pos = 0
         line_no = 0
@@ -157,15 +162,19 @@ def verify_path(path: Path, key: bytes) -> VerifyReport:
     report = VerifyReport()
     checker = _Checker(key, report)
     if path.is_dir():
-        if (path / SPOOL_DIR).is_dir():
-            path = path / SPOOL_DIR
-        stream_dirs = [path] if segment_names(path) else list_streams(path)
-        for stream_dir in stream_dirs:
-            for line, where in _stream_lines(stream_dir):
+        places = [p for p in (path / RECORDED_DIR, path / SPOOL_DIR) if p.is_dir()]
+        if not places:
+            places = [path]
+        streams: dict[str, list[Path]] = {}
+        for place in places:
+            for stream_dir in [place] if segment_names(place) else list_streams(place):
+                streams.setdefault(stream_dir.name, []).append(stream_dir)
+        for name in sorted(streams):
+            for line, where in _stream_lines(streams[name]):
                 if not line:
                     report.notes.append(f"note: {where}: the writer stopped mid-record")
                     continue
-                checker.check(line, where, stream_dir.name)
+                checker.check(line, where, name)
         return report
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):

@@ -54,7 +54,8 @@ pub struct AssemblerConfig {
     /// Longest `db.query.text` in a span, in bytes (the spool and the session recording
     /// keep the whole text); a longer text is cut at a character boundary.
     pub query_text_max_bytes: usize,
-    /// Record types copied to the session recordings (empty: no recording).
+    /// Record types returned per session (the session recording indexes the records that
+    /// start a session; empty: none).
     pub recorded: Vec<String>,
     /// Return the `end` records carrying a result (for result log records).
     pub result_logs: bool,
@@ -92,7 +93,7 @@ pub struct Assembled {
     /// `request_bytes` bytes each.
     pub requests: Vec<Request>,
     pub spans: usize,
-    /// Per session, the recorded lines (newline-terminated), in order.
+    /// Per session, the lines of the `recorded` types (newline-terminated), in order.
     pub recordings: Vec<(String, Vec<u8>)>,
     /// (the `stmt` record as JSON, index of its `end` line) for results to log.
     pub results: Vec<(Vec<u8>, usize)>,
