@@ -404,7 +404,8 @@ class AuditSettings(BaseModel):
     recording: bool = Field(
         default=True,
         description="Record each statement's result as the client saw it, for `pgwarden "
-        "replay` (per-session files under <directory>/sessions).",
+        "replay`: delivered spool segments are kept under <directory>/recorded instead of "
+        "deleted.",
     )
     recording_max_rows: int = Field(
         default=100, ge=0, description="Rows (DataRow / CopyData) recorded per statement."
