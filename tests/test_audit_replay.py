@@ -7,13 +7,12 @@ contain psql's own screen output, line for line and in order, plus who ran it.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
-from otlp_receiver import OtlpReceiver
-from pgwarden.audit.recording import INDEX, read_session
-from pgwarden.audit.spool import AuditPaths, list_streams, segment_names
+import pytest
 
 from harness import (
     CLIENT_USER,
@@ -23,6 +22,9 @@ from harness import (
     run_tool,
     wait_until,
 )
+from otlp_receiver import OtlpReceiver
+from pgwarden.audit.recording import INDEX, SessionRecorder, read_session
+from pgwarden.audit.spool import AuditPaths, list_streams, segment_names
 
 SCRIPT = """\
 select 1 as id, 'alice' as name, null::text as nothing, 2.5::numeric as amount;
@@ -214,3 +216,58 @@ def test_recordings_are_the_delivered_segments(start_gateway: StartGateway, tmp_
         assert all(p >= 0 for p in positions), replay.stdout[-2000:]
         assert positions == sorted(positions)
         assert f"seg_{other}_" not in replay.stdout
+
+
+def test_a_session_is_read_across_recorded_and_spooled_segments(tmp_path: Path) -> None:
+    """The session's first segments are recorded, its last still in the spool; records of
+    another session between them, and after its end, are not its own."""
+
+    def record(seq: int, kind: str, session: str | None = None, **extra: object) -> bytes:
+        fields = {"seq": seq, "stream": "s1", "ts": seq, "type": kind}
+        if session is not None:
+            fields["session"] = session
+        return json.dumps({**fields, **extra}, separators=(",", ":")).encode() + b"\n"
+
+    recorded = tmp_path / "recorded" / "s1"
+    spooled = tmp_path / "spool" / "s1"
+    recorded.mkdir(parents=True)
+    spooled.mkdir(parents=True)
+    (recorded / "00000000000000000001.seg").write_bytes(
+        record(1, "open")
+        + record(2, "session", "other")
+        + record(3, "session", "mine")
+        + record(4, "segment_end", next="00000000000000000005.seg")
+    )
+    (recorded / "00000000000000000005.seg").write_bytes(
+        record(5, "segment")
+        + record(6, "stmt", "mine", n=1, sql="select 1")
+        + record(7, "stmt", "other", n=1, sql="select 'no'")
+        + record(8, "segment_end", next="00000000000000000009.seg")
+    )
+    (spooled / "00000000000000000009.seg").write_bytes(
+        record(9, "segment")
+        + record(10, "end", "mine", n=1)
+        + record(11, "session_end", "mine")
+        + record(12, "session", "mine")
+        + b"\0" * 64  # a later stream reusing the id: not read
+    )
+    recorder = SessionRecorder(tmp_path / "recorded", "s1")
+    recorder.add_lines("mine", record(3, "session", "mine"))
+    recorder.add("session", "other", record(2, "session", "other").rstrip(b"\n"))
+    recorder.add("stmt", "other", record(7, "stmt", "other").rstrip(b"\n"))  # not indexed
+    recorder.flush()
+    assert (recorded / INDEX).read_text() == "mine 3\nother 2\n"
+
+    mine = read_session(tmp_path, "mine")
+    assert [r["seq"] for r in mine] == [3, 6, 10, 11]
+    assert [r["seq"] for r in read_session(tmp_path, "other")] == [2, 7]
+    with pytest.raises(FileNotFoundError):
+        read_session(tmp_path, "nobody")
+    with pytest.raises(ValueError):
+        read_session(tmp_path, "../etc/passwd")
+
+    # Recordings of earlier versions: one file of records per session.
+    legacy = tmp_path / "sessions"
+    legacy.mkdir()
+    (legacy / "old.jsonl").write_bytes(record(2, "stmt", "old") + record(1, "session", "old"))
+    assert [r["seq"] for r in read_session(tmp_path, "old")] == [1, 2]

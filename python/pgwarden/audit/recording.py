@@ -43,7 +43,8 @@ STARTS: Final = frozenset({kinds.SESSION, kinds.REFUSED})
 ENDS: Final = frozenset({kinds.SESSION_END, kinds.REFUSED})
 INDEX: Final = "sessions.idx"
 _SESSION_ID: Final = re.compile(r"[0-9A-Za-z_-]{1,64}")
-_SEQ: Final = re.compile(rb'"seq":(\d+)')
+#: The head of every record (rust/wire/src/audit_record.rs, RecordBody::begin).
+_SEQ: Final = re.compile(rb'\{"seq":(\d+),')
 
 
 def check_session_id(session_id: str) -> str:
@@ -82,8 +83,10 @@ class SessionRecorder:
 
     def add_lines(self, session: str, lines: bytes) -> None:
         """Newline-terminated session-starting records of one session."""
-        for found in _SEQ.finditer(lines):
-            self._pending.append(f"{session} {int(found[1])}\n".encode())
+        for line in lines.splitlines():
+            found = _SEQ.match(line)
+            if found is not None:
+                self._pending.append(f"{session} {int(found[1])}\n".encode())
 
     def discard(self) -> None:
         """Forget what was buffered (its delivery failed; it will be read again)."""
