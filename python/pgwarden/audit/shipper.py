@@ -483,7 +483,7 @@ class Shipper:
         ``spans`` written over ``seconds``: a poll interval; while statements keep coming
         (a pass of at least an eighth of a request), until about one full request is
         there, at most :data:`GATHER_MAX_SECONDS`.  Each pass costs some milliseconds of
-        its own (the reads, an HTTP request, the recordings' files): at 5,000 statements a
+        its own (the reads, an HTTP request, the checkpoint): at 5,000 statements a
         second, passes every poll interval took about a third of the shipper's CPU."""
         audit = self.settings.audit
         poll = audit.poll_interval_ms / 1000
