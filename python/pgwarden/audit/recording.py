@@ -193,8 +193,10 @@ def read_session(root: Path, session_id: str) -> list[Record]:
         try:
             data = path.read_bytes()
         except FileNotFoundError:  # moved between listing and reading: the other place
-            moved = root / RECORDED_DIR / stream / path.name
-            data = moved.read_bytes()
+            try:
+                data = (root / RECORDED_DIR / stream / path.name).read_bytes()
+            except FileNotFoundError:
+                continue  # removed meanwhile
         limit = data.find(b"\0")
         if limit < 0:
             limit = len(data)
