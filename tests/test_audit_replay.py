@@ -217,6 +217,24 @@ def test_recordings_are_the_delivered_segments(start_gateway: StartGateway, tmp_
         assert positions == sorted(positions)
         assert f"seg_{other}_" not in replay.stdout
 
+    # The raw records of one session: its lines exactly as sealed in the segments.
+    raw = subprocess.run(
+        [*gateway_command("replay", sessions[0], "--dir", str(directory), "--records")],
+        env=gateway_environment(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert raw.returncode == 0, raw.stderr
+    lines = raw.stdout.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert {r["session"] for r in records} == {sessions[0]}
+    assert [r["type"] for r in records[:1] + records[-1:]] == ["session", "session_end"]
+    assert sum(r["type"] == "stmt" and " as seg_" in r["sql"] for r in records) == statements
+    seqs = [r["seq"] for r in records]
+    assert seqs == sorted(seqs)
+    segments = b"".join((stream / name).read_bytes() for name in kept)
+    assert all(b"\n" + line + b"\n" in segments for line in lines)
+
 
 def test_a_session_is_read_across_recorded_and_spooled_segments(tmp_path: Path) -> None:
     """The session's first segments are recorded, its last still in the spool; records of

@@ -133,7 +133,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from pgwarden.audit.recording import read_session
+    from pgwarden.audit.recording import session_lines
     from pgwarden.audit.replay import transcript
 
     directory: Path | None = args.dir
@@ -146,7 +146,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         directory = settings.audit.directory
     try:
-        records = read_session(directory, args.session_id)
+        lines = session_lines(directory, args.session_id)
     except ValueError as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -157,7 +157,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    sys.stdout.write(transcript(records))
+    if args.records:
+        sys.stdout.buffer.write(b"".join(line + b"\n" for _, line in lines))
+    else:
+        sys.stdout.write(transcript([record for record, _ in lines]))
     return 0
 
 
@@ -196,5 +199,11 @@ def add_commands(commands: Any) -> None:
     replay.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
     replay.add_argument(
         "--dir", type=Path, metavar="DIR", help="audit directory (default: from the settings)"
+    )
+    replay.add_argument(
+        "--records",
+        action="store_true",
+        help="print the session's records as stored (JSON lines, each with its chain hash) "
+        "instead of the transcript",
     )
     replay.set_defaults(func=cmd_replay)

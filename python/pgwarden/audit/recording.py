@@ -181,14 +181,19 @@ def read_session(root: Path, session_id: str) -> list[Record]:
 
     Raises FileNotFoundError when no recording holds the session.
     """
+    return [record for record, _ in session_lines(root, session_id)]
+
+
+def session_lines(root: Path, session_id: str) -> list[tuple[Record, bytes]]:
+    """A session's records in order, each with its line as sealed (``pgwarden replay
+    --records``).  Raises FileNotFoundError when no recording holds the session."""
     located = find_session(root, session_id)
     if located is None:
         legacy = root / SESSIONS_DIR / f"{check_session_id(session_id)}.jsonl"
         return _read_jsonl(legacy)  # recordings of earlier versions; raises if absent
     stream, seq = located
     needle = f'"session":"{session_id}"'.encode()
-    out: list[Record] = []
-    seen: set[int] = set()
+    out: list[tuple[Record, bytes]] = []
     for path in _segments_from(root, stream, seq):
         try:
             data = path.read_bytes()
@@ -206,12 +211,11 @@ def read_session(root: Path, session_id: str) -> list[Record]:
             stop = data.find(b"\n", pos)
             if stop < 0:
                 break  # a record being written
-            record: Record = json.loads(data[start:stop])
-            n = int(record.get("seq", 0))
-            if record.get("session") == session_id and n >= seq and n not in seen:
+            line = data[start:stop]
+            record: Record = json.loads(line)
+            if record.get("session") == session_id and int(record.get("seq", 0)) >= seq:
                 if record.get("type") in RECORDED:
-                    seen.add(n)
-                    out.append(record)
+                    out.append((record, line))
                 if record.get("type") in ENDS:
                     return out
             pos = data.find(needle, stop, limit)
@@ -220,18 +224,18 @@ def read_session(root: Path, session_id: str) -> list[Record]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path) -> list[tuple[Record, bytes]]:
     seen: set[tuple[str, int]] = set()
-    out: list[Record] = []
+    out: list[tuple[Record, bytes]] = []
     with path.open("rb") as handle:
         for raw in handle:
-            raw = raw.strip()
-            if not raw:
+            line = raw.strip()
+            if not line:
                 continue
-            record: Record = json.loads(raw)
+            record: Record = json.loads(line)
             key = (str(record.get("stream")), int(record.get("seq", 0)))
             if key not in seen:
                 seen.add(key)
-                out.append(record)
-    out.sort(key=lambda r: (str(r.get("stream")), int(r.get("seq", 0))))
+                out.append((record, line))
+    out.sort(key=lambda pair: (str(pair[0].get("stream")), int(pair[0].get("seq", 0))))
     return out
