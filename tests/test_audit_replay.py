@@ -8,8 +8,10 @@ contain psql's own screen output, line for line and in order, plus who ran it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -289,3 +291,67 @@ def test_a_session_is_read_across_recorded_and_spooled_segments(tmp_path: Path) 
     legacy.mkdir()
     (legacy / "old.jsonl").write_bytes(record(2, "stmt", "old") + record(1, "session", "old"))
     assert [r["seq"] for r in read_session(tmp_path, "old")] == [1, 2]
+
+
+def test_recording_retention_deletes_old_segments_oldest_first(tmp_path: Path) -> None:
+    """`audit ship` with audit.recording_retention_hours sweeps the recordings: segments
+    whose newest record is past the retention go, oldest first; a stream with nothing
+    left goes whole; a stream still in the spool keeps its index."""
+    day = 24 * 3600
+    now = time.time()
+
+    def segment(stream: Path, first: int, age: float) -> Path:
+        stream.mkdir(parents=True, exist_ok=True)
+        path = stream / f"{first:020d}.seg"
+        path.write_bytes(b'{"seq":%d}\n' % first)
+        os.utime(path, (now - age, now - age))
+        return path
+
+    def index(stream: Path, age: float) -> Path:
+        stream.mkdir(parents=True, exist_ok=True)
+        path = stream / INDEX
+        path.write_text("s 1\n")
+        os.utime(path, (now - age, now - age))
+        return path
+
+    recorded = tmp_path / "recorded"
+    gone = [segment(recorded / "old", 1, 3 * day), segment(recorded / "old", 9, 2 * day)]
+    index(recorded / "old", 2 * day)
+    old_first = segment(recorded / "mixed", 1, 3 * day)
+    young = segment(recorded / "mixed", 5, 60)
+    mixed_index = index(recorded / "mixed", 3 * day)
+    # Recorded long ago, but its segments are still being delivered: the index stays.
+    live_index = index(recorded / "live", 3 * day)
+    segment(tmp_path / "spool" / "live", 30, 0)
+    (tmp_path / "spool" / "live" / "00000000000000000030.seg").write_bytes(b"\0" * 64)
+
+    env = gateway_environment(
+        {
+            "PGWARDEN_AUDIT__DIRECTORY": str(tmp_path),
+            "PGWARDEN_AUDIT__EXPORTER": "file",
+            "PGWARDEN_AUDIT__EXPORT_PATH": str(tmp_path / "trail.jsonl"),
+            "PGWARDEN_AUDIT__RECORDING_RETENTION_HOURS": "36",
+        }
+    )
+    shipped = subprocess.run(
+        [*gateway_command("audit", "ship", "--until-empty")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shipped.returncode == 0, shipped.stderr
+    assert not any(p.exists() for p in gone)
+    assert not (recorded / "old").exists()
+    assert not old_first.exists()
+    assert young.exists() and mixed_index.exists()
+    assert live_index.exists()
+    assert "deleted 3 segment(s) older than 36 h" in shipped.stderr
+
+    # Without a retention, nothing recorded is ever deleted.
+    env.pop("PGWARDEN_AUDIT__RECORDING_RETENTION_HOURS")
+    segment(recorded / "kept", 1, 1000 * day)
+    subprocess.run(
+        [*gateway_command("audit", "ship", "--until-empty")], env=env, check=True, timeout=60
+    )
+    assert segment_names(recorded / "kept")

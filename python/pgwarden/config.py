@@ -407,6 +407,12 @@ class AuditSettings(BaseModel):
         "replay`: delivered spool segments are kept under <directory>/recorded instead of "
         "deleted.",
     )
+    recording_retention_hours: float = Field(
+        default=0,
+        ge=0,
+        description="The shipper deletes recorded segments whose newest record is older than "
+        "this, oldest first (an hourly sweep); 0: recordings stay until removed by hand.",
+    )
     recording_max_rows: int = Field(
         default=100, ge=0, description="Rows (DataRow / CopyData) recorded per statement."
     )

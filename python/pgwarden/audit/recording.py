@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -30,6 +31,7 @@ from pgwarden.audit.spool import (
     SEGMENT_SUFFIX,
     SESSIONS_DIR,
     SPOOL_DIR,
+    list_streams,
     segment_names,
 )
 
@@ -137,6 +139,31 @@ class SessionRecorder:
     def flush(self) -> None:
         self.write()
         self.sync()
+
+
+def prune(root: Path, max_age_seconds: float, now: float) -> int:
+    """Delete the recorded segments last written more than ``max_age_seconds`` before
+    ``now``, oldest first in each stream (what is left still verifies: a check starts at
+    the first segment left).  A stream with no segment left, none in the spool and an index
+    as old goes whole.  Returns the number of segments deleted."""
+    removed = 0
+    for stream_dir in list_streams(root / RECORDED_DIR):
+        for name in segment_names(stream_dir):
+            path = stream_dir / name
+            try:
+                if now - path.stat().st_mtime <= max_age_seconds:
+                    break
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+        if segment_names(stream_dir) or segment_names(root / SPOOL_DIR / stream_dir.name):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if now - (stream_dir / INDEX).stat().st_mtime <= max_age_seconds:
+                continue
+        shutil.rmtree(stream_dir, ignore_errors=True)
+    return removed
 
 
 def find_session(root: Path, session_id: str) -> tuple[str, int] | None:

@@ -38,7 +38,7 @@ from pgwarden import _wire
 from pgwarden.audit import chain, ids, replay
 from pgwarden.audit import records as kinds
 from pgwarden.audit.exporters import AuditSink, ShipBatch, build_resource, build_sink
-from pgwarden.audit.recording import SessionRecorder
+from pgwarden.audit.recording import SessionRecorder, prune
 from pgwarden.audit.records import Record
 from pgwarden.audit.spans import QueryTextMode, new_assembler, scope
 from pgwarden.audit.spool import (
@@ -75,6 +75,8 @@ GATHER_MAX_SECONDS: Final = 1.0
 IDLE_PASSES_BEFORE_BACKOFF: Final = 10
 #: Delivered segments handed back to a live writer for reuse (the rest are deleted).
 FREE_SEGMENTS_KEPT: Final = 1
+#: How often the recordings are swept for segments past audit.recording_retention_hours.
+RETENTION_SWEEP_SECONDS: Final = 3600.0
 #: The head every record starts with (rust/wire/src/audit_record.rs, RecordBody::begin),
 #: and the session member that follows it in session, statement and end records.
 _HEAD: Final = re.compile(
@@ -240,12 +242,15 @@ class StreamShipper:
 
     def _keep_all(self, recorder: SessionRecorder) -> None:
         """A finished stream: every segment into the recording, the last one cut where its
-        records end."""
+        records end (or dropped, when it has none)."""
         position = self.reader.position
         for name in segment_names(self.dir):
             length = position.offset if position and name == position.segment else None
             with contextlib.suppress(FileNotFoundError):
-                recorder.keep(self.dir / name, length)
+                if length == 0:
+                    (self.dir / name).unlink()
+                else:
+                    recorder.keep(self.dir / name, length)
 
     def _delete_behind(self, position: Position | None) -> None:
         """Move the segments before ``position`` into the recording, or without one remove
@@ -431,11 +436,29 @@ class Shipper:
             self.sink.shutdown()
             os.close(lock_fd)
 
+    def sweep_recordings(self) -> int:
+        """Delete the recorded segments past ``audit.recording_retention_hours`` (none
+        when it is 0); the number deleted."""
+        hours = self.settings.audit.recording_retention_hours
+        if hours <= 0:
+            return 0
+        removed = prune(self.paths.root, hours * 3600, time.time())
+        if removed:
+            log.info("audit recordings: deleted %d segment(s) older than %g h", removed, hours)
+        return removed
+
     def _loop(self, stop: threading.Event, until_empty: bool) -> int:
         audit = self.settings.audit
         previous_pass = time.monotonic()
+        next_sweep = previous_pass
         while not stop.is_set():
             started = time.monotonic()
+            if started >= next_sweep:
+                next_sweep = started + RETENTION_SWEEP_SECONDS
+                try:
+                    self.sweep_recordings()
+                except OSError:
+                    log.exception("audit recordings: the retention sweep failed")
             spans_before = self.delivered_spans
             progressed, failed = self.ship_once()
             gathered = (self.delivered_spans - spans_before, started - previous_pass)
