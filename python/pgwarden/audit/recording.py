@@ -78,6 +78,15 @@ class SessionRecorder:
         self._unsynced = False
         self._moved = False
 
+    def _ensure_directory(self) -> None:
+        """Create ``recorded/<stream>`` (and ``recorded/``) durably, once."""
+        if self.directory.is_dir():
+            return
+        for path in (self.directory.parent, self.directory):
+            if not path.is_dir():
+                path.mkdir(exist_ok=True)
+                _fsync_dir(path.parent)
+
     def add(self, kind: str, session: str, line: bytes) -> None:
         """One delivered record (read as far as its head)."""
         if kind in STARTS:
@@ -98,7 +107,7 @@ class SessionRecorder:
         """Append the buffered index entries (not yet fsynced)."""
         if not self._pending:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._ensure_directory()
         data = b"".join(self._pending)
         fd = os.open(
             self.directory / INDEX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
@@ -129,7 +138,7 @@ class SessionRecorder:
     def keep(self, segment: Path, length: int | None = None) -> None:
         """Move a delivered segment into the recording (cut to ``length`` bytes if given:
         the unwritten rest of a stream's last segment)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._ensure_directory()
         if length is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.truncate(segment, length)
