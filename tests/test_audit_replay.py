@@ -44,6 +44,17 @@ select count(*) as total from replay_t;
 """
 
 
+def pgwarden(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs a pgwarden command to its end, its output captured as text."""
+    return subprocess.run(
+        gateway_command(*args),
+        env=env if env is not None else gateway_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def recorded_sessions(directory: Path, count: int = 1) -> list[str]:
     """The ids of the recorded sessions, once ``count`` of them are recorded to their end."""
 
@@ -80,13 +91,7 @@ def test_replay_matches_psql_output(start_gateway: StartGateway, tmp_path: Path)
     shown = run_tool(["psql", "--no-psqlrc", "-X", "-f", "-"], gateway.env(), input=SCRIPT)
     assert "(3 rows)" in shown.stdout, shown.stderr
     (session_id,) = recorded_sessions(directory)
-    replay = subprocess.run(
-        [*gateway_command("replay", session_id, "--dir", str(directory))],
-        env=gateway_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    replay = pgwarden("replay", session_id, "--dir", str(directory))
     assert replay.returncode == 0, replay.stderr
     transcript = replay.stdout
 
@@ -131,13 +136,7 @@ def test_recording_caps_rows_but_reports_the_count(
     )
     assert "(50 rows)" in result.stdout
     (session_id,) = recorded_sessions(directory)
-    replay = subprocess.run(
-        [*gateway_command("replay", session_id, "--dir", str(directory))],
-        env=gateway_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    replay = pgwarden("replay", session_id, "--dir", str(directory))
     out = replay.stdout
     assert "(50 rows)" in out  # the count the client got
     assert "\n 3\n" in out and "\n 4\n" not in out  # only the first rows are kept
@@ -177,13 +176,7 @@ def test_recordings_are_the_delivered_segments(start_gateway: StartGateway, tmp_
                 "PGWARDEN_AUDIT__ENDPOINT": receiver.endpoint,
             }
         )
-        shipped = subprocess.run(
-            [*gateway_command("audit", "ship", "--until-empty")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        shipped = pgwarden("audit", "ship", "--until-empty", env=env)
         assert shipped.returncode == 0, shipped.stderr
 
     paths = AuditPaths(directory)
@@ -193,24 +186,17 @@ def test_recordings_are_the_delivered_segments(start_gateway: StartGateway, tmp_
     assert not (directory / "sessions").exists()  # no second copy
     assert not any(segment_names(s) for s in list_streams(paths.spool))  # all delivered
 
-    checked = subprocess.run(
-        [*gateway_command("audit", "verify", str(directory))],
+    checked = pgwarden(
+        "audit",
+        "verify",
+        str(directory),
         env=gateway_environment({"PGWARDEN_AUDIT__DIRECTORY": str(directory)}),
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert re.search(r"^OK: \d+ records in 1 stream", checked.stdout, re.M), checked.stdout
 
     for session_id in sessions:
-        replay = subprocess.run(
-            [*gateway_command("replay", session_id, "--dir", str(directory))],
-            env=gateway_environment(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        replay = pgwarden("replay", session_id, "--dir", str(directory))
         assert replay.returncode == 0, replay.stderr
         mine = "a" if "seg_a_0" in replay.stdout else "b"
         other = "b" if mine == "a" else "a"
@@ -333,13 +319,7 @@ def test_recording_retention_deletes_old_segments_oldest_first(tmp_path: Path) -
             "PGWARDEN_AUDIT__RECORDING_RETENTION_HOURS": "36",
         }
     )
-    shipped = subprocess.run(
-        [*gateway_command("audit", "ship", "--until-empty")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shipped = pgwarden("audit", "ship", "--until-empty", env=env)
     assert shipped.returncode == 0, shipped.stderr
     assert not any(p.exists() for p in gone)
     assert not (recorded / "old").exists()
@@ -351,7 +331,5 @@ def test_recording_retention_deletes_old_segments_oldest_first(tmp_path: Path) -
     # Without a retention, nothing recorded is ever deleted.
     env.pop("PGWARDEN_AUDIT__RECORDING_RETENTION_HOURS")
     segment(recorded / "kept", 1, 1000 * day)
-    subprocess.run(
-        [*gateway_command("audit", "ship", "--until-empty")], env=env, check=True, timeout=60
-    )
+    assert pgwarden("audit", "ship", "--until-empty", env=env).returncode == 0
     assert segment_names(recorded / "kept")
