@@ -31,8 +31,10 @@ from pgwarden.audit.spool import (
     SEGMENT_SUFFIX,
     SESSIONS_DIR,
     SPOOL_DIR,
+    fsync_directory,
     list_streams,
     segment_names,
+    stream_segments,
 )
 
 #: The record types a replay shows.
@@ -53,14 +55,6 @@ def check_session_id(session_id: str) -> str:
     if not _SESSION_ID.fullmatch(session_id):
         raise ValueError(f"not a session id: {session_id!r}")
     return session_id
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SessionRecorder:
@@ -85,7 +79,7 @@ class SessionRecorder:
         for path in (self.directory.parent, self.directory):
             if not path.is_dir():
                 path.mkdir(exist_ok=True)
-                _fsync_dir(path.parent)
+                fsync_directory(path.parent)
 
     def add(self, kind: str, session: str, line: bytes) -> None:
         """One delivered record (read as far as its head)."""
@@ -132,7 +126,7 @@ class SessionRecorder:
                     os.close(fd)
             self._unsynced = False
         if self._moved:
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
             self._moved = False
 
     def keep(self, segment: Path, length: int | None = None) -> None:
@@ -197,19 +191,13 @@ def find_session(root: Path, session_id: str) -> tuple[str, int] | None:
 
 def _segments_from(root: Path, stream: str, seq: int) -> Iterator[Path]:
     """The stream's segments, recorded then still spooled, from the one holding ``seq``."""
-    places = [root / RECORDED_DIR / stream, root / SPOOL_DIR / stream]
-    names = sorted({n for place in places for n in segment_names(place)})
+    paths = stream_segments([root / RECORDED_DIR / stream, root / SPOOL_DIR / stream])
     first = 0
-    for i, name in enumerate(names):
+    for i, path in enumerate(paths):
         with contextlib.suppress(ValueError):
-            if int(name.removesuffix(SEGMENT_SUFFIX)) <= seq:
+            if int(path.name.removesuffix(SEGMENT_SUFFIX)) <= seq:
                 first = i
-    for name in names[first:]:
-        for place in places:
-            path = place / name
-            if path.exists():
-                yield path
-                break
+    yield from paths[first:]
 
 
 def read_session(root: Path, session_id: str) -> list[Record]:

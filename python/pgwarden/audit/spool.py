@@ -48,12 +48,10 @@ FREE_PREFIX: Final = ".free-"
 _READ_CHUNK_MIN: Final = 64 << 10
 _READ_CHUNK_MAX: Final = 1 << 20
 _SEGMENT_END_MARK: Final = b'"type":"segment_end"'
-#: How often the shipper writes a busy stream's checkpoint (and fsyncs recordings, frees
-#: segments); an idle one is checkpointed at once.  Between checkpoints, delivered batches
-#: are only in memory: a shipper killed meanwhile delivers them again, with the same span
-#: ids (and recordings drop the repeated lines on reading).  Every checkpoint fsyncs each
-#: session file written since the last one: with many sessions, a short interval is mostly
-#: fsyncs.
+#: How often the shipper writes a busy stream's checkpoint (and fsyncs the recording's
+#: index, moves or frees segments); an idle one is checkpointed at once.  Between
+#: checkpoints, delivered batches are only in memory: a shipper killed meanwhile delivers
+#: them again, with the same span ids.
 CHECKPOINT_INTERVAL_SECONDS: Final = 3.0
 
 
@@ -97,6 +95,25 @@ def segment_names(stream_dir: Path) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(n for n in names if n.endswith(SEGMENT_SUFFIX) and not n.startswith("."))
+
+
+def stream_segments(stream_dirs: Sequence[Path]) -> list[Path]:
+    """One stream's segment files in order, wherever each is (its ``recorded/`` and
+    ``spool/`` directories); a name found in several is taken from the first."""
+    where: dict[str, Path] = {}
+    for stream_dir in stream_dirs:
+        for name in segment_names(stream_dir):
+            where.setdefault(name, stream_dir / name)
+    return [where[name] for name in sorted(where)]
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of ``path`` (created, renamed, removed files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def writer_alive(stream_dir: Path) -> bool:
@@ -373,8 +390,4 @@ class Checkpoint:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(stream_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(stream_dir)

@@ -20,7 +20,13 @@ from pathlib import Path
 
 from pgwarden.audit import chain
 from pgwarden.audit import records as kinds
-from pgwarden.audit.spool import RECORDED_DIR, SPOOL_DIR, list_streams, segment_names
+from pgwarden.audit.spool import (
+    RECORDED_DIR,
+    SPOOL_DIR,
+    list_streams,
+    segment_names,
+    stream_segments,
+)
 
 
 @dataclass
@@ -141,19 +147,18 @@ class _Checker:
 
 def _stream_lines(stream_dirs: list[Path]) -> Iterator[tuple[bytes, str]]:
     """The lines of one stream's segments, wherever each is (recorded or spooled)."""
-    where = {name: d for d in stream_dirs for name in segment_names(d)}
-    for name in sorted(where):
-        stream_dir = where[name]
-        data = (stream_dir / name).read_bytes()
+    for path in stream_segments(stream_dirs):
+        data = path.read_bytes()
+        name = f"{path.parent.name}/{path.name}"
         pos = 0
         line_no = 0
         while pos < len(data) and data[pos] != 0:
             nl = data.find(b"\n", pos)
             line_no += 1
             if nl < 0:
-                yield b"", f"{stream_dir.name}/{name}:{line_no} (torn: no end of line)"
+                yield b"", f"{name}:{line_no} (torn: no end of line)"
                 break
-            yield data[pos:nl], f"{stream_dir.name}/{name}:{line_no}"
+            yield data[pos:nl], f"{name}:{line_no}"
             pos = nl + 1
 
 
