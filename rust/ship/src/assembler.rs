@@ -5,7 +5,9 @@
 //! same spans with the same ids).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use ahash::AHashMap as HashMap;
 use std::rc::Rc;
 
 use pgwarden_wire::audit_record::{unseal_parts, RecordChain, HASH_LEN};

@@ -169,19 +169,34 @@ fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 fn parse_hex(digits: &[u8]) -> Option<[u8; HASH_LEN]> {
+    /// Lowercase hex digit -> its value; anything else -> 0x10 (an invalid bit).  A table
+    /// rather than a match: the digits of a hash are random, and a branch per digit
+    /// mispredicts about every other digit (the shipper decodes two hashes a statement).
+    const NIBBLE: [u8; 256] = {
+        let mut table = [0x10u8; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
     if digits.len() != 2 * HASH_LEN {
         return None;
     }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
     let mut out = [0u8; HASH_LEN];
-    for (i, pair) in digits.chunks_exact(2).enumerate() {
-        out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    let mut invalid = 0u8;
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let (high, low) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+        invalid |= high | low;
+        *byte = (high << 4) | (low & 0x0f);
     }
-    Some(out)
+    (invalid & 0x10 == 0).then_some(out)
 }
 
 /// Builds the body of one record: the common head, then members appended by the caller.
@@ -356,6 +371,21 @@ mod tests {
         let long: Vec<u8> = (0..=70).collect();
         let expected: String = long.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex(&long), expected);
+    }
+
+    #[test]
+    fn hex_parses_back_and_refuses_anything_but_lowercase_digits() {
+        let bytes: [u8; HASH_LEN] = std::array::from_fn(|i| (i * 37 + 11) as u8);
+        assert_eq!(parse_hex(hex(&bytes).as_bytes()), Some(bytes));
+        let good = hex(&bytes).into_bytes();
+        for bad in [b'A', b'F', b'g', b'/', b':', b'`', b' ', 0, 0xff] {
+            for at in [0, 1, 31, 63] {
+                let mut digits = good.clone();
+                digits[at] = bad;
+                assert_eq!(parse_hex(&digits), None, "{bad:#x} at {at}");
+            }
+        }
+        assert_eq!(parse_hex(&good[..62]), None);
     }
 
     #[test]

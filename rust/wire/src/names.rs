@@ -2,7 +2,7 @@
 //! back to the SQL text it runs (portal -> statement -> text).  Names are the bytes the
 //! client sent: the server reads them in the client encoding, which need not be UTF-8.
 
-use std::collections::HashMap;
+use ahash::AHashMap as HashMap;
 use std::sync::Arc;
 
 /// A portal as bound: the text of its statement at Bind time, and its parameters

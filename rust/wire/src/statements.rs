@@ -9,7 +9,9 @@
 //!   ErrorResponse the server discards every message up to the next Sync.
 //! - FunctionCall: FunctionCallResponse, ends at ReadyForQuery.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use ahash::AHashMap as HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
