@@ -292,7 +292,8 @@ impl StreamAssembler {
         let mut fresh: HashMap<(&'l str, u64), StmtRec<'l>> = HashMap::new();
 
         for (index, raw) in lines.iter().enumerate() {
-            let parsed = Line::parse(raw);
+            let mut line = Line::default();
+            let parsed = line.parse_into(raw);
             if index == 0 && work.seq == 0 {
                 // No checkpoint yet: the stream's first record names the hash before it.
                 if let Some(prev) = serde_json::from_slice::<Value>(raw)
@@ -319,8 +320,8 @@ impl StreamAssembler {
                     "the record does not match the hash chain".into(),
                 ));
             }
-            let line = match parsed {
-                Ok(l) => l,
+            match parsed {
+                Ok(()) => {}
                 Err(e) => {
                     out.chain_failures += 1;
                     out.problems

@@ -98,13 +98,23 @@ impl<'a> Line<'a> {
     /// serde_json takes, and it borrows unescaped strings the same way).  Both read a line
     /// the same.
     pub fn parse(raw: &'a [u8]) -> Result<Line<'a>, String> {
+        let mut line = Line::default();
+        line.parse_into(raw)?;
+        Ok(line)
+    }
+
+    /// [`parse`](Self::parse) into a default `Line` (`self`), which is how the assembler
+    /// reads: a `Line` is some 800 bytes, and returning one by value copied it several
+    /// times per record.  On an error `self` holds part of the line.
+    pub fn parse_into(&mut self, raw: &'a [u8]) -> Result<(), String> {
         // Validated as UTF-8 once, whole: the parsers then read each string without
         // validating it again.
         let text = std::str::from_utf8(raw).map_err(|e| e.to_string())?;
-        if let Some(line) = crate::scan::scan(text) {
-            return Ok(line);
+        if crate::scan::scan(text, self).is_some() {
+            return Ok(());
         }
-        sonic_rs::from_str(text).map_err(|e| e.to_string())
+        *self = sonic_rs::from_str(text).map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 

@@ -16,15 +16,15 @@ use serde::de::IgnoredAny;
 
 use crate::records::Line;
 
-/// The line read as the gateway writes it, or `None` to leave it to the full parser.
-pub(crate) fn scan(text: &str) -> Option<Line<'_>> {
+/// The line read as the gateway writes it into `line` (a default one), or `None` to leave
+/// it to the full parser (`line` then holds part of it).
+pub(crate) fn scan<'a>(text: &'a str, line: &mut Line<'a>) -> Option<()> {
     let mut s = Scanner {
         text,
         bytes: text.as_bytes(),
         at: 0,
     };
     s.expect(b'{')?;
-    let mut line = Line::default();
     let mut kind = None;
     let mut seen = 0u32;
     loop {
@@ -99,7 +99,7 @@ pub(crate) fn scan(text: &str) -> Option<Line<'_>> {
         return None;
     }
     line.kind = kind?;
-    Some(line)
+    Some(())
 }
 
 struct Scanner<'a> {
@@ -125,13 +125,26 @@ impl<'a> Scanner<'a> {
 
     /// `"key":`, the key plain ASCII letters, digits and underscores.
     fn key(&mut self) -> Option<&'a str> {
+        /// The bytes a key is made of (ASCII letters, digits, `_`).
+        const KEY: [bool; 256] = {
+            let mut table = [false; 256];
+            let mut b = 0;
+            while b < 256 {
+                let c = b as u8;
+                table[b] = c.is_ascii_alphanumeric() || c == b'_';
+                b += 1;
+            }
+            table
+        };
         self.expect(b'"')?;
         let start = self.at;
         loop {
-            match self.next()? {
-                b'"' => break,
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => {}
-                _ => return None,
+            let b = self.next()?;
+            if b == b'"' {
+                break;
+            }
+            if !KEY[usize::from(b)] {
+                return None;
             }
         }
         let key = &self.text[start..self.at - 1];
@@ -181,10 +194,17 @@ impl<'a> Scanner<'a> {
     /// continue a number.
     fn unsigned(&mut self) -> Option<u64> {
         let start = self.at;
-        let digits = self.bytes[start..]
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .count();
+        // The value as the digits go: no overflow below 20 digits (u64 has 20).
+        let mut value = 0u64;
+        let mut digits = 0;
+        for &b in &self.bytes[start..] {
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 {
+                break;
+            }
+            value = value.wrapping_mul(10).wrapping_add(u64::from(digit));
+            digits += 1;
+        }
         if digits == 0 || (digits > 1 && self.bytes[start] == b'0') {
             return None;
         }
@@ -195,7 +215,11 @@ impl<'a> Scanner<'a> {
             return None;
         }
         self.at = start + digits;
-        self.text[start..self.at].parse().ok()
+        if digits < 20 {
+            Some(value)
+        } else {
+            self.text[start..self.at].parse().ok()
+        }
     }
 
     /// An unsigned integer, or `-` and a positive one, within i64.
@@ -242,6 +266,11 @@ mod tests {
     const STMT: &str = r#"{"seq":100,"stream":"20261127T000114Z-9773-w0-0a091b","ts":1795737677072030,"type":"stmt","session":"c229ac89ef4b4960","n":4,"protocol":"extended","sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1;","hash":"429644e6b614a4c5143b52264d968e81e0d869e49d2f9eecd821d3d125a94634"}"#;
     const END: &str = r#"{"seq":101,"stream":"20261127T000114Z-9773-w0-0a091b","ts":1795737677072185,"type":"end","session":"8dcf0fa69bc1676f","n":3,"duration_us":1595,"command_tag":"SELECT 1","rows":1,"data_rows":1,"sqlstate":null,"columns":"VAAAACEAAWFiYWxhbmNlAAAAQAYAAwAAABcABP////8AAA==","result":"RAAAAAsAAQAAAAEwQwAAAA1TRUxFQ1QgMQA=","hash":"e5da435c246f242202c40e70d800b1b32b634fd29d64d408dea09d2d704dfe01"}"#;
 
+    fn scan_line(text: &str) -> Option<Line<'_>> {
+        let mut line = Line::default();
+        scan(text, &mut line).map(|()| line)
+    }
+
     fn full(text: &str) -> Result<Line<'_>, String> {
         sonic_rs::from_str(text).map_err(|e| e.to_string())
     }
@@ -249,10 +278,10 @@ mod tests {
     #[test]
     fn statement_records_as_written_take_the_scan_and_read_as_the_full_parser_reads_them() {
         for text in [STMT, END] {
-            let fast = scan(text).expect("a record as the gateway writes it is scanned");
+            let fast = scan_line(text).expect("a record as the gateway writes it is scanned");
             assert_eq!(format!("{fast:?}"), format!("{:?}", full(text).unwrap()));
         }
-        let end = scan(END).unwrap();
+        let end = scan_line(END).unwrap();
         assert_eq!(end.kind, "end");
         assert_eq!((end.n, end.rows, end.sqlstate), (Some(3), Some(1), None));
         assert!(end.result.is_some());
@@ -281,14 +310,36 @@ mod tests {
             r#"{"seq":1}"#,                 // no type
             r#"{}"#,
         ] {
-            assert!(scan(text).is_none(), "{text}");
+            assert!(scan_line(text).is_none(), "{text}");
         }
+    }
+
+    #[test]
+    fn numbers_up_to_the_limits_read_as_the_full_parser_reads_them() {
+        for (text, n) in [
+            (r#"{"type":"stmt","n":0}"#, 0),
+            (
+                r#"{"type":"stmt","n":9999999999999999999}"#,
+                9_999_999_999_999_999_999,
+            ),
+            (r#"{"type":"stmt","n":18446744073709551615}"#, u64::MAX),
+        ] {
+            assert_eq!(scan_line(text).unwrap().n, Some(n), "{text}");
+            assert_eq!(full(text).unwrap().n, Some(n), "{text}");
+        }
+        let text = r#"{"type":"end","rows":-9223372036854775808,"data_rows":9223372036854775807}"#;
+        let fast = scan_line(text).unwrap();
+        assert_eq!(
+            (fast.rows, fast.data_rows),
+            (Some(i64::MIN), Some(i64::MAX))
+        );
+        assert!(scan_line(r#"{"type":"end","rows":9223372036854775808}"#).is_none());
     }
 
     #[test]
     fn unknown_scalar_fields_are_skipped_as_the_full_parser_skips_them() {
         let text = r#"{"type":"end","columns":"VA==","x":-12,"y":true,"z":null,"n":7}"#;
-        let fast = scan(text).unwrap();
+        let fast = scan_line(text).unwrap();
         assert_eq!(fast.n, Some(7));
         assert_eq!(format!("{fast:?}"), format!("{:?}", full(text).unwrap()));
     }
@@ -341,7 +392,7 @@ mod tests {
                 } else {
                     format!(r#"{{"type":"stmt","{field}":{value}}}"#)
                 };
-                if let Some(fast) = scan(&text) {
+                if let Some(fast) = scan_line(&text) {
                     scanned += 1;
                     let slow = full(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
                     assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{text}");
@@ -462,7 +513,7 @@ mod tests {
                     }
                 }
                 for text in &variants {
-                    if let Some(fast) = scan(text) {
+                    if let Some(fast) = scan_line(text) {
                         let slow = full(text);
                         prop_assert!(slow.is_ok(), "scanned, but the full parser refuses {text}: {slow:?}");
                         prop_assert_eq!(format!("{fast:?}"), format!("{:?}", slow.unwrap()));
