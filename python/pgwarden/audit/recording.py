@@ -31,6 +31,7 @@ from pgwarden.audit.spool import (
     SEGMENT_SUFFIX,
     SESSIONS_DIR,
     SPOOL_DIR,
+    drop_cached,
     fsync_directory,
     list_streams,
     segment_names,
@@ -62,7 +63,8 @@ class SessionRecorder:
 
     The shipper hands it the session-starting records of each delivered batch
     (:meth:`add_lines`), calls :meth:`write` after the delivery and :meth:`sync` before
-    each checkpoint, and :meth:`keep` for each segment the checkpoint leaves behind.
+    each checkpoint, and :meth:`keep` for each segment the checkpoint leaves behind, then
+    :meth:`release`.
     """
 
     def __init__(self, recorded: Path, stream: str) -> None:
@@ -71,6 +73,10 @@ class SessionRecorder:
         self._pending: list[bytes] = []
         self._unsynced = False
         self._moved = False
+        #: Kept segments still in the page cache: moved since the last release, and moved
+        #: before it (see :meth:`release`).
+        self._fresh: list[Path] = []
+        self._aged: list[Path] = []
 
     def _ensure_directory(self) -> None:
         """Create ``recorded/<stream>`` (and ``recorded/``) durably, once."""
@@ -136,8 +142,21 @@ class SessionRecorder:
         if length is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.truncate(segment, length)
-        segment.rename(self.directory / segment.name)
+        kept = self.directory / segment.name
+        segment.rename(kept)
+        self._fresh.append(kept)
         self._moved = True
+
+    def release(self, *, everything: bool = False) -> None:
+        """Drop the kept segments from the page cache: they are read again only by a
+        replay or a check.  Only those moved before the previous call, by default: a
+        segment delivered within the gateway's sync interval may still be dirty or mapped,
+        and such pages stay cached.  ``everything`` when the writer is gone."""
+        ready = self._aged + self._fresh if everything else self._aged
+        self._aged = [] if everything else self._fresh
+        self._fresh = []
+        for path in ready:
+            drop_cached(path)
 
     def flush(self) -> None:
         self.write()

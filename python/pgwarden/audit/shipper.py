@@ -200,6 +200,7 @@ class StreamShipper:
             if recorder is not None:
                 self._keep_all(recorder)
                 recorder.sync()
+                recorder.release(everything=True)
             shutil.rmtree(self.dir, ignore_errors=True)
             return "finished"
         if time.monotonic() - self._last_save >= CHECKPOINT_INTERVAL_SECONDS:
@@ -239,6 +240,7 @@ class StreamShipper:
         self._delete_behind(self.state.position)
         if self.recorder is not None:
             self.recorder.sync()  # the moves
+            self.recorder.release()
 
     def _keep_all(self, recorder: SessionRecorder) -> None:
         """A finished stream: every segment into the recording, the last one cut where its
@@ -432,6 +434,8 @@ class Shipper:
                 for shipper in self.streams.values():
                     if shipper.dir.exists():
                         shipper.checkpoint()
+                    if shipper.recorder is not None:
+                        shipper.recorder.release(everything=True)
         finally:
             self.sink.shutdown()
             os.close(lock_fd)

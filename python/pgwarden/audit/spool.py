@@ -116,6 +116,21 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def drop_cached(path: Path) -> None:
+    """Ask the kernel to drop ``path``'s pages from the page cache (those written back and
+    no longer mapped; dirty ones are written back first).  For files written once and
+    read rarely, such as kept recordings: left cached they push out pages that are used,
+    PostgreSQL's among them, and the kernel must reclaim them later."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def writer_alive(stream_dir: Path) -> bool:
     """Whether the process that writes this stream still runs (it holds an flock)."""
     try:
