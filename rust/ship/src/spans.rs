@@ -202,29 +202,30 @@ pub struct Who<'a> {
     pub upstream_user: Option<&'a str>,
 }
 
+/// A [`Who`] borrowed from a record with the connection and identity fields (a `session`
+/// or `refused` line, or the session it opened, kept across batches).
+macro_rules! who_of {
+    ($record:expr) => {
+        Who {
+            database: $record.database.as_deref(),
+            server_address: $record.server_address.as_deref(),
+            server_port: $record.server_port,
+            client_address: $record.client_address.as_deref(),
+            user: $record.user.as_ref(),
+            upstream_user: $record.upstream_user.as_deref(),
+        }
+    };
+}
+
 impl SessionRec {
     pub fn who(&self) -> Who<'_> {
-        Who {
-            database: self.database.as_deref(),
-            server_address: self.server_address.as_deref(),
-            server_port: self.server_port,
-            client_address: self.client_address.as_deref(),
-            user: self.user.as_ref(),
-            upstream_user: self.upstream_user.as_deref(),
-        }
+        who_of!(self)
     }
 }
 
 impl<'a> Line<'a> {
     pub fn who(&'a self) -> Who<'a> {
-        Who {
-            database: self.database.as_deref(),
-            server_address: self.server_address.as_deref(),
-            server_port: self.server_port,
-            client_address: self.client_address.as_deref(),
-            user: self.user.as_ref(),
-            upstream_user: self.upstream_user.as_deref(),
-        }
+        who_of!(self)
     }
 }
 
