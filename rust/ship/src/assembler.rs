@@ -6,10 +6,9 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-
-use ahash::AHashMap as HashMap;
 use std::rc::Rc;
 
+use ahash::AHashMap as HashMap;
 use pgwarden_wire::audit_record::{unseal_parts, RecordChain, HASH_LEN};
 use pgwarden_wire::otlp::{resource_framing, AnyValue, Scope};
 use serde::{Deserialize, Serialize};

@@ -2,8 +2,9 @@
 //! back to the SQL text it runs (portal -> statement -> text).  Names are the bytes the
 //! client sent: the server reads them in the client encoding, which need not be UTF-8.
 
-use ahash::AHashMap as HashMap;
 use std::sync::Arc;
+
+use ahash::AHashMap as HashMap;
 
 /// A portal as bound: the text of its statement at Bind time, and its parameters
 /// pre-rendered for the record.

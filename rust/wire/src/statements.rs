@@ -10,10 +10,10 @@
 //! - FunctionCall: FunctionCallResponse, ends at ReadyForQuery.
 
 use std::collections::VecDeque;
-
-use ahash::AHashMap as HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+use ahash::AHashMap as HashMap;
 
 use crate::backend::command_tag_rows;
 use crate::capture::Capture;
