@@ -489,7 +489,7 @@ impl AuditSpool {
             let first = spool.new_segment(1, options.segment_bytes, true)?;
             spool.activate(&mut w, first);
             let members = options.open_members.clone();
-            spool.store(&mut w, "open", Admission::Continuation, |b| {
+            spool.store(&mut w, "open", Admission::Continuation, now_us(), |b| {
                 b.raw("prev", format!("\"{}\"", hex(&[0; HASH_LEN])).as_bytes());
                 b.u64("segment_bytes", options.segment_bytes as u64);
                 b.members(&members);
@@ -532,8 +532,20 @@ impl AuditSpool {
         admission: Admission,
         fill: impl FnOnce(&mut RecordBody),
     ) -> Result<u64, SpoolError> {
+        self.append_at(kind, admission, now_us(), fill)
+    }
+
+    /// [`append`](Self::append) with the record's `ts` (microseconds since the epoch)
+    /// given: a codec derives it from the clock reading it took for the message.
+    pub fn append_at(
+        &self,
+        kind: &str,
+        admission: Admission,
+        ts: u64,
+        fill: impl FnOnce(&mut RecordBody),
+    ) -> Result<u64, SpoolError> {
         let mut w = self.lock_writer();
-        let result = self.store(&mut w, kind, admission, fill);
+        let result = self.store(&mut w, kind, admission, ts, fill);
         if result.is_err() {
             w.records_dropped += 1;
         }
@@ -545,6 +557,7 @@ impl AuditSpool {
         w: &mut Writer,
         kind: &str,
         admission: Admission,
+        ts: u64,
         fill: impl FnOnce(&mut RecordBody),
     ) -> Result<u64, SpoolError> {
         if w.closed {
@@ -561,7 +574,6 @@ impl AuditSpool {
                 });
             }
         }
-        let ts = now_us();
         let mut line = std::mem::take(&mut w.line);
         line.clear();
         let (head_len, mut hash) = {
@@ -711,7 +723,7 @@ impl AuditSpool {
             if w.closed {
                 return Ok(());
             }
-            let r = self.store(&mut w, "close", Admission::Continuation, |_| {});
+            let r = self.store(&mut w, "close", Admission::Continuation, now_us(), |_| {});
             w.closed = true;
             let active = w.active.take();
             if let Some(seg) = active {

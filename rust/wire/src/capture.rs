@@ -50,6 +50,20 @@ impl Capture {
         }
     }
 
+    /// Empties the capture for another statement; the buffer keeps its capacity.
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+        self.rows = 0;
+        self.current = None;
+        self.omitted_rows = 0;
+        self.omitted_bytes = 0;
+    }
+
+    /// Bytes the buffer holds without growing.
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// A message header: keep the message if it fits the caps.
     pub(crate) fn begin(&mut self, msg_tag: u8, body_len: usize) {
         let size = 5 + body_len;

@@ -9,7 +9,7 @@
 //! session (`n`), which is how a reader pairs them.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 
@@ -35,6 +35,8 @@ pub struct AuditConfig {
 /// What is known when a statement is sent.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StatementStart<'a> {
+    /// When the statement was sent (the record's `ts`).
+    pub(crate) at: SystemTime,
     pub(crate) protocol: &'static str,
     pub(crate) sql: Option<&'a str>,
     /// Pre-rendered JSON array of parameter values.
@@ -46,8 +48,9 @@ pub(crate) struct StatementStart<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StatementEnd<'a> {
     pub(crate) n: u64,
-    pub(crate) started: Instant,
-    pub(crate) now: Instant,
+    /// When the statement was sent (wall clock), and how long ago.
+    pub(crate) started_at: SystemTime,
+    pub(crate) elapsed: Duration,
     pub(crate) command_tag: Option<&'a str>,
     pub(crate) rows: Option<u64>,
     /// DataRows forwarded to the client.
@@ -88,11 +91,9 @@ impl SessionAudit {
         self.config.capture.enabled()
     }
 
-    pub(crate) fn new_capture(&self) -> Option<Capture> {
-        self.config
-            .capture
-            .enabled()
-            .then(|| Capture::new(self.config.capture))
+    /// The caps of a statement's capture, when results are recorded.
+    pub(crate) fn capture_limits(&self) -> Option<CaptureLimits> {
+        self.config.capture.enabled().then_some(self.config.capture)
     }
 
     /// Writes the `stmt` record; returns the statement's number.  In strict mode a
@@ -100,23 +101,27 @@ impl SessionAudit {
     pub(crate) fn started(&mut self, s: StatementStart<'_>) -> Result<u64, SpoolError> {
         let n = self.last_n + 1;
         let session = &self.session_json;
-        let result = self.config.spool.append("stmt", Admission::New, |b| {
-            b.raw("session", session.as_bytes());
-            b.u64("n", n);
-            let v = b.key("protocol");
-            v.push(b'"');
-            v.extend_from_slice(s.protocol.as_bytes());
-            v.push(b'"');
-            if let Some(sql) = s.sql {
-                b.str("sql", sql);
-            }
-            if let Some(oid) = s.function_oid {
-                b.u64("function_oid", u64::from(oid));
-            }
-            if let (true, Some(p)) = (self.config.record_params, s.params) {
-                b.raw("params", p.as_bytes());
-            }
-        });
+        let ts = micros(s.at);
+        let result = self
+            .config
+            .spool
+            .append_at("stmt", Admission::New, ts, |b| {
+                b.raw("session", session.as_bytes());
+                b.u64("n", n);
+                let v = b.key("protocol");
+                v.push(b'"');
+                v.extend_from_slice(s.protocol.as_bytes());
+                v.push(b'"');
+                if let Some(sql) = s.sql {
+                    b.str("sql", sql);
+                }
+                if let Some(oid) = s.function_oid {
+                    b.u64("function_oid", u64::from(oid));
+                }
+                if let (true, Some(p)) = (self.config.record_params, s.params) {
+                    b.raw("params", p.as_bytes());
+                }
+            });
         self.last_n = n;
         match result {
             Ok(_) => Ok(n),
@@ -132,10 +137,11 @@ impl SessionAudit {
     /// counted (the reader closes the statement when the session or stream ends).
     pub(crate) fn ended(&mut self, e: StatementEnd<'_>, capture: Option<&Capture>) {
         let session = &self.session_json;
+        let ts = micros(e.started_at + e.elapsed);
         let result = self
             .config
             .spool
-            .append("end", Admission::Continuation, |b| {
+            .append_at("end", Admission::Continuation, ts, |b| {
                 end_members(b, session, &e, capture);
             });
         if result.is_err() {
@@ -151,10 +157,7 @@ impl SessionAudit {
 fn end_members(b: &mut RecordBody, session: &str, e: &StatementEnd<'_>, capture: Option<&Capture>) {
     b.raw("session", session.as_bytes());
     b.u64("n", e.n);
-    b.u64(
-        "duration_us",
-        e.now.saturating_duration_since(e.started).as_micros() as u64,
-    );
+    b.u64("duration_us", e.elapsed.as_micros() as u64);
     b.opt_str("command_tag", e.command_tag);
     match e.rows {
         Some(r) => b.u64("rows", r),
@@ -182,6 +185,12 @@ fn end_members(b: &mut RecordBody, session: &str, e: &StatementEnd<'_>, capture:
             v.extend_from_slice(format!("{{\"rows\":{rows},\"bytes\":{bytes}}}").as_bytes());
         }
     }
+}
+
+/// Microseconds since the epoch (a record's `ts`).
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Appends `bytes` as a base64 JSON string.

@@ -34,7 +34,9 @@ pub(crate) struct Draft {
     params: Option<Arc<str>>,
     rows_total: Option<u64>,
     rows_in_command: u64,
-    command_tag: Option<Box<str>>,
+    /// The last CommandComplete's tag (`tagged`); the buffer is reused by recycled drafts.
+    command_tag: String,
+    tagged: bool,
     error: Option<(Box<str>, Box<str>)>,
     /// The statement's number in the audit records (0: none written yet).
     audit_n: u64,
@@ -42,6 +44,8 @@ pub(crate) struct Draft {
     data_rows: u64,
     /// The result as forwarded to the client, when sessions are recorded.
     capture: Option<Capture>,
+    /// A capture buffer kept from an earlier statement, for the next one.
+    spare_capture: Option<Capture>,
     /// The RowDescription a Describe of this statement's text returned earlier (a
     /// prepared statement's rows come without one), for replay: recorded with the first
     /// execution after the Describe only, the reader keeps it for the later ones.
@@ -137,9 +141,20 @@ pub(crate) struct StatementTracker {
     audit: Option<SessionAudit>,
     /// RowDescriptions returned to Describe, by statement text (recording only).
     described: HashMap<Arc<str>, Arc<[u8]>>,
+    /// Finished drafts kept for reuse (boxed: they move to and from `Pending` as they are).
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<Draft>>,
     /// A RowDescription being collected for `described`: (text, message, bytes missing).
     describing: Option<(Arc<str>, Vec<u8>, usize)>,
 }
+
+/// Finished drafts a session keeps for reuse, so that a statement allocates nothing: an
+/// extended-protocol round trip (Bind, Execute) uses two.
+const SPARE_DRAFTS: usize = 2;
+
+/// A kept capture buffer larger than this is freed rather than reused (an idle session
+/// holds its spare drafts).
+const SPARE_CAPTURE_BYTES: usize = 4096;
 
 /// Upper bound on requests awaiting a response.  Socket buffers and backpressure keep
 /// a well-behaved pipeline far below it (a JDBC batch of 100k rows queues 200k); a
@@ -160,6 +175,7 @@ impl StatementTracker {
             audit: audit.map(SessionAudit::new),
             described: HashMap::new(),
             describing: None,
+            spare: Vec::new(),
         }
     }
 
@@ -283,10 +299,11 @@ impl StatementTracker {
         let draft = if self.recording && kind != Kind::Sync && kind != Kind::Close {
             let started = clock.get();
             let wall = clock.wall(started);
-            Some(Box::new(Draft {
+            let mut d = self.spare.pop().unwrap_or_default();
+            d.start(
                 started,
                 wall,
-                protocol: match kind {
+                match kind {
                     Kind::Query => "simple",
                     Kind::FunctionCall => "function_call",
                     _ => "extended",
@@ -294,15 +311,8 @@ impl StatementTracker {
                 sql,
                 function_oid,
                 params,
-                rows_total: None,
-                rows_in_command: 0,
-                command_tag: None,
-                error: None,
-                audit_n: 0,
-                data_rows: 0,
-                capture: None,
-                columns: None,
-            }))
+            );
+            Some(d)
         } else {
             None
         };
@@ -314,14 +324,20 @@ impl StatementTracker {
         let mut draft = draft;
         if let (Some(audit), Some(d), true) = (&mut self.audit, &mut draft, kind.is_statement()) {
             d.audit_n = audit.started(StatementStart {
+                at: d.wall,
                 protocol: d.protocol,
                 sql: d.sql.as_deref().or(text),
                 params: d.params.as_deref(),
                 function_oid: d.function_oid,
             })?;
-            d.capture = audit.new_capture();
-            if d.capture.is_some() {
-                d.columns = d.sql.as_ref().and_then(|sql| self.described.remove(sql));
+            if let Some(limits) = audit.capture_limits() {
+                d.capture = Some(match d.spare_capture.take() {
+                    Some(c) => c,
+                    None => Capture::new(limits),
+                });
+                if !self.described.is_empty() {
+                    d.columns = d.sql.as_ref().and_then(|sql| self.described.remove(sql));
+                }
             }
         }
         if kind.is_statement() {
@@ -352,11 +368,26 @@ impl StatementTracker {
         Some(p)
     }
 
+    /// Pops the front entry, which needs no record.
+    fn discard_front(&mut self) {
+        if let Some(Pending { draft: Some(d), .. }) = self.pop_front() {
+            self.recycle(d);
+        }
+    }
+
+    /// Keeps a finished draft for the next message (see [`SPARE_DRAFTS`]).
+    fn recycle(&mut self, mut d: Box<Draft>) {
+        if self.spare.len() < SPARE_DRAFTS {
+            d.finish();
+            self.spare.push(d);
+        }
+    }
+
     /// ParseComplete / BindComplete / CloseComplete / NoData / RowDescription answer
     /// the message at the front when it has the expected kind.
     pub(crate) fn answered(&mut self, kind: Kind) {
         if self.front_kind() == Some(kind) {
-            self.pop_front();
+            self.discard_front();
         }
     }
 
@@ -461,7 +492,9 @@ impl StatementTracker {
         if let Some(d) = self.front_draft() {
             if let Some(tag) = tag {
                 d.count_command(command_tag_rows(tag));
-                d.command_tag = Some(tag.into());
+                d.command_tag.clear();
+                d.command_tag.push_str(tag);
+                d.tagged = true;
             }
         }
         if self.front_kind() == Some(Kind::Execute) {
@@ -505,7 +538,7 @@ impl StatementTracker {
                 self.skip_until_sync(clock, (sqlstate, message));
             }
             Kind::Close => {
-                self.pop_front();
+                self.discard_front();
                 self.skip_until_sync(clock, (sqlstate, message));
             }
         }
@@ -555,7 +588,7 @@ impl StatementTracker {
             .and_then(|p| p.draft.as_deref())
             .is_some_and(|d| d.audit_n != 0);
         if !audited {
-            self.pop_front();
+            self.discard_front();
             return;
         }
         if let Some(d) = self.queue.front_mut().and_then(|p| p.draft.as_deref_mut()) {
@@ -576,7 +609,7 @@ impl StatementTracker {
                     return;
                 }
                 Kind::Sync => {
-                    self.pop_front();
+                    self.discard_front();
                     return;
                 }
                 // Unanswered messages before the Sync were skipped by the server.
@@ -593,19 +626,19 @@ impl StatementTracker {
         let Some(p) = self.pop_front() else { return };
         let Some(mut d) = p.draft else { return };
         // A Parse / Bind / Describe gets a record only when it failed.
-        if !p.kind.is_statement() && d.error.is_none() {
-            return;
+        if p.kind.is_statement() || d.error.is_some() {
+            if d.rows_in_command > 0 {
+                d.count_command(None);
+            }
+            let now = clock.get();
+            if self.json_log {
+                self.write_record(&d, now);
+            }
+            if audit {
+                self.write_audit_end(&mut d, now);
+            }
         }
-        if d.rows_in_command > 0 {
-            d.count_command(None);
-        }
-        let now = clock.get();
-        if self.json_log {
-            self.write_record(&d, now);
-        }
-        if audit {
-            self.write_audit_end(&mut d, now);
-        }
+        self.recycle(d);
     }
 
     /// Pops the front entry, writing only its audit end (the server never answered it).
@@ -614,6 +647,7 @@ impl StatementTracker {
         let Some(mut d) = p.draft else { return };
         let now = clock.get();
         self.write_audit_end(&mut d, now);
+        self.recycle(d);
     }
 
     fn write_audit_end(&mut self, d: &mut Draft, now: Instant) {
@@ -622,6 +656,7 @@ impl StatementTracker {
                 // A Parse / Bind / Describe that failed: it never got a `stmt` record.
                 d.audit_n = audit
                     .started(StatementStart {
+                        at: d.wall,
                         protocol: d.protocol,
                         sql: d.sql.as_deref(),
                         params: d.params.as_deref(),
@@ -633,9 +668,9 @@ impl StatementTracker {
                 audit.ended(
                     StatementEnd {
                         n: d.audit_n,
-                        started: d.started,
-                        now,
-                        command_tag: d.command_tag.as_deref(),
+                        started_at: d.wall,
+                        elapsed: now.saturating_duration_since(d.started),
+                        command_tag: d.tag(),
                         rows: d.rows_total,
                         data_rows: d.data_rows,
                         error: d.error.as_ref().map(|(s, m)| (&**s, &**m)),
@@ -678,7 +713,7 @@ impl StatementTracker {
         b.extend_from_slice(b",\"duration_us\":");
         write_u64(b, u64::try_from(us).unwrap_or(u64::MAX));
         b.extend_from_slice(b",\"command_tag\":");
-        match &d.command_tag {
+        match d.tag() {
             Some(t) => json_str(b, t),
             None => b.extend_from_slice(b"null"),
         }
@@ -702,7 +737,75 @@ impl StatementTracker {
     }
 }
 
+impl Default for Draft {
+    fn default() -> Self {
+        let now = Instant::now();
+        Draft {
+            started: now,
+            wall: SystemTime::UNIX_EPOCH,
+            protocol: "extended",
+            sql: None,
+            function_oid: None,
+            params: None,
+            rows_total: None,
+            rows_in_command: 0,
+            command_tag: String::new(),
+            tagged: false,
+            error: None,
+            audit_n: 0,
+            data_rows: 0,
+            capture: None,
+            spare_capture: None,
+            columns: None,
+        }
+    }
+}
+
 impl Draft {
+    /// Makes a blank (or recycled) draft describe a message just sent.
+    fn start(
+        &mut self,
+        started: Instant,
+        wall: SystemTime,
+        protocol: &'static str,
+        sql: Option<Arc<str>>,
+        function_oid: Option<u32>,
+        params: Option<Arc<str>>,
+    ) {
+        self.started = started;
+        self.wall = wall;
+        self.protocol = protocol;
+        self.sql = sql;
+        self.function_oid = function_oid;
+        self.params = params;
+    }
+
+    /// Clears a finished draft for reuse; its buffers keep their capacity.
+    fn finish(&mut self) {
+        self.sql = None;
+        self.params = None;
+        self.function_oid = None;
+        self.rows_total = None;
+        self.rows_in_command = 0;
+        self.command_tag.clear();
+        self.tagged = false;
+        self.error = None;
+        self.audit_n = 0;
+        self.data_rows = 0;
+        self.columns = None;
+        if let Some(mut c) = self.capture.take() {
+            if c.capacity() <= SPARE_CAPTURE_BYTES {
+                c.clear();
+                self.spare_capture = Some(c);
+            }
+        }
+    }
+
+    /// The last command's tag, once one arrived.
+    fn tag(&self) -> Option<&str> {
+        self.tagged.then_some(self.command_tag.as_str())
+    }
+
     /// Adds one command's rows: the count in its tag, else the DataRows it returned.
     fn count_command(&mut self, tag_rows: Option<u64>) {
         let n = tag_rows.or((self.rows_in_command > 0).then_some(self.rows_in_command));

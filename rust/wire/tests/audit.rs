@@ -333,3 +333,97 @@ fn rows_of_a_described_statement_are_recorded_with_its_columns() {
     spool.close().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn each_statement_record_has_its_own_outcome_and_time() {
+    // A session reuses its finished statements' buffers: nothing of one statement's
+    // outcome (error, tag, rows, result) may show in the next one's record.
+    let dir = temp_dir("reuse");
+    let spool = spool(&dir, 1 << 16, 1 << 30);
+    let mut codec = codec(&spool, false, true);
+    let micros = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    let t0 = micros();
+    // The statement is parsed once: each round is then Bind, Execute, Sync, so the
+    // drafts a round reuses are the ones the statement before it finished.
+    codec
+        .feed_client(&cat(&[parse("s1", "SELECT n FROM t"), sync()]))
+        .unwrap();
+    codec
+        .feed_server(&cat(&[parse_complete(), ready(b'I')]))
+        .unwrap();
+    let extended = cat(&[bind("", "s1", &[], &[]), execute("", 0), sync()]);
+    let simple = |codec: &mut SessionCodec, sql: &str, response: &[u8]| {
+        codec.feed_client(&query(sql)).unwrap();
+        codec.feed_server(response).unwrap();
+    };
+    let rows_of = |v: &[u8]| {
+        cat(&[
+            row_description(&["a"]),
+            data_row(&[Some(v)]),
+            command_complete("SELECT 1"),
+            ready(b'I'),
+        ])
+    };
+    let failed = error("42P01", "relation \"t\" does not exist");
+    let failed_simple = cat(&[failed.clone(), ready(b'I')]);
+    let empty = cat(&[empty_query(), ready(b'I')]);
+    // Simple statements, each reusing the one draft the statement before it finished.
+    simple(&mut codec, "SELECT 1", &rows_of(b"1"));
+    simple(&mut codec, "", &empty);
+    simple(&mut codec, "SELECT n FROM t", &failed_simple);
+    simple(&mut codec, "SELECT 2", &rows_of(b"2"));
+    // Extended: an error at Execute, then the same statement succeeding.
+    codec.feed_client(&extended).unwrap();
+    codec
+        .feed_server(&cat(&[bind_complete(), failed.clone(), ready(b'I')]))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    codec.feed_client(&extended).unwrap();
+    let rows = cat(&[data_row(&[Some(b"7")]), command_complete("SELECT 1")]);
+    codec
+        .feed_server(&cat(&[bind_complete(), rows.clone(), ready(b'I')]))
+        .unwrap();
+    let t1 = micros();
+
+    let records = stream_records(&dir);
+    let ends = of_type(&records, "end");
+    assert_eq!(ends.len(), 6);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let result = |e: &Value| b64.decode(e["result"].as_str().unwrap()).unwrap();
+    let ok = |e: &Value, tag: Option<&str>, rows: Option<u64>, data_rows: u64, bytes: &[u8]| {
+        assert!(e["sqlstate"].is_null() && e["error"].is_null(), "{e}");
+        assert_eq!(e["command_tag"].as_str(), tag, "{e}");
+        assert_eq!(e["rows"].as_u64(), rows, "{e}");
+        assert_eq!(e["data_rows"], data_rows, "{e}");
+        assert_eq!(result(e), bytes, "{e}");
+    };
+    let err = |e: &Value, bytes: &[u8]| {
+        assert_eq!(e["sqlstate"], "42P01", "{e}");
+        assert!(e["command_tag"].is_null() && e["rows"].is_null(), "{e}");
+        assert_eq!(e["data_rows"], 0, "{e}");
+        assert_eq!(result(e), bytes, "{e}");
+    };
+    ok(ends[0], Some("SELECT 1"), Some(1), 1, &rows_of(b"1"));
+    ok(ends[1], None, None, 0, &empty);
+    err(ends[2], &failed_simple);
+    ok(ends[3], Some("SELECT 1"), Some(1), 1, &rows_of(b"2"));
+    err(ends[4], &failed);
+    ok(ends[5], Some("SELECT 1"), Some(1), 1, &rows);
+
+    // Times come from the clock reading taken for each message: within the test's span,
+    // an end never before its statement, and later statements later.
+    let stmts = of_type(&records, "stmt");
+    let ts = |r: &Value| r["ts"].as_u64().unwrap();
+    for (s, e) in stmts.iter().zip(&ends) {
+        assert_eq!(s["n"], e["n"]);
+        assert!(t0 <= ts(s) && ts(s) <= ts(e) && ts(e) <= t1, "{s} {e}");
+    }
+    assert!(ts(stmts[5]) >= ts(ends[4]) + 2_000);
+    spool.close().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
