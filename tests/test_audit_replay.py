@@ -145,6 +145,45 @@ def test_recording_caps_rows_but_reports_the_count(
     assert "-- recording cut: 47 more row(s)" in out
 
 
+def test_replay_names_the_columns_of_every_extended_execution(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """libpq sends Bind, Describe, Execute and Sync together for each execution of a
+    prepared statement (and Parse first for a parameterised one): the columns come
+    back after the Execute was sent, and every execution's transcript names them."""
+    directory = tmp_path / "audit"
+    gateway = start_gateway(
+        {
+            "audit": {
+                "directory": str(directory),
+                "exporter": "file",
+                "export_path": str(tmp_path / "trail.jsonl"),
+                "poll_interval_ms": 50,
+            }
+        }
+    )
+    seen = []
+    with gateway.connect(autocommit=True) as conn:
+        for i in range(3):
+            row = conn.execute(
+                "select %s::int as answer, 'x' || %s::text as label", (40 + i, i), prepare=True
+            ).fetchone()
+            seen.append(row)
+        seen.append(conn.execute("select %s::int as total", (7,), prepare=False).fetchone())
+    assert seen == [(40, "x0"), (41, "x1"), (42, "x2"), (7,)]
+    (session_id,) = recorded_sessions(directory)
+    replay = pgwarden("replay", session_id, "--dir", str(directory))
+    assert replay.returncode == 0, replay.stderr
+    transcript = replay.stdout
+    assert "?column?" not in transcript, transcript
+    headers = [line for line in transcript.splitlines() if line.strip().startswith("answer |")]
+    assert [[c.strip() for c in h.split("|")] for h in headers] == [["answer", "label"]] * 3
+    for value in ("40 | x0", "41 | x1", "42 | x2"):
+        assert value in transcript, transcript
+    assert re.search(r"^ *total *$", transcript, re.MULTILINE), transcript
+    assert re.search(r"^ *7 *$", transcript, re.MULTILINE), transcript
+
+
 def cached_pages(path: Path) -> tuple[int, int]:
     """(pages of ``path`` in the page cache, pages in all), by ``mincore`` on a mapping."""
     size = path.stat().st_size

@@ -12,7 +12,10 @@ use pgwarden_wire::frontend::{FrontendMessage, Query};
 use pgwarden_wire::writer::MessageWriter;
 use pgwarden_wire::{FsyncPolicy, SessionCodec, SessionConfig};
 
-use common::{extended_response, extended_round, prepare_select, BenchSpool};
+use common::{
+    extended_response, extended_round, prepare_select, prepared_response, prepared_round,
+    BenchSpool,
+};
 
 /// Typical socket read size.
 const CHUNK: usize = 64 * 1024;
@@ -222,6 +225,27 @@ fn bench_client(c: &mut Criterion) {
                 for r in &rounds {
                     black_box(codec.feed_client(black_box(r)).unwrap());
                     black_box(codec.feed_server(black_box(&response)).unwrap());
+                }
+                (spool, codec)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // pgbench -M prepared (libpq: Bind, Describe, Execute, Sync per execution), audited.
+    let prepared: Vec<Vec<u8>> = (0..1000).map(|i| prepared_round(i * 97)).collect();
+    let prepared_answer = prepared_response();
+    g.bench_function("pgbench_prepared_roundtrips_audited", |b| {
+        b.iter_batched(
+            || {
+                let spool = BenchSpool::open(4 << 20, FsyncPolicy::Never);
+                let mut codec = spool.codec();
+                codec.feed_client(&prepare).unwrap();
+                (spool, codec)
+            },
+            |(spool, mut codec)| {
+                for r in &prepared {
+                    black_box(codec.feed_client(black_box(r)).unwrap());
+                    black_box(codec.feed_server(black_box(&prepared_answer)).unwrap());
                 }
                 (spool, codec)
             },

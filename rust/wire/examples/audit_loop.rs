@@ -1,6 +1,7 @@
 //! The audit record path without criterion, for profilers: `cargo run --release -p
-//! pgwarden-wire --example audit_loop [N]` runs N pgbench -M extended round trips through a
-//! codec writing to a real spool (`NO_AUDIT=1`: the same without audit).
+//! pgwarden-wire --example audit_loop [N]` runs N `pgbench -S -M prepared` round trips
+//! (Bind, Describe, Execute, Sync) through a codec writing to a real spool (`NO_AUDIT=1`:
+//! the same without audit; `ROUND=bind`: Bind, Execute, Sync only).
 #[path = "../benches/common/mod.rs"]
 mod common;
 
@@ -9,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use pgwarden_wire::{FsyncPolicy, SessionCodec, SessionConfig};
 
-use common::{extended_response, extended_round, prepare_select, BenchSpool};
+use common::{
+    extended_response, extended_round, prepare_select, prepared_response, prepared_round,
+    BenchSpool,
+};
 
 fn main() {
     let n: usize = std::env::args()
@@ -23,8 +27,18 @@ fn main() {
         SessionCodec::new(SessionConfig::default())
     };
     codec.feed_client(&prepare_select()).unwrap();
-    let response = extended_response();
-    let rounds: Vec<Vec<u8>> = (0..1000).map(|i| extended_round(i * 97)).collect();
+    let describe = std::env::var("ROUND").map_or(true, |r| r != "bind");
+    let response = if describe {
+        prepared_response()
+    } else {
+        extended_response()
+    };
+    let round = if describe {
+        prepared_round
+    } else {
+        extended_round
+    };
+    let rounds: Vec<Vec<u8>> = (0..1000).map(|i| round(i * 97)).collect();
     let t = Instant::now();
     for i in 0..n {
         black_box(codec.feed_client(&rounds[i % 1000]).unwrap());

@@ -140,17 +140,20 @@ pub(crate) struct StatementTracker {
     records: Vec<u8>,
     audit: Option<SessionAudit>,
     /// RowDescriptions returned to Describe, by statement text (recording only).
-    described: HashMap<Arc<str>, Arc<[u8]>>,
+    /// The message is kept while the next Execute of the text has not taken it (`true`).
+    described: HashMap<Arc<str>, (Arc<[u8]>, bool)>,
     /// Finished drafts kept for reuse (boxed: they move to and from `Pending` as they are).
     #[allow(clippy::vec_box)]
     spare: Vec<Box<Draft>>,
-    /// A RowDescription being collected for `described`: (text, message, bytes missing).
-    describing: Option<(Arc<str>, Vec<u8>, usize)>,
+    /// A RowDescription being collected for `described`: (text, bytes missing); the
+    /// message goes to `describe_buf`, reused from one Describe to the next.
+    describing: Option<(Arc<str>, usize)>,
+    describe_buf: Vec<u8>,
 }
 
 /// Finished drafts a session keeps for reuse, so that a statement allocates nothing: an
-/// extended-protocol round trip (Bind, Execute) uses two.
-const SPARE_DRAFTS: usize = 2;
+/// extended-protocol round trip uses up to three (Bind, Describe, Execute).
+const SPARE_DRAFTS: usize = 4;
 
 /// A kept capture buffer larger than this is freed rather than reused (an idle session
 /// holds its spare drafts).
@@ -175,6 +178,7 @@ impl StatementTracker {
             audit: audit.map(SessionAudit::new),
             described: HashMap::new(),
             describing: None,
+            describe_buf: Vec::new(),
             spare: Vec::new(),
         }
     }
@@ -335,9 +339,6 @@ impl StatementTracker {
                     Some(c) => c,
                     None => Capture::new(limits),
                 });
-                if !self.described.is_empty() {
-                    d.columns = d.sql.as_ref().and_then(|sql| self.described.remove(sql));
-                }
             }
         }
         if kind.is_statement() {
@@ -429,30 +430,51 @@ impl StatementTracker {
         let Some(sql) = p.draft.as_deref().and_then(|d| d.sql.clone()) else {
             return;
         };
-        let mut msg = Vec::with_capacity(5 + body_len);
+        let msg = &mut self.describe_buf;
+        msg.clear();
         msg.push(crate::backend::tag::ROW_DESCRIPTION);
         msg.extend_from_slice(&((body_len + 4) as u32).to_be_bytes());
-        self.describing = Some((sql, msg, body_len));
+        self.describing = Some((sql, body_len));
         if body_len == 0 {
             self.finish_describing();
         }
     }
 
+    /// The RowDescription is complete: the next Execute of its text records it.
     fn finish_describing(&mut self) {
-        if let Some((sql, msg, 0)) = self.describing.take() {
-            if self.described.len() >= 1024 {
-                self.described.clear(); // bounded: an old entry is only a replay nicety
+        if let Some((sql, 0)) = self.describing.take() {
+            let msg = std::mem::take(&mut self.describe_buf);
+            self.describe(sql, &msg);
+            // A wide result's description is not kept allocated by an idle session.
+            if msg.capacity() <= SPARE_CAPTURE_BYTES {
+                self.describe_buf = msg;
             }
-            self.described.insert(sql, msg.into());
         }
+    }
+
+    /// Stores `msg` as the columns of `sql`'s next execution.  A text described again
+    /// with the same columns (libpq describes the portal before every execution) keeps
+    /// the stored message: no allocation.
+    fn describe(&mut self, sql: Arc<str>, msg: &[u8]) {
+        if let Some((columns, fresh)) = self.described.get_mut(&sql) {
+            if **columns != *msg {
+                *columns = msg.into();
+            }
+            *fresh = true;
+            return;
+        }
+        if self.described.len() >= 1024 {
+            self.described.clear(); // bounded: an old entry is only a replay nicety
+        }
+        self.described.insert(sql, (msg.into(), true));
     }
 
     /// Streamed body bytes of the current server message.
     #[inline]
     pub(crate) fn capture_body(&mut self, bytes: &[u8]) {
-        if let Some((_, msg, missing)) = &mut self.describing {
+        if let Some((_, missing)) = &mut self.describing {
             let take = bytes.len().min(*missing);
-            msg.extend_from_slice(&bytes[..take]);
+            self.describe_buf.extend_from_slice(&bytes[..take]);
             *missing -= take;
             if *missing == 0 {
                 self.finish_describing();
@@ -466,9 +488,9 @@ impl StatementTracker {
 
     /// The whole body of the current server message, as forwarded.
     pub(crate) fn capture_whole_body(&mut self, body: &[u8]) {
-        if let Some((_, msg, missing)) = &mut self.describing {
-            msg.truncate(5);
-            msg.extend_from_slice(body);
+        if let Some((_, missing)) = &mut self.describing {
+            self.describe_buf.truncate(5);
+            self.describe_buf.extend_from_slice(body);
             *missing = 0;
             self.finish_describing();
             return;
@@ -651,6 +673,14 @@ impl StatementTracker {
     }
 
     fn write_audit_end(&mut self, d: &mut Draft, now: Instant) {
+        if d.protocol == "extended" && d.capture.is_some() && !self.described.is_empty() {
+            // Taken at the end, not when the Execute was sent: libpq sends Bind, Describe
+            // and Execute together, and the Describe's answer comes after that.
+            d.columns = d.sql.as_ref().and_then(|sql| {
+                let (columns, fresh) = self.described.get_mut(sql)?;
+                std::mem::take(fresh).then(|| columns.clone())
+            });
+        }
         if let Some(audit) = &mut self.audit {
             if d.audit_n == 0 {
                 // A Parse / Bind / Describe that failed: it never got a `stmt` record.

@@ -330,6 +330,41 @@ fn rows_of_a_described_statement_are_recorded_with_its_columns() {
         columns
     );
     assert_eq!(b64.decode(end["result"].as_str().unwrap()).unwrap(), rows);
+
+    // libpq: Bind, Describe of the portal, Execute, Sync for every execution.  Each
+    // execution after a Describe records the columns; one without a Describe does not.
+    let round = |codec: &mut SessionCodec, describe: bool, columns: &[u8]| {
+        let mut client = vec![bind("", "s1", &[], &[])];
+        let mut server = vec![bind_complete()];
+        if describe {
+            client.push(describe_portal(""));
+            server.push(columns.to_vec());
+        }
+        client.extend([execute("", 0), sync()]);
+        server.extend([
+            data_row(&[Some(b"1")]),
+            command_complete("SELECT 1"),
+            ready(b'I'),
+        ]);
+        codec.feed_client(&cat(&client)).unwrap();
+        codec.feed_server(&cat(&server)).unwrap();
+    };
+    let renamed = row_description(&["m"]);
+    round(&mut codec, true, &columns);
+    round(&mut codec, true, &columns);
+    round(&mut codec, false, &columns);
+    round(&mut codec, true, &renamed);
+    let records = stream_records(&dir);
+    let ends = of_type(&records, "end");
+    assert_eq!(ends.len(), 5);
+    let recorded: Vec<Option<Vec<u8>>> = ends[1..]
+        .iter()
+        .map(|e| e["columns"].as_str().map(|c| b64.decode(c).unwrap()))
+        .collect();
+    assert_eq!(
+        recorded,
+        [Some(columns.clone()), Some(columns), None, Some(renamed)]
+    );
     spool.close().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -39,6 +39,40 @@ pub fn extended_round(aid: usize) -> Vec<u8> {
     out
 }
 
+/// pgbench -M prepared (libpq's `PQsendQueryPrepared`): Bind, Describe of the portal,
+/// Execute, Sync.
+pub fn prepared_round(aid: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let aid = aid.to_string();
+    Bind::encode_parts(&mut out, "", "P0_1", &[], &[Some(aid.as_bytes())], &[]);
+    let mut w = MessageWriter::typed(&mut out, b'D');
+    w.u8(b'P').cstr(b"");
+    w.finish();
+    FrontendMessage::Execute(Execute {
+        portal: b"",
+        max_rows: 0,
+    })
+    .encode(&mut out);
+    FrontendMessage::Sync.encode(&mut out);
+    out
+}
+
+/// The server's answer to [`prepared_round`]: the portal's RowDescription, then the row.
+pub fn prepared_response() -> Vec<u8> {
+    let mut out = Vec::new();
+    BackendMessage::BindComplete.encode(&mut out);
+    let mut w = MessageWriter::typed(&mut out, b'T');
+    w.i16(1).cstr(b"abalance");
+    w.i32(16390).i16(3).i32(23).i16(4).i32(-1).i16(0);
+    w.finish();
+    let mut w = MessageWriter::typed(&mut out, b'D');
+    write_values(&mut w, &[Some(b"0".as_slice())]);
+    w.finish();
+    BackendMessage::CommandComplete { tag: "SELECT 1" }.encode(&mut out);
+    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut out);
+    out
+}
+
 /// The server's answer to [`extended_round`]: one single-column row.
 pub fn extended_response() -> Vec<u8> {
     let mut out = Vec::new();
