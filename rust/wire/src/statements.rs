@@ -46,9 +46,9 @@ pub(crate) struct Draft {
     capture: Option<Capture>,
     /// A capture buffer kept from an earlier statement, for the next one.
     spare_capture: Option<Capture>,
-    /// The RowDescription a Describe of this statement's text returned earlier (a
-    /// prepared statement's rows come without one), for replay: recorded with the first
-    /// execution after the Describe only, the reader keeps it for the later ones.
+    /// The RowDescription a Describe of this statement's text returned (a prepared
+    /// statement's rows come without one), for replay: recorded with the first execution
+    /// that ends after the Describe only, the reader keeps it for the later ones.
     columns: Option<Arc<[u8]>>,
 }
 
