@@ -20,6 +20,7 @@ import pytest
 
 from harness import (
     CLIENT_USER,
+    GatewayProcess,
     StartGateway,
     gateway_command,
     gateway_environment,
@@ -77,19 +78,24 @@ def recorded_sessions(directory: Path, count: int = 1) -> list[str]:
     return ended()
 
 
-def test_replay_matches_psql_output(start_gateway: StartGateway, tmp_path: Path) -> None:
+def recording_gateway(
+    start_gateway: StartGateway, tmp_path: Path, **audit: object
+) -> tuple[GatewayProcess, Path]:
+    """A gateway recording sessions under ``tmp_path/audit``, exporting spans to a file
+    there; ``audit`` adds or overrides settings.  Returns it and the audit directory."""
     directory = tmp_path / "audit"
-    gateway = start_gateway(
-        {
-            "audit": {
-                "directory": str(directory),
-                "exporter": "file",
-                "export_path": str(tmp_path / "trail.jsonl"),
-                "poll_interval_ms": 50,
-                "recording_max_rows": 5,
-            }
-        }
-    )
+    settings = {
+        "directory": str(directory),
+        "exporter": "file",
+        "export_path": str(tmp_path / "trail.jsonl"),
+        "poll_interval_ms": 50,
+        **audit,
+    }
+    return start_gateway({"audit": settings}), directory
+
+
+def test_replay_matches_psql_output(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gateway, directory = recording_gateway(start_gateway, tmp_path, recording_max_rows=5)
     shown = run_tool(["psql", "--no-psqlrc", "-X", "-f", "-"], gateway.env(), input=SCRIPT)
     assert "(3 rows)" in shown.stdout, shown.stderr
     (session_id,) = recorded_sessions(directory)
@@ -120,18 +126,7 @@ def test_replay_matches_psql_output(start_gateway: StartGateway, tmp_path: Path)
 def test_recording_caps_rows_but_reports_the_count(
     start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    directory = tmp_path / "audit"
-    gateway = start_gateway(
-        {
-            "audit": {
-                "directory": str(directory),
-                "exporter": "file",
-                "export_path": str(tmp_path / "trail.jsonl"),
-                "poll_interval_ms": 50,
-                "recording_max_rows": 3,
-            }
-        }
-    )
+    gateway, directory = recording_gateway(start_gateway, tmp_path, recording_max_rows=3)
     result = run_tool(
         ["psql", "--no-psqlrc", "-X", "-c", "select g from generate_series(1, 50) g"],
         gateway.env(),
@@ -151,17 +146,7 @@ def test_replay_names_the_columns_of_every_extended_execution(
     """libpq sends Bind, Describe, Execute and Sync together for each execution of a
     prepared statement (and Parse first for a parameterised one): the columns come
     back after the Execute was sent, and every execution's transcript names them."""
-    directory = tmp_path / "audit"
-    gateway = start_gateway(
-        {
-            "audit": {
-                "directory": str(directory),
-                "exporter": "file",
-                "export_path": str(tmp_path / "trail.jsonl"),
-                "poll_interval_ms": 50,
-            }
-        }
-    )
+    gateway, directory = recording_gateway(start_gateway, tmp_path)
     seen = []
     with gateway.connect(autocommit=True) as conn:
         for i in range(3):

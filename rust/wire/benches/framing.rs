@@ -212,46 +212,36 @@ fn bench_client(c: &mut Criterion) {
         })
     });
     // The same with audit on: a `stmt` and an `end` record per round trip, sealed into the
-    // hash chain and stored in a mapped spool segment (a fresh spool per batch).
-    g.bench_function("pgbench_extended_roundtrips_audited", |b| {
-        b.iter_batched(
-            || {
-                let spool = BenchSpool::open(4 << 20, FsyncPolicy::Never);
-                let mut codec = spool.codec();
-                codec.feed_client(&prepare).unwrap();
-                (spool, codec)
-            },
-            |(spool, mut codec)| {
-                for r in &rounds {
-                    black_box(codec.feed_client(black_box(r)).unwrap());
-                    black_box(codec.feed_server(black_box(&response)).unwrap());
-                }
-                (spool, codec)
-            },
-            BatchSize::PerIteration,
-        )
-    });
-    // pgbench -M prepared (libpq: Bind, Describe, Execute, Sync per execution), audited.
+    // hash chain and stored in a mapped spool segment (a fresh spool per batch); then
+    // pgbench -M prepared's round trip (libpq: Bind, Describe, Execute, Sync), audited.
     let prepared: Vec<Vec<u8>> = (0..1000).map(|i| prepared_round(i * 97)).collect();
-    let prepared_answer = prepared_response();
-    g.bench_function("pgbench_prepared_roundtrips_audited", |b| {
-        b.iter_batched(
-            || {
-                let spool = BenchSpool::open(4 << 20, FsyncPolicy::Never);
-                let mut codec = spool.codec();
-                codec.feed_client(&prepare).unwrap();
-                (spool, codec)
-            },
-            |(spool, mut codec)| {
-                for r in &prepared {
-                    black_box(codec.feed_client(black_box(r)).unwrap());
-                    black_box(codec.feed_server(black_box(&prepared_answer)).unwrap());
-                }
-                (spool, codec)
-            },
-            BatchSize::PerIteration,
-        )
-    });
+    for (name, rounds, response) in [
+        ("pgbench_extended_roundtrips_audited", &rounds, &response),
+        (
+            "pgbench_prepared_roundtrips_audited",
+            &prepared,
+            &prepared_response(),
+        ),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let spool = BenchSpool::open(4 << 20, FsyncPolicy::Never);
+                    let mut codec = spool.codec();
+                    codec.feed_client(&prepare).unwrap();
+                    (spool, codec)
+                },
+                |(spool, mut codec)| {
+                    for r in rounds {
+                        black_box(codec.feed_client(black_box(r)).unwrap());
+                        black_box(codec.feed_server(black_box(response)).unwrap());
+                    }
+                    (spool, codec)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     g.finish();
 }
 

@@ -27,27 +27,24 @@ pub fn prepare_select() -> Vec<u8> {
 
 /// pgbench -M extended: Bind/Execute/Sync of the prepared select-only statement.
 pub fn extended_round(aid: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let aid = aid.to_string();
-    Bind::encode_parts(&mut out, "", "P0_1", &[], &[Some(aid.as_bytes())], &[]);
-    FrontendMessage::Execute(Execute {
-        portal: b"",
-        max_rows: 0,
-    })
-    .encode(&mut out);
-    FrontendMessage::Sync.encode(&mut out);
-    out
+    round_trip(aid, false)
 }
 
 /// pgbench -M prepared (libpq's `PQsendQueryPrepared`): Bind, Describe of the portal,
 /// Execute, Sync.
 pub fn prepared_round(aid: usize) -> Vec<u8> {
+    round_trip(aid, true)
+}
+
+fn round_trip(aid: usize, describe: bool) -> Vec<u8> {
     let mut out = Vec::new();
     let aid = aid.to_string();
     Bind::encode_parts(&mut out, "", "P0_1", &[], &[Some(aid.as_bytes())], &[]);
-    let mut w = MessageWriter::typed(&mut out, b'D');
-    w.u8(b'P').cstr(b"");
-    w.finish();
+    if describe {
+        let mut w = MessageWriter::typed(&mut out, b'D');
+        w.u8(b'P').cstr(b"");
+        w.finish();
+    }
     FrontendMessage::Execute(Execute {
         portal: b"",
         max_rows: 0,
