@@ -56,24 +56,23 @@ fn round_trip(aid: usize, describe: bool) -> Vec<u8> {
 
 /// The server's answer to [`prepared_round`]: the portal's RowDescription, then the row.
 pub fn prepared_response() -> Vec<u8> {
-    let mut out = Vec::new();
-    BackendMessage::BindComplete.encode(&mut out);
-    let mut w = MessageWriter::typed(&mut out, b'T');
-    w.i16(1).cstr(b"abalance");
-    w.i32(16390).i16(3).i32(23).i16(4).i32(-1).i16(0);
-    w.finish();
-    let mut w = MessageWriter::typed(&mut out, b'D');
-    write_values(&mut w, &[Some(b"0".as_slice())]);
-    w.finish();
-    BackendMessage::CommandComplete { tag: "SELECT 1" }.encode(&mut out);
-    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut out);
-    out
+    response(true)
 }
 
 /// The server's answer to [`extended_round`]: one single-column row.
 pub fn extended_response() -> Vec<u8> {
+    response(false)
+}
+
+fn response(described: bool) -> Vec<u8> {
     let mut out = Vec::new();
     BackendMessage::BindComplete.encode(&mut out);
+    if described {
+        let mut w = MessageWriter::typed(&mut out, b'T');
+        w.i16(1).cstr(b"abalance");
+        w.i32(16390).i16(3).i32(23).i16(4).i32(-1).i16(0);
+        w.finish();
+    }
     let mut w = MessageWriter::typed(&mut out, b'D');
     write_values(&mut w, &[Some(b"0".as_slice())]);
     w.finish();
