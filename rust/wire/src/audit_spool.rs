@@ -101,10 +101,13 @@ const PREPARED_PREFIX: &str = ".prepared-";
 pub const FREE_PREFIX: &str = ".free-";
 
 fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    micros(SystemTime::now())
+}
+
+/// A record's `ts`: microseconds since the epoch.
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// One mapped segment file.  The mapping is shared with the sync thread, which flushes
@@ -532,20 +535,20 @@ impl AuditSpool {
         admission: Admission,
         fill: impl FnOnce(&mut RecordBody),
     ) -> Result<u64, SpoolError> {
-        self.append_at(kind, admission, now_us(), fill)
+        self.append_at(kind, admission, SystemTime::now(), fill)
     }
 
-    /// [`append`](Self::append) with the record's `ts` (microseconds since the epoch)
-    /// given: a codec derives it from the clock reading it took for the message.
+    /// [`append`](Self::append) with the record's time given: a codec derives it from the
+    /// clock reading it took for the message.
     pub fn append_at(
         &self,
         kind: &str,
         admission: Admission,
-        ts: u64,
+        at: SystemTime,
         fill: impl FnOnce(&mut RecordBody),
     ) -> Result<u64, SpoolError> {
         let mut w = self.lock_writer();
-        let result = self.store(&mut w, kind, admission, ts, fill);
+        let result = self.store(&mut w, kind, admission, micros(at), fill);
         if result.is_err() {
             w.records_dropped += 1;
         }

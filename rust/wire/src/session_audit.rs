@@ -9,7 +9,7 @@
 //! session (`n`), which is how a reader pairs them.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 
@@ -101,11 +101,10 @@ impl SessionAudit {
     pub(crate) fn started(&mut self, s: StatementStart<'_>) -> Result<u64, SpoolError> {
         let n = self.last_n + 1;
         let session = &self.session_json;
-        let ts = micros(s.at);
         let result = self
             .config
             .spool
-            .append_at("stmt", Admission::New, ts, |b| {
+            .append_at("stmt", Admission::New, s.at, |b| {
                 b.raw("session", session.as_bytes());
                 b.u64("n", n);
                 let v = b.key("protocol");
@@ -137,11 +136,11 @@ impl SessionAudit {
     /// counted (the reader closes the statement when the session or stream ends).
     pub(crate) fn ended(&mut self, e: StatementEnd<'_>, capture: Option<&Capture>) {
         let session = &self.session_json;
-        let ts = micros(e.started_at + e.elapsed);
+        let at = e.started_at + e.elapsed;
         let result = self
             .config
             .spool
-            .append_at("end", Admission::Continuation, ts, |b| {
+            .append_at("end", Admission::Continuation, at, |b| {
                 end_members(b, session, &e, capture);
             });
         if result.is_err() {
@@ -185,12 +184,6 @@ fn end_members(b: &mut RecordBody, session: &str, e: &StatementEnd<'_>, capture:
             v.extend_from_slice(format!("{{\"rows\":{rows},\"bytes\":{bytes}}}").as_bytes());
         }
     }
-}
-
-/// Microseconds since the epoch (a record's `ts`).
-fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Appends `bytes` as a base64 JSON string.
