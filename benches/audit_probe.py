@@ -50,19 +50,22 @@ class SinkStats:
 
 
 class OtlpSink:
-    """``benches/otlp_sink.py`` as a child process on a free loopback port."""
+    """``benches/otlp_sink.py`` as a child process on free loopback ports: OTLP/HTTP (and
+    ``GET /stats``) on ``port``, OTLP/gRPC on ``grpc_port``."""
 
-    def __init__(self, process: ManagedProcess, port: int) -> None:
+    def __init__(self, process: ManagedProcess, port: int, grpc_port: int) -> None:
         self.process = process
         self.port = port
+        self.grpc_port = grpc_port
 
-    @property
-    def endpoint(self) -> str:
-        """``audit.endpoint`` for pgwarden: the exporter appends /v1/traces, /v1/logs."""
-        return f"http://127.0.0.1:{self.port}"
+    def endpoint(self, exporter: str = "otlp_http") -> str:
+        """``audit.endpoint`` for pgwarden's ``audit.exporter`` (OTLP/HTTP: the exporter
+        appends /v1/traces, /v1/logs)."""
+        port = self.grpc_port if exporter == "otlp_grpc" else self.port
+        return f"http://127.0.0.1:{port}"
 
     def stats(self, timeout: float = 5.0) -> SinkStats:
-        url = f"{self.endpoint}/stats"
+        url = f"{self.endpoint()}/stats"
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data: dict[str, Any] = json.loads(response.read())
         return SinkStats(
@@ -76,7 +79,7 @@ class OtlpSink:
 def start_sink(directory: Path, name: str) -> OtlpSink:
     """Starts a sink and waits until it answers ``GET /stats``."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     process = ManagedProcess(name, directory / f"{name}.log")
     process.spawn(
         [
@@ -84,13 +87,15 @@ def start_sink(directory: Path, name: str) -> OtlpSink:
             str(SINK_SCRIPT),
             "--port",
             str(port),
+            "--grpc-port",
+            str(grpc_port),
             "--parent-pid",
             str(os.getpid()),
         ],
         env=os.environ,
         cwd=directory,
     )
-    sink = OtlpSink(process, port)
+    sink = OtlpSink(process, port, grpc_port)
     deadline = time.monotonic() + 15
     while True:
         if not process.alive:

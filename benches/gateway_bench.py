@@ -214,9 +214,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="an extra pgwarden target 'pgwarden-LABEL' = the pgwarden settings plus KEY=VALUE; "
         "repeat with the same LABEL to add settings (value 'statement-log' for "
         "statement_log means a file in the work directory; value 'audit' for "
-        "audit__directory means a fresh spool in the work directory, shipped by OTLP/HTTP "
-        "to a local sink the harness starts unless audit__exporter or audit__endpoint is "
-        "given)",
+        "audit__directory means a fresh spool in the work directory, shipped to a local "
+        "sink the harness starts, over OTLP/HTTP or with audit__exporter=otlp_grpc over "
+        "OTLP/gRPC, unless audit__endpoint or another exporter is given)",
     )
     gateway.add_argument(
         "--audit",
@@ -358,14 +358,19 @@ def _file_name(label: str) -> str:
 
 
 def _needs_sink(variant: PgWardenVariant) -> bool:
-    """Audit on and shipped, over OTLP/HTTP, and no endpoint given: the harness's sink."""
+    """Audit on and shipped over OTLP (HTTP or gRPC), and no endpoint given: the harness's
+    sink."""
     env = variant.env
     return (
         AUDIT_DIRECTORY in env
         and _starts_shipper(variant)
-        and env.get("PGWARDEN_AUDIT__EXPORTER", "otlp_http") == "otlp_http"
+        and _exporter(variant) in ("otlp_http", "otlp_grpc")
         and "PGWARDEN_AUDIT__ENDPOINT" not in env
     )
+
+
+def _exporter(variant: PgWardenVariant) -> str:
+    return variant.env.get("PGWARDEN_AUDIT__EXPORTER", "otlp_http")
 
 
 def _starts_shipper(variant: PgWardenVariant) -> bool:
@@ -960,9 +965,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # shipper's last export on the way out still gets an answer).
                     sink = start_sink(workdir / "otlp-sinks", f"otlp-sink-{variant.label}")
                     processes.append(sink.process)
-                    variant = dataclasses.replace(
-                        variant, env={**variant.env, "PGWARDEN_AUDIT__ENDPOINT": sink.endpoint}
-                    )
+                    to_sink = {"PGWARDEN_AUDIT__ENDPOINT": sink.endpoint(_exporter(variant))}
+                    variant = dataclasses.replace(variant, env={**variant.env, **to_sink})
                     variants[index] = variant
                 _progress(f"starting {variant.label}")
                 endpoint, process = start_pgwarden(

@@ -1,12 +1,17 @@
-"""A minimal OTLP/HTTP receiver for the benchmark: accepts, counts, answers 200.
+"""A minimal OTLP receiver for the benchmark: accepts, counts, answers success.
 
-    python benches/otlp_sink.py --port 4318 [--parent-pid PID] [--max-seconds S]
+    python benches/otlp_sink.py --port 4318 [--grpc-port 4317] [--parent-pid PID] [--max-seconds S]
 
 ``POST /v1/traces`` and ``POST /v1/logs`` are read whole (``Content-Length`` or chunked)
 and answered ``200`` with an empty body of type ``application/x-protobuf``, which is a
 valid empty ``Export*ServiceResponse``.  Nothing is decoded, decompressed or stored, so
 the sink costs as little CPU as an HTTP/1.1 server in Python can: what the benchmark
 measures is pgwarden's shipper, not a collector.  Connections are kept alive.
+
+With ``--grpc-port`` it also serves OTLP/gRPC (grpcio): ``TraceService/Export`` and
+``LogsService/Export`` take the request as bytes, undecoded, count it under
+``/v1/traces`` or ``/v1/logs`` and answer an empty response.  Its message limit is
+grpcio's default (4 MiB), as an OpenTelemetry Collector's is.
 
 ``GET /stats`` returns the counts as JSON: requests and body bytes per path, the time of
 the last request (Unix seconds) and the sink's own CPU seconds.
@@ -147,6 +152,39 @@ class SinkHandler(BaseHTTPRequestHandler):
         sys.stderr.write(f"otlp_sink: {format % args}\n")
 
 
+_GRPC_SERVICES: Final = {
+    "opentelemetry.proto.collector.trace.v1.TraceService": "/v1/traces",
+    "opentelemetry.proto.collector.logs.v1.LogsService": "/v1/logs",
+}
+
+
+def start_grpc(counters: Counters, port: int) -> Any:
+    """OTLP/gRPC on 127.0.0.1:``port``: every export counted, undecoded, and accepted."""
+    from concurrent import futures
+
+    import grpc  # type: ignore[import-untyped]
+
+    def export_handler(path: str) -> Any:
+        def export(request: bytes, _context: Any) -> bytes:
+            counters.add(path, len(request))
+            return b""  # an empty Export*ServiceResponse
+
+        # No (de)serializers: the request arrives as its bytes.
+        return grpc.unary_unary_rpc_method_handler(export)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(service, {"Export": export_handler(path)})
+            for service, path in _GRPC_SERVICES.items()
+        ]
+    )
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise OSError(f"cannot listen on 127.0.0.1:{port} for OTLP/gRPC")
+    server.start()
+    return server
+
+
 def _watch(server: SinkServer, parent_pid: int | None, deadline: float) -> None:
     """Stops the server when the parent is gone or the time is up."""
     while time.monotonic() < deadline:
@@ -158,9 +196,12 @@ def _watch(server: SinkServer, parent_pid: int | None, deadline: float) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="otlp_sink.py", description="Count OTLP/HTTP export requests on 127.0.0.1."
+        prog="otlp_sink.py", description="Count OTLP export requests on 127.0.0.1."
     )
-    parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
+    parser.add_argument(
+        "--port", type=int, required=True, help="TCP port on 127.0.0.1 (OTLP/HTTP, /stats)"
+    )
+    parser.add_argument("--grpc-port", type=int, help="also serve OTLP/gRPC on this port")
     parser.add_argument(
         "--parent-pid", type=int, help="stop when this process is no longer the parent"
     )
@@ -181,11 +222,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         name="otlp-sink-watch",
         daemon=True,
     ).start()
+    grpc_server = start_grpc(server.counters, args.grpc_port) if args.grpc_port else None
     print(f"otlp_sink listening on 127.0.0.1:{server.server_address[1]}", flush=True)
+    if args.grpc_port:
+        print(f"otlp_sink listening for OTLP/gRPC on 127.0.0.1:{args.grpc_port}", flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
         server.server_close()
+        if grpc_server is not None:
+            grpc_server.stop(grace=None)
         print(f"otlp_sink stopped: {json.dumps(server.counters.as_json())}", flush=True)
     return 0
 

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from otlp_receiver import OtlpReceiver
 from pgwarden import _wire
 from pgwarden.audit import ids, sql
-from pgwarden.audit.exporters import ShipBatch, request_span_ids
+from pgwarden.audit.exporters import GrpcSpanExporter, ShipBatch, request_span_ids
 from pgwarden.audit.shipper import Shipper
 from pgwarden.audit.spool import (
     AuditPaths,
@@ -28,6 +30,7 @@ from pgwarden.audit.spool import (
 from pgwarden.audit.trail import AuditTrail
 from pgwarden.audit.verify import verify_path
 from pgwarden.config import Settings
+from pgwarden.pgcluster import find_free_port
 
 SESSION = "0123456789abcdef"
 
@@ -141,6 +144,47 @@ def test_grpc_export_with_result_log_records(tmp_path: Path) -> None:
     assert log.event_name == "pgwarden.statement.result"
     assert (log.trace_id, log.span_id) == (stmt.trace_id, stmt.span_id)
     assert " n \n---\n 1\n(1 row)" in log.body
+
+
+def test_grpc_backend_down_then_up_gets_every_span_once(tmp_path: Path) -> None:
+    """Over OTLP/gRPC the encoded requests are sent as they are, also on the channel the
+    exporter opens again after UNAVAILABLE: every record reaches the backend once it is up."""
+    port = find_free_port()
+    settings = settings_for(
+        tmp_path / "audit",
+        exporter="otlp_grpc",
+        endpoint=f"http://127.0.0.1:{port}",
+        timeout_seconds=1,
+        retry_max_seconds=0.1,
+    )
+    trail = AuditTrail(settings)
+    simple_session(trail, SESSION, [f"select {i}" for i in range(300)])
+    trail.close()
+    shipper = Shipper(settings)
+    progressed, failed = shipper.ship_once()  # nothing listens: UNAVAILABLE
+    assert failed and not progressed
+    with OtlpReceiver("grpc", port=port) as receiver:
+        assert shipper.run(threading.Event(), until_empty=True) == 0
+        spans = receiver.spans()
+    assert len(spans) == 301  # 300 statements and the session
+    assert len({s.key for s in spans}) == 301
+    texts = {s.attributes.get("db.query.text") for s in spans if s.kind == 3}
+    assert texts == {f"select {i}" for i in range(300)}
+    assert all(s.transport == "grpc" for s in spans)
+
+
+def test_grpc_exporter_still_exports_sdk_spans(tmp_path: Path) -> None:
+    """The gRPC exporter keeps the official exporter's ``export`` for SDK spans."""
+    with OtlpReceiver("grpc") as receiver:
+        exporter = GrpcSpanExporter(endpoint=f"127.0.0.1:{receiver.port}", insecure=True)
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("unit").start_as_current_span("made by the sdk") as span:
+            span.set_attribute("db.system.name", "postgresql")
+        provider.shutdown()
+        (received,) = receiver.spans()
+    assert received.name == "made by the sdk"
+    assert received.attributes == {"db.system.name": "postgresql"}
 
 
 def test_spool_suffix_verifies_after_delivered_segments_are_deleted(tmp_path: Path) -> None:

@@ -23,7 +23,10 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as OTLPHttpSpanExporter,
 )
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
@@ -274,20 +277,46 @@ class _Encoded:
         return 1
 
 
+_TRACE_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+class _EncodedTraceServiceStub:
+    """``TraceServiceStub`` with a request that is already its encoding: the bytes go out
+    as they are (no serializer), the response is decoded as the generated stub decodes it."""
+
+    def __init__(self, channel: Any) -> None:
+        self.Export = channel.unary_unary(
+            _TRACE_EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+            _registered_method=True,
+        )
+
+
 class GrpcSpanExporter(OTLPGrpcSpanExporter):
-    """The official OTLP/gRPC span exporter (its channel, retries, metadata and TLS), for
-    requests encoded in Rust."""
+    """The official OTLP/gRPC span exporter (its channel, retries, reconnection, metadata,
+    compression and TLS), sending requests encoded in Rust as they are.
+
+    The generated stub would serialize an ``ExportTraceServiceRequest`` object: decoding a
+    2 MiB request into one and encoding it again cost about 11 µs of CPU per span, more
+    than the shipper's whole work per span over HTTP.
+    """
+
+    def _initialize_channel_and_stub(self) -> None:
+        # Also called when the exporter reconnects after UNAVAILABLE.
+        self._stub = _EncodedTraceServiceStub
+        super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
 
     def export_encoded(self, request: bytes) -> bool:
         result = self._export(_Encoded(request))  # type: ignore[arg-type]
         return result is SpanExportResult.SUCCESS
 
-    def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
+    def _translate_data(self, data: Any) -> Any:
         if isinstance(data, _Encoded):
-            request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(data.request)
-            return request
+            return data.request
+        # SDK spans (``export``): encoded by the official encoder, sent as bytes.
         translated: ExportTraceServiceRequest = super()._translate_data(data)
-        return translated
+        return translated.SerializeToString()
 
 
 def request_span_ids(request: bytes) -> list[tuple[int, int]]:
