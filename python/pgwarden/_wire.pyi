@@ -49,6 +49,7 @@ __all__ = [
     "encode_ssl_request",
     "encode_startup",
     "read_startup",
+    "render_statement",
     "verify_chain",
 ]
 
@@ -246,6 +247,16 @@ def verify_chain(key: bytes, prev: bytes, lines: list[bytes]) -> tuple[bytes, li
 
     Returns the hash of the last line and the indices of the lines that do not verify.
     """
+
+def render_statement(
+    stmt: bytes | None,
+    end: bytes | None,
+    decision: str | None = None,
+    columns: str | None = None,
+) -> list[str]:
+    """One recorded statement as transcript lines (the last one empty): its ``stmt`` and
+    ``end`` records as JSON (either may be missing), the decision record's verdict, and
+    the RowDescription (base64) to use when the ``end`` carries none."""
 
 @final
 class SpanAssembler:

@@ -2,6 +2,7 @@
 //! one call per batch.  Query texts are analysed by a Python callable, once per shape.
 
 use pgwarden_ship::spans::{QueryText, Val};
+use pgwarden_ship::transcript::{self, EndView, StmtView};
 use pgwarden_ship::{AssemblerConfig, QueryAnalyzer, QueryInfo, Request, StreamAssembler};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -220,4 +221,26 @@ fn request_bytes<'py>(py: Python<'py>, request: &Request) -> PyResult<Bound<'py,
         }
         Ok(())
     })
+}
+
+/// One recorded statement as transcript lines (`pgwarden replay`): its `stmt` and `end`
+/// records as JSON (either may be missing), the decision record's verdict, and the
+/// RowDescription (base64) to use when the `end` carries none.
+#[pyfunction]
+#[pyo3(signature = (stmt, end, decision=None, columns=None))]
+pub fn render_statement(
+    stmt: Option<&[u8]>,
+    end: Option<&[u8]>,
+    decision: Option<&str>,
+    columns: Option<&str>,
+) -> PyResult<Vec<String>> {
+    let bad = |e: serde_json::Error| PyValueError::new_err(e.to_string());
+    let stmt: Option<StmtView<'_>> = stmt.map(serde_json::from_slice).transpose().map_err(bad)?;
+    let end: Option<EndView<'_>> = end.map(serde_json::from_slice).transpose().map_err(bad)?;
+    Ok(transcript::statement(
+        stmt.as_ref(),
+        end.as_ref(),
+        decision,
+        columns,
+    ))
 }

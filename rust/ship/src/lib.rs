@@ -7,6 +7,8 @@
 //! * `scan`: the fast path of [`records::Line::parse`] for lines in the writer's own
 //!   compact shape;
 //! * [`spans`]: records to spans (the attribute rules of docs/audit.md);
+//! * [`transcript`]: a recorded statement as psql would have shown it (replay, result
+//!   log records);
 //! * [`assembler`]: one stream's state (open sessions and statements), batch by batch,
 //!   staged until the backend acknowledges the batch.
 
@@ -16,6 +18,7 @@ pub mod records;
 mod scan;
 pub mod shape;
 pub mod spans;
+pub mod transcript;
 
 pub use assembler::{
     Assembled, AssemblerConfig, QueryAnalyzer, QueryInfo, Request, StreamAssembler,
