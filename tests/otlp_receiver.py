@@ -69,6 +69,12 @@ class ReceivedLog:
     attributes: dict[str, Any]
     event_name: str
     resource: dict[str, Any]
+    severity_number: int = 0
+    severity_text: str = ""
+    time_ns: int = 0
+    observed_ns: int = 0
+    flags: int = 0
+    scope: str = ""
 
 
 @dataclass
@@ -120,6 +126,12 @@ class _Store:
                             attributes=attributes(r.attributes),
                             event_name=r.event_name,
                             resource=resource,
+                            severity_number=r.severity_number,
+                            severity_text=r.severity_text,
+                            time_ns=r.time_unix_nano,
+                            observed_ns=r.observed_time_unix_nano,
+                            flags=r.flags,
+                            scope=sl.scope.name,
                         )
                     )
         with self.lock:

@@ -19,6 +19,8 @@ from otlp_receiver import OtlpReceiver
 from pgwarden import _wire
 from pgwarden.audit import ids, sql
 from pgwarden.audit.exporters import GrpcSpanExporter, ShipBatch, request_span_ids
+from pgwarden.audit.recording import read_session
+from pgwarden.audit.replay import transcript
 from pgwarden.audit.shipper import Shipper
 from pgwarden.audit.spool import (
     AuditPaths,
@@ -120,30 +122,52 @@ def test_failed_exports_keep_records_and_retries_give_the_same_ids(tmp_path: Pat
     assert (ids.trace_id(SESSION), ids.statement_span_id(SESSION, 200)) in spans
 
 
-def test_grpc_export_with_result_log_records(tmp_path: Path) -> None:
-    with OtlpReceiver("grpc") as receiver:
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_result_log_records_carry_the_replayed_statement(tmp_path: Path, transport: str) -> None:
+    with OtlpReceiver(transport) as receiver:
         settings = settings_for(
             tmp_path / "audit",
-            exporter="otlp_grpc",
+            exporter="otlp_http" if transport == "http" else "otlp_grpc",
             endpoint=receiver.endpoint,
             recording_logs=True,
             service_instance_id="unit-1",
             resource_attributes={"deployment.environment.name": "test"},
+            batch_size=2,
         )
         trail = AuditTrail(settings)
-        simple_session(trail, SESSION, ["select n from numbers"])
+        simple_session(trail, SESSION, ["select n from numbers", "select 2", "select 3"])
         trail.close()
         assert Shipper(settings).run(threading.Event(), until_empty=True) == 0
         spans = receiver.spans()
         logs = receiver.logs()
-    stmt = next(s for s in spans if s.kind == 3)
-    assert stmt.name == "SELECT numbers"
-    assert stmt.resource["deployment.environment.name"] == "test"
-    assert stmt.resource["service.instance.id"] == "unit-1"
-    (log,) = logs
+    statements = sorted((s for s in spans if s.kind == 3), key=lambda s: s.start_ns)
+    assert [s.name for s in statements][0] == "SELECT numbers"
+    assert statements[0].resource["deployment.environment.name"] == "test"
+    assert statements[0].resource["service.instance.id"] == "unit-1"
+    # One log per recorded statement, correlated with its span, two per request.
+    assert len(logs) == 3
+    by_span = {(log.trace_id, log.span_id): log for log in logs}
+    assert set(by_span) == {(s.trace_id, s.span_id) for s in statements}
+    log = by_span[(statements[0].trace_id, statements[0].span_id)]
     assert log.event_name == "pgwarden.statement.result"
-    assert (log.trace_id, log.span_id) == (stmt.trace_id, stmt.span_id)
+    assert (log.severity_number, log.severity_text, log.flags) == (9, "INFO", 1)
+    assert log.resource == statements[0].resource
+    assert log.scope == "pgwarden.audit"
+    assert log.time_ns == statements[0].end_ns
+    assert log.observed_ns >= log.time_ns
+    # pgwarden.spool.seq: the end record's, the one after the statement's own.
+    assert log.attributes == {
+        "pgwarden.session.id": SESSION,
+        "pgwarden.statement.number": 1,
+        "pgwarden.spool.seq": statements[0].attributes["pgwarden.spool.seq"] + 1,
+        "db.system.name": "postgresql",
+    }
     assert " n \n---\n 1\n(1 row)" in log.body
+    # The body is the statement's block of `pgwarden replay`.
+    text = transcript(read_session(tmp_path / "audit", SESSION))
+    for received in logs:
+        assert received.body.startswith("-- [")
+        assert received.body in text
 
 
 def test_grpc_backend_down_then_up_gets_every_span_once(tmp_path: Path) -> None:

@@ -292,15 +292,15 @@ class SpanAssembler:
         list[bytes],
         int,
         list[tuple[str, bytes]],
-        list[tuple[bytes, int]],
+        list[bytes],
         list[tuple[int | None, str]],
         int,
         bool,
     ]:
         """Assemble the next lines, given as chunks ``data[:end]`` of newline-separated
-        lines: (requests, span count, [(session, recorded lines)],
-        [(stmt record JSON, index of its end line)], [(line index, problem)], chain
-        failures, finishing)."""
+        lines: (span requests, span count, [(session, recorded lines)], log requests
+        (``ExportLogsServiceRequest``, a statement's result per record, with
+        ``result_logs``), [(line index, problem)], chain failures, finishing)."""
     def commit(self) -> None:
         """Make the staged batch the stream's state."""
     def rollback(self) -> None:

@@ -17,18 +17,24 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import requests
+from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (
+    OTLPLogExporter as OTLPGrpcLogExporter,
+)
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as OTLPGrpcSpanExporter,
+)
+from opentelemetry.exporter.otlp.proto.http._log_exporter import (
+    OTLPLogExporter as OTLPHttpLogExporter,
 )
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as OTLPHttpSpanExporter,
 )
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.sdk._logs import ReadableLogRecord
-from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
+from opentelemetry.sdk._logs.export import LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExportResult
 
@@ -43,18 +49,19 @@ DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 
 @dataclass
 class ShipBatch:
-    """One delivery: the sealed record lines it covers, and what they became: OTLP
-    ``ExportTraceServiceRequest`` bodies (built in Rust) and result log records."""
+    """One delivery: the sealed record lines it covers, and what they became, encoded in
+    Rust: OTLP ``ExportTraceServiceRequest`` bodies and, with result logs,
+    ``ExportLogsServiceRequest`` bodies."""
 
     lines: Lines = field(default_factory=Lines)
     requests: list[bytes] = field(default_factory=list)
     span_count: int = 0
-    logs: list[ReadableLogRecord] = field(default_factory=list)
+    log_requests: list[bytes] = field(default_factory=list)
 
 
-class EncodedSpanExporter(Protocol):
+class EncodedExporter(Protocol):
     def export_encoded(self, request: bytes) -> bool:
-        """Send one encoded ``ExportTraceServiceRequest``; True once it is acknowledged."""
+        """Send one encoded export request; True once it is acknowledged."""
         ...
 
     def shutdown(self) -> None: ...
@@ -89,12 +96,9 @@ class TelemetrySink:
 
     needs_spans = True
 
-    def __init__(
-        self, spans: EncodedSpanExporter, logs: LogRecordExporter | None, request_size: int = 512
-    ) -> None:
+    def __init__(self, spans: EncodedExporter, logs: EncodedExporter | None) -> None:
         self._spans = spans
         self._logs = logs
-        self._size = request_size
 
     def export(self, batch: ShipBatch) -> bool:
         # Every request must succeed (a failed batch is delivered again whole, with the
@@ -102,18 +106,16 @@ class TelemetrySink:
         for request in batch.requests:
             if not self._spans.export_encoded(request):
                 return False
-        for i in range(0, len(batch.logs), self._size):
-            if self._logs is not None and (
-                self._logs.export(batch.logs[i : i + self._size])
-                is not LogRecordExportResult.SUCCESS
-            ):
-                return False
+        if self._logs is not None:
+            for request in batch.log_requests:
+                if not self._logs.export_encoded(request):
+                    return False
         return True
 
     def shutdown(self) -> None:
         self._spans.shutdown()
         if self._logs is not None:
-            self._logs.shutdown()  # type: ignore[no-untyped-call]
+            self._logs.shutdown()
 
 
 class ConsoleSpanWriter:
@@ -205,8 +207,6 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
         return TelemetrySink(ConsoleSpanWriter(stream), None)
     certificate = str(audit.certificate_file) if audit.certificate_file else None
     if audit.exporter == "otlp_http":
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-
         endpoint = audit.endpoint or DEFAULT_HTTP_ENDPOINT
         spans = HttpSpanExporter(
             endpoint=_http_url(endpoint, "traces"),
@@ -216,7 +216,7 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
             timeout=audit.timeout_seconds,
         )
         logs = (
-            OTLPLogExporter(
+            HttpLogExporter(
                 endpoint=_http_url(endpoint, "logs"),
                 session=_http_session(_http_url(endpoint, "logs")),
                 certificate_file=certificate,
@@ -226,11 +226,8 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
             if audit.recording_logs
             else None
         )
-        return TelemetrySink(spans, logs, audit.batch_size)
+        return TelemetrySink(spans, logs)
     import grpc  # type: ignore[import-untyped]
-    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (
-        OTLPLogExporter as GrpcLogExporter,
-    )
 
     target, insecure = _grpc_target(audit.endpoint or DEFAULT_GRPC_ENDPOINT)
     credentials = None
@@ -254,12 +251,22 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
         if audit.recording_logs
         else None
     )
-    return TelemetrySink(grpc_spans, grpc_logs, audit.batch_size)
+    return TelemetrySink(grpc_spans, grpc_logs)
 
 
 class HttpSpanExporter(OTLPHttpSpanExporter):
     """The official OTLP/HTTP span exporter, sending requests encoded in Rust through its
     own transport (its retries, timeout, headers, compression and TLS)."""
+
+    def export_encoded(self, request: bytes) -> bool:
+        if getattr(self, "_shutdown", False):
+            return False
+        return bool(self._client.export(request).success)
+
+
+class HttpLogExporter(OTLPHttpLogExporter):
+    """The official OTLP/HTTP log exporter, sending requests encoded in Rust through its
+    own transport."""
 
     def export_encoded(self, request: bytes) -> bool:
         if getattr(self, "_shutdown", False):
@@ -277,20 +284,31 @@ class _Encoded:
         return 1
 
 
-_TRACE_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+class _EncodedStub:
+    """A generated service stub's ``Export`` with a request that is already its
+    encoding: the bytes go out as they are (no serializer), the response is decoded as
+    the generated stub decodes it."""
 
-
-class _EncodedTraceServiceStub:
-    """``TraceServiceStub`` with a request that is already its encoding: the bytes go out
-    as they are (no serializer), the response is decoded as the generated stub decodes it."""
+    method: str
+    response: Any
 
     def __init__(self, channel: Any) -> None:
         self.Export = channel.unary_unary(
-            _TRACE_EXPORT_METHOD,
+            self.method,
             request_serializer=None,
-            response_deserializer=ExportTraceServiceResponse.FromString,
+            response_deserializer=self.response.FromString,
             _registered_method=True,
         )
+
+
+class _EncodedTraceServiceStub(_EncodedStub):
+    method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    response = ExportTraceServiceResponse
+
+
+class _EncodedLogsServiceStub(_EncodedStub):
+    method = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
+    response = ExportLogsServiceResponse
 
 
 class GrpcSpanExporter(OTLPGrpcSpanExporter):
@@ -317,6 +335,24 @@ class GrpcSpanExporter(OTLPGrpcSpanExporter):
         # SDK spans (``export``): encoded by the official encoder, sent as bytes.
         translated: ExportTraceServiceRequest = super()._translate_data(data)
         return translated.SerializeToString()
+
+
+class GrpcLogExporter(OTLPGrpcLogExporter):
+    """The official OTLP/gRPC log exporter, sending requests encoded in Rust as they are
+    (see :class:`GrpcSpanExporter`)."""
+
+    def _initialize_channel_and_stub(self) -> None:
+        self._stub = _EncodedLogsServiceStub
+        super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
+
+    def export_encoded(self, request: bytes) -> bool:
+        result = self._export(_Encoded(request))  # type: ignore[arg-type]
+        return result is LogRecordExportResult.SUCCESS
+
+    def _translate_data(self, data: Any) -> Any:
+        if isinstance(data, _Encoded):
+            return data.request
+        return super()._translate_data(data).SerializeToString()
 
 
 def request_span_ids(request: bytes) -> list[tuple[int, int]]:

@@ -28,19 +28,14 @@ import time
 from pathlib import Path
 from typing import Final
 
-from opentelemetry._logs import LogRecord, SeverityNumber
-from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
-from orjson import loads  # the shipper parses every record: ~4x faster than json
 
 from pgwarden import _wire
-from pgwarden.audit import chain, ids, replay
+from pgwarden.audit import chain
 from pgwarden.audit import records as kinds
 from pgwarden.audit.exporters import AuditSink, ShipBatch, build_resource, build_sink
 from pgwarden.audit.recording import SessionRecorder, prune
-from pgwarden.audit.records import Record
-from pgwarden.audit.spans import QueryTextMode, new_assembler, scope
+from pgwarden.audit.spans import QueryTextMode, new_assembler
 from pgwarden.audit.spool import (
     CHECKPOINT_INTERVAL_SECONDS,
     FREE_PREFIX,
@@ -56,8 +51,6 @@ from pgwarden.audit.spool import (
 from pgwarden.config import Settings
 
 log = logging.getLogger(__name__)
-
-_SCOPE: Final = scope()
 
 _LOCK_RETRY_SECONDS: Final = 0.2
 #: Bytes of records read per step: about eight export requests' worth (a statement's two
@@ -211,7 +204,7 @@ class StreamShipper:
         self, assembler: _wire.SpanAssembler, lines: Lines, alive: bool, batch: ShipBatch
     ) -> bool:
         """Records to OTLP requests (Rust); returns whether the stream is finishing."""
-        requests, count, recorded, results, problems, failures, finishing = assembler.process(
+        requests, count, recorded, log_requests, problems, failures, finishing = assembler.process(
             lines.chunks, alive
         )
         self.chain_failures += failures
@@ -223,8 +216,7 @@ class StreamShipper:
         if self.recorder is not None:
             for session, data in recorded:
                 self.recorder.add_lines(session, data)
-        for stmt, index in results:
-            batch.logs.append(self._result_log(loads(stmt), loads(lines[index])))
+        batch.log_requests = log_requests
         return finishing
 
     def checkpoint(self) -> None:
@@ -320,35 +312,6 @@ class StreamShipper:
                 work.closed = True
             elif recorder is not None and head[3] is not None:
                 recorder.add(kind, head[3].decode(), line)
-
-    def _result_log(self, stmt: Record, end: Record) -> ReadableLogRecord:
-        session = str(stmt["session"])
-        n = int(stmt["n"])
-        body = "\n".join(replay._statement(stmt, end, None))
-        span = NonRecordingSpan(
-            SpanContext(
-                ids.trace_id(session),
-                ids.statement_span_id(session, n),
-                is_remote=False,
-                trace_flags=TraceFlags(TraceFlags.SAMPLED),
-            )
-        )
-        record = LogRecord(
-            timestamp=int(end["ts"]) * 1000,
-            observed_timestamp=time.time_ns(),
-            context=set_span_in_context(span),
-            severity_text="INFO",
-            severity_number=SeverityNumber.INFO,
-            body=body,
-            attributes={
-                "pgwarden.session.id": session,
-                "pgwarden.statement.number": n,
-                "pgwarden.spool.seq": int(end.get("seq", 0)),
-                "db.system.name": "postgresql",
-            },
-            event_name="pgwarden.statement.result",
-        )
-        return ReadableLogRecord(record, self.resource, _SCOPE)
 
 
 class Shipper:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Final, Literal
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from pgwarden import __version__, _wire
 from pgwarden.audit import sql
@@ -36,10 +35,6 @@ SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.37.0"
 QueryTextMode = Literal["full", "sanitised", "none"]
 
 Analysis = tuple[bool, int, str | None, str | None, str | None, str | None]
-
-
-def scope() -> InstrumentationScope:
-    return InstrumentationScope(SCOPE_NAME, __version__, SCHEMA_URL)
 
 
 def analysis(text: str) -> Analysis:

@@ -69,7 +69,7 @@ type Batch<'py> = (
     Vec<Bound<'py, PyBytes>>,
     usize,
     Vec<(String, Bound<'py, PyBytes>)>,
-    Vec<(Bound<'py, PyBytes>, usize)>,
+    Vec<Bound<'py, PyBytes>>,
     Vec<(Option<usize>, String)>,
     usize,
     bool,
@@ -177,10 +177,10 @@ impl SpanAssembler {
                 .iter()
                 .map(|(s, b)| (s.clone(), PyBytes::new(py, b)))
                 .collect(),
-            out.results
+            out.log_requests
                 .iter()
-                .map(|(s, i)| (PyBytes::new(py, s), *i))
-                .collect(),
+                .map(|r| request_bytes(py, r))
+                .collect::<PyResult<_>>()?,
             out.problems,
             out.chain_failures,
             out.finishing,

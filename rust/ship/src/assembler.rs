@@ -10,13 +10,15 @@ use std::rc::Rc;
 
 use ahash::AHashMap as HashMap;
 use pgwarden_wire::audit_record::{unseal_parts, RecordChain, HASH_LEN};
-use pgwarden_wire::otlp::{resource_framing, AnyValue, Scope};
+use pgwarden_wire::otlp::{encode_framed_log, resource_framing, AnyValue, LogData, Scope};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::ids;
 use crate::records::{statement_key, statement_key_into, Line, SessionRec, StmtRec};
 use crate::shape::{number_blind_key, sanitise, shape_and_literals};
 use crate::spans::{self, QueryText, SessionBase, Span, StatementInput, Val};
+use crate::transcript::{self, EndView, StmtView};
 
 /// What PostgreSQL's parser says a query text does (`pgwarden.audit.sql.analyze`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -58,7 +60,7 @@ pub struct AssemblerConfig {
     /// Record types returned per session (the session recording indexes the records that
     /// start a session; empty: none).
     pub recorded: Vec<String>,
-    /// Return the `end` records carrying a result (for result log records).
+    /// Build a log record for each `end` record carrying a result.
     pub result_logs: bool,
 }
 
@@ -96,8 +98,9 @@ pub struct Assembled {
     pub spans: usize,
     /// Per session, the lines of the `recorded` types (newline-terminated), in order.
     pub recordings: Vec<(String, Vec<u8>)>,
-    /// (the `stmt` record as JSON, index of its `end` line) for results to log.
-    pub results: Vec<(Vec<u8>, usize)>,
+    /// `ExportLogsServiceRequest` bodies: a log record per statement whose result was
+    /// recorded (with `result_logs`), its body the statement's transcript.
+    pub log_requests: Vec<Request>,
     /// (line index, message) for each record that failed the chain or could not be read.
     pub problems: Vec<(Option<usize>, String)>,
     pub chain_failures: usize,
@@ -280,6 +283,7 @@ impl StreamAssembler {
             self.config.request_bytes,
             self.chunk_capacity,
         );
+        let mut logs = Framed::new(self.config.request_spans, self.config.request_bytes, 0);
         let mut recordings: Vec<(String, Vec<u8>)> = Vec::new();
         let mut recording_index: HashMap<String, usize> = HashMap::new();
         let template = RecordChain::new(&self.config.key, [0; HASH_LEN]);
@@ -392,8 +396,7 @@ impl StreamAssembler {
                     let ok = verified && !stmt.unverified;
                     self.statement_span(&work, &stmt, Some(&line), ok, 0, analyzer, &mut built);
                     if self.config.result_logs && line.result.is_some() {
-                        out.results
-                            .push((serde_json::to_vec(&stmt).unwrap_or_default(), index));
+                        logs.push_with(|chunk| result_log(chunk, &stmt, &line, raw));
                     }
                 }
                 "decision" => {
@@ -497,12 +500,14 @@ impl StreamAssembler {
         out.spans = built.count;
         self.chunk_capacity = built.largest.min(self.config.request_bytes);
         out.requests = self.wrap(built.finish());
+        out.log_requests = self.wrap(logs.finish());
         out.recordings = recordings;
         self.staged = Some(work);
         out
     }
 
-    /// Each chunk of framed spans as one `ExportTraceServiceRequest`.
+    /// Each chunk of framed spans as one `ExportTraceServiceRequest` (of framed log
+    /// records, one `ExportLogsServiceRequest`: the same framing).
     fn wrap(&self, chunks: Vec<Vec<u8>>) -> Vec<Request> {
         let resource: Vec<(&str, AnyValue<'_>)> = self
             .resource_attrs
@@ -528,6 +533,49 @@ impl StreamAssembler {
             .collect()
     }
 }
+
+/// Statement `stmt`'s result as a framed log record (event `pgwarden.statement.result`):
+/// its transcript as the body, correlated with its span by trace and span id.
+fn result_log(out: &mut Vec<u8>, stmt: &StmtRec<'_>, end: &Line<'_>, raw: &[u8]) {
+    let view = StmtView {
+        n: Some(stmt.n),
+        ts: Some(stmt.ts),
+        sql: stmt.sql.as_deref().map(Cow::Borrowed),
+        function_oid: stmt.function_oid,
+        params: stmt.params.clone().map(Value::Array),
+        decision: stmt.decision.clone(),
+    };
+    let result: EndView<'_> = serde_json::from_slice(raw).unwrap_or_default();
+    let body = transcript::statement(Some(&view), Some(&result), None, None).join("\n");
+    let observed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    encode_framed_log(
+        out,
+        &LogData {
+            time_unix_nano: end.ts.saturating_mul(1000),
+            observed_time_unix_nano: observed,
+            severity_number: SEVERITY_INFO,
+            severity_text: "INFO",
+            body: Some(AnyValue::Str(&body)),
+            attributes: vec![
+                ("pgwarden.session.id", AnyValue::Str(&stmt.session)),
+                ("pgwarden.statement.number", AnyValue::Int(stmt.n as i64)),
+                ("pgwarden.spool.seq", AnyValue::Int(end.seq as i64)),
+                ("db.system.name", AnyValue::Str(spans::DB_SYSTEM)),
+            ],
+            flags: TRACE_FLAG_SAMPLED,
+            trace_id: ids::trace_id(&stmt.session),
+            span_id: ids::statement_span_id(&stmt.session, stmt.n),
+            event_name: RESULT_EVENT,
+        },
+    );
+}
+
+/// The event name of a statement's result log record.
+pub const RESULT_EVENT: &str = "pgwarden.statement.result";
+const SEVERITY_INFO: i32 = 9;
+const TRACE_FLAG_SAMPLED: u32 = 1;
 
 /// One encoded `ExportTraceServiceRequest` in three parts, `head ‖ spans ‖ tail`, so that
 /// its spans are copied once only: into the buffer the request is sent from.
@@ -584,6 +632,11 @@ impl Framed {
     }
 
     fn push(&mut self, span: &Span<'_>) {
+        self.push_with(|chunk| span.encode(chunk));
+    }
+
+    /// Appends one framed element (a span, a log record) that `encode` writes.
+    fn push_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
         if self.chunks.is_empty() || self.in_chunk == self.per_request {
             self.chunks.push(Vec::with_capacity(self.capacity));
             self.in_chunk = 0;
@@ -592,7 +645,7 @@ impl Framed {
             return;
         };
         let start = chunk.len();
-        span.encode(chunk);
+        encode(chunk);
         if chunk.len() > self.max_bytes && self.in_chunk > 0 {
             // Too large with this span: it starts the next request.
             let mut next = Vec::with_capacity(self.capacity.max(chunk.len() - start));

@@ -275,6 +275,62 @@ pub fn encode_framed_span(out: &mut Vec<u8>, s: &SpanData<'_>) {
     message_reserving(out, 2, 2, |m| span(m, s));
 }
 
+/// One log record (logs/v1 `LogRecord`).
+#[derive(Debug, Clone, Default)]
+pub struct LogData<'a> {
+    pub time_unix_nano: u64,
+    pub observed_time_unix_nano: u64,
+    /// OTLP `SeverityNumber` (9: INFO).
+    pub severity_number: i32,
+    pub severity_text: &'a str,
+    pub body: Option<AnyValue<'a>>,
+    pub attributes: Vec<(&'a str, AnyValue<'a>)>,
+    /// W3C trace flags (1: sampled).
+    pub flags: u32,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub event_name: &'a str,
+}
+
+fn log_record(out: &mut Vec<u8>, l: &LogData<'_>) {
+    if l.time_unix_nano != 0 {
+        key(out, 1, FIXED64);
+        out.extend_from_slice(&l.time_unix_nano.to_le_bytes());
+    }
+    varint_field(out, 2, l.severity_number as u64);
+    bytes_field(out, 3, l.severity_text.as_bytes());
+    if let Some(body) = &l.body {
+        let len = scalar_len(body);
+        message_reserving(out, 5, len.map_or(2, |n| varint_len(n as u64)), |m| {
+            any_value(m, body)
+        });
+    }
+    attributes(out, 6, &l.attributes);
+    if l.flags != 0 {
+        key(out, 8, FIXED32);
+        out.extend_from_slice(&l.flags.to_le_bytes());
+    }
+    if l.trace_id != [0; 16] {
+        bytes_field(out, 9, &l.trace_id);
+    }
+    if l.span_id != [0; 8] {
+        bytes_field(out, 10, &l.span_id);
+    }
+    if l.observed_time_unix_nano != 0 {
+        key(out, 11, FIXED64);
+        out.extend_from_slice(&l.observed_time_unix_nano.to_le_bytes());
+    }
+    bytes_field(out, 12, l.event_name.as_bytes());
+}
+
+/// Appends `l` as one element of `ScopeLogs.log_records` (field 2, length-delimited).
+/// `ExportLogsServiceRequest`, `ResourceLogs` and `ScopeLogs` number their fields as the
+/// trace messages do, so [`encode_resource_framed_spans`] and [`resource_framing`] wrap
+/// framed log records into a logs request the same way.
+pub fn encode_framed_log(out: &mut Vec<u8>, l: &LogData<'_>) {
+    message_reserving(out, 2, 2, |m| log_record(m, l));
+}
+
 /// [`encode_resource_spans`] for spans already framed by [`encode_framed_span`].
 pub fn encode_resource_framed_spans(
     out: &mut Vec<u8>,
