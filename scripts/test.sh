@@ -43,4 +43,6 @@ if [ "${PGWARDEN_SKIP_BENCH_SMOKE:-0}" != 1 ]; then
   # Proves the benchmark harness runs end to end; it never fails on a timing.
   step "benchmark harness smoke run (direct vs pgbouncer vs pgwarden, with and without audit)"
   python3 benches/gateway_bench.py --quick --audit --out bench-results/ci-quick.json
+  step "export cost smoke run (the OTLP/HTTP and OTLP/gRPC exporters against the benchmark sink)"
+  python3 benches/export_cost.py --spans 64 --requests 3
 fi
