@@ -451,13 +451,13 @@ fn format_aligned(cols: &[Column], rows: &[Row], total_rows: Option<u64>, out: &
     let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
     out.push(format!("-{}-", rule.join("-+-")));
     let last = cols.len().wrapping_sub(1);
+    let missing: Vec<&str> = vec![""];
     for row in &cells {
         let height = row.iter().map(Vec::len).max().unwrap_or(1);
         for k in 0..height {
             let mut line = String::from(" ");
             for j in 0..cols.len() {
-                let empty = vec![""];
-                let lines = row.get(j).unwrap_or(&empty);
+                let lines = row.get(j).unwrap_or(&missing);
                 let more = k + 1 < lines.len();
                 let cell = if k >= lines.len() {
                     // This cell has no more lines: pad, except in the last column.
