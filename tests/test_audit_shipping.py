@@ -141,7 +141,7 @@ def test_result_log_records_carry_the_replayed_statement(tmp_path: Path, transpo
         spans = receiver.spans()
         logs = receiver.logs()
     statements = sorted((s for s in spans if s.kind == 3), key=lambda s: s.start_ns)
-    assert [s.name for s in statements][0] == "SELECT numbers"
+    assert statements[0].name == "SELECT numbers"
     assert statements[0].resource["deployment.environment.name"] == "test"
     assert statements[0].resource["service.instance.id"] == "unit-1"
     # One log per recorded statement, correlated with its span, two per request.
