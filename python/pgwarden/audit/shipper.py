@@ -100,7 +100,6 @@ class StreamShipper:
     ) -> None:
         self.dir = stream_dir
         self.key = key
-        self.resource = resource
         self.recordings = recordings
         self.recording_logs = recording_logs
         self.batch_size = batch_size

@@ -108,7 +108,7 @@ impl Span<'_> {
 }
 
 /// Python's truthiness for a JSON value (the records are written by Python and Rust alike).
-fn truthy(v: &Value) -> bool {
+pub(crate) fn truthy(v: &Value) -> bool {
     match v {
         Value::Null => false,
         Value::Bool(b) => *b,

@@ -8,12 +8,15 @@
 //! the body of a statement's result log record.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::Value;
 use unicode_width::UnicodeWidthChar;
+
+use crate::spans::truthy;
 
 /// Type OIDs psql right-aligns (print.c, column_type_alignment).
 const NUMERIC_OIDS: [i32; 11] = [20, 21, 23, 26, 28, 29, 700, 701, 790, 1700, 5069];
@@ -136,17 +139,6 @@ pub fn statement(
         out.push(String::new());
     }
     out
-}
-
-fn truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-        Value::String(s) => !s.is_empty(),
-        Value::Number(n) => n.as_f64() != Some(0.0),
-    }
 }
 
 fn value_text(v: Option<&Value>) -> Option<String> {
@@ -299,7 +291,7 @@ fn hex(raw: &[u8]) -> String {
     let mut out = String::with_capacity(2 + 2 * raw.len());
     out.push_str("\\x");
     for b in raw {
-        out.push_str(&format!("{b:02x}"));
+        let _ = write!(out, "{b:02x}");
     }
     out
 }
