@@ -48,6 +48,7 @@ __all__ = [
     "encode_sasl_response",
     "encode_ssl_request",
     "encode_startup",
+    "format_time",
     "read_startup",
     "render_statement",
     "verify_chain",
@@ -247,6 +248,10 @@ def verify_chain(key: bytes, prev: bytes, lines: list[bytes]) -> tuple[bytes, li
 
     Returns the hash of the last line and the indices of the lines that do not verify.
     """
+
+def format_time(ts_us: int) -> str:
+    """A record time (microseconds since the epoch) as transcripts write it:
+    ``2026-11-27 09:02:32.874 UTC``."""
 
 def render_statement(
     stmt: bytes | None,

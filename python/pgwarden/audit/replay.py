@@ -11,7 +11,6 @@ what the shipper's result log records carry.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +22,7 @@ from pgwarden.audit.records import Record
 
 
 def _when(ts_us: Any) -> str:
-    t = dt.datetime.fromtimestamp(int(ts_us) / 1e6, tz=dt.UTC)
-    return t.strftime("%Y-%m-%d %H:%M:%S.") + f"{t.microsecond // 1000:03d} UTC"
+    return _wire.format_time(int(ts_us))
 
 
 def _who(session: Record) -> str:

@@ -223,6 +223,13 @@ fn request_bytes<'py>(py: Python<'py>, request: &Request) -> PyResult<Bound<'py,
     })
 }
 
+/// A record time (microseconds since the epoch) as transcripts write it:
+/// `2026-11-27 09:02:32.874 UTC`.
+#[pyfunction]
+pub fn format_time(ts_us: u64) -> String {
+    transcript::when(ts_us)
+}
+
 /// One recorded statement as transcript lines (`pgwarden replay`): its `stmt` and `end`
 /// records as JSON (either may be missing), the decision record's verdict, and the
 /// RowDescription (base64) to use when the `end` carries none.

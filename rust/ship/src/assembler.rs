@@ -547,14 +547,15 @@ fn result_log(out: &mut Vec<u8>, stmt: &StmtRec<'_>, end: &Line<'_>, raw: &[u8])
     };
     let result: EndView<'_> = serde_json::from_slice(raw).unwrap_or_default();
     let body = transcript::statement(Some(&view), Some(&result), None, None).join("\n");
-    let observed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    // The gateway observed the result when it wrote the `end` record: both times are that
+    // one (as the data model has it for events their own source reports), so a batch
+    // delivered again after a failed export carries the same records, byte for byte.
+    let at = end.ts.saturating_mul(1000);
     encode_framed_log(
         out,
         &LogData {
-            time_unix_nano: end.ts.saturating_mul(1000),
-            observed_time_unix_nano: observed,
+            time_unix_nano: at,
+            observed_time_unix_nano: at,
             severity_number: SEVERITY_INFO,
             severity_text: "INFO",
             body: Some(AnyValue::Str(&body)),
