@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 
 from pgwarden.pgcluster import TemporaryCluster, find_free_port
@@ -121,6 +122,23 @@ class GatewayProcess:
     def connect(self, **options: Any) -> psycopg.Connection[Any]:
         dsn_options = {k: options.pop(k) for k in list(options) if k not in _PSYCOPG_KWARGS}
         return psycopg.connect(self.dsn(**dsn_options), **options)
+
+    def asyncpg_options(self, **options: Any) -> dict[str, Any]:
+        """``asyncpg.connect`` / ``create_pool`` arguments for the gateway (plaintext, the
+        test client's credentials unless ``options`` say otherwise)."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": CLIENT_USER,
+            "password": CLIENT_PASSWORD,
+            "database": TEST_DATABASE,
+            "ssl": False,
+            "timeout": 10,
+            **options,
+        }
+
+    async def connect_asyncpg(self, **options: Any) -> asyncpg.Connection:
+        return await asyncpg.connect(**self.asyncpg_options(**options))
 
     def env(self, user: str = CLIENT_USER, password: str = CLIENT_PASSWORD) -> dict[str, str]:
         """Environment for libpq command-line tools (psql, pgbench, pg_dump) via the gateway."""

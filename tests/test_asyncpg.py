@@ -11,32 +11,18 @@ import decimal
 import io
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
 
-from harness import CLIENT_PASSWORD, CLIENT_USER, TEST_DATABASE, GatewayProcess
+from harness import GatewayProcess
 
 pytestmark = pytest.mark.anyio
 
 
-def connect_kwargs(gateway: GatewayProcess, **extra: Any) -> dict[str, Any]:
-    return {
-        "host": gateway.host,
-        "port": gateway.port,
-        "user": CLIENT_USER,
-        "password": CLIENT_PASSWORD,
-        "database": TEST_DATABASE,
-        "ssl": False,
-        "timeout": 10,
-        **extra,
-    }
-
-
 @pytest.fixture
 async def conn(gateway: GatewayProcess) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(**connect_kwargs(gateway))
+    connection = await gateway.connect_asyncpg()
     try:
         yield connection
     finally:
@@ -143,7 +129,7 @@ async def test_listen_with_add_listener(gateway: GatewayProcess, conn: asyncpg.C
         received.put_nowait((channel, payload))
 
     await conn.add_listener("asyncpg_events", on_notify)
-    sender = await asyncpg.connect(**connect_kwargs(gateway))
+    sender = await gateway.connect_asyncpg()
     try:
         await sender.execute("notify asyncpg_events, 'hello'")
         await sender.execute("select pg_notify('asyncpg_events', $1)", "world")
@@ -156,7 +142,7 @@ async def test_listen_with_add_listener(gateway: GatewayProcess, conn: asyncpg.C
 
 
 async def test_pool_of_connections(gateway: GatewayProcess) -> None:
-    pool = await asyncpg.create_pool(**connect_kwargs(gateway), min_size=4, max_size=4)
+    pool = await asyncpg.create_pool(**gateway.asyncpg_options(), min_size=4, max_size=4)
     assert pool is not None
     try:
         results = await asyncio.gather(

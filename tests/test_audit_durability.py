@@ -24,11 +24,8 @@ import psycopg
 import pytest
 
 from harness import (
-    CLIENT_PASSWORD,
-    CLIENT_USER,
     SCRAM_PASSWORD,
     SCRAM_ROLE,
-    TEST_DATABASE,
     GatewayCertificates,
     GatewayLauncher,
     GatewayProcess,
@@ -142,14 +139,7 @@ def test_full_spool_refuses_statements_with_53400(
         psycopg.connect(gateway.dsn())
 
     async def connect() -> None:
-        conn = await asyncpg.connect(
-            host=gateway.host,
-            port=gateway.port,
-            user=CLIENT_USER,
-            password=CLIENT_PASSWORD,
-            database=TEST_DATABASE,
-            ssl=False,
-        )
+        conn = await gateway.connect_asyncpg()
         await conn.close()
 
     with pytest.raises(asyncpg.PostgresError) as again:

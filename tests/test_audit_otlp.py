@@ -18,12 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import psycopg
 import pytest
 
 from harness import (
-    CLIENT_PASSWORD,
     CLIENT_USER,
     SCRAM_ROLE,
     TEST_DATABASE,
@@ -228,14 +226,7 @@ def test_asyncpg_prepared_statements(
     gateway = start_gateway(audit_settings(tmp_path / "audit", receiver))
 
     async def work() -> None:
-        conn = await asyncpg.connect(
-            host=gateway.host,
-            port=gateway.port,
-            user=CLIENT_USER,
-            password=CLIENT_PASSWORD,
-            database=TEST_DATABASE,
-            ssl=False,
-        )
+        conn = await gateway.connect_asyncpg()
         try:
             stmt = await conn.prepare("select generate_series(1, $1::int) as n")
             assert len(await stmt.fetch(3)) == 3

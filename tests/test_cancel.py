@@ -8,7 +8,6 @@ import time
 import uuid
 from typing import Any
 
-import asyncpg
 import psycopg
 import pytest
 from psycopg import errors
@@ -59,16 +58,8 @@ def test_legacy_cancel(gateway: GatewayProcess, superuser: psycopg.Connection[An
 
 @pytest.mark.anyio
 async def test_asyncpg_timeout_cancels_the_right_query(gateway: GatewayProcess) -> None:
-    kwargs: dict[str, Any] = {
-        "host": gateway.host,
-        "port": gateway.port,
-        "user": CLIENT_USER,
-        "password": CLIENT_PASSWORD,
-        "database": TEST_DATABASE,
-        "ssl": False,
-    }
-    slow = await asyncpg.connect(**kwargs)
-    bystander = await asyncpg.connect(**kwargs)
+    slow = await gateway.connect_asyncpg()
+    bystander = await gateway.connect_asyncpg()
     try:
         other = asyncio.ensure_future(bystander.fetchval("select 'survived' from pg_sleep(2)"))
         started = time.monotonic()

@@ -9,7 +9,6 @@ import struct
 import time
 from typing import Any
 
-import asyncpg
 import pytest
 
 from harness import (
@@ -58,14 +57,7 @@ def test_20_mib_bytea_generated_by_server(gateway: GatewayProcess) -> None:
 @pytest.mark.anyio
 async def test_20_mib_with_asyncpg(gateway: GatewayProcess) -> None:
     value = os.urandom(BIG)
-    conn = await asyncpg.connect(
-        host=gateway.host,
-        port=gateway.port,
-        user=CLIENT_USER,
-        password=CLIENT_PASSWORD,
-        database=TEST_DATABASE,
-        ssl=False,
-    )
+    conn = await gateway.connect_asyncpg()
     try:
         echoed, digest = await asyncio.wait_for(
             conn.fetchrow("select $1::bytea, sha256($1::bytea)", value), 60
@@ -90,14 +82,7 @@ def test_two_million_rows_binary_stream(gateway: GatewayProcess) -> None:
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_two_million_rows_asyncpg_cursor(gateway: GatewayProcess) -> None:
-    conn = await asyncpg.connect(
-        host=gateway.host,
-        port=gateway.port,
-        user=CLIENT_USER,
-        password=CLIENT_PASSWORD,
-        database=TEST_DATABASE,
-        ssl=False,
-    )
+    conn = await gateway.connect_asyncpg()
     count = 0
     try:
         async with conn.transaction():

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import psycopg
 import pytest
 
@@ -251,15 +250,7 @@ def test_sigterm_drain_timeout_closes_long_query(
 @pytest.mark.anyio
 async def test_fifty_concurrent_sessions(gateway: GatewayProcess) -> None:
     async def one(i: int) -> int:
-        conn = await asyncpg.connect(
-            host=gateway.host,
-            port=gateway.port,
-            user=CLIENT_USER,
-            password=CLIENT_PASSWORD,
-            database=TEST_DATABASE,
-            ssl=False,
-            timeout=30,
-        )
+        conn = await gateway.connect_asyncpg(timeout=30)
         try:
             value: int = await conn.fetchval("select $1::int from pg_sleep(0.2)", i)
             return value

@@ -88,15 +88,7 @@ def test_require_client_tls_refuses_plaintext(start_gateway: StartGateway) -> No
 async def test_require_client_tls_sqlstate_seen_by_asyncpg(start_gateway: StartGateway) -> None:
     gateway = start_gateway({"require_client_tls": True})
     with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
-        await asyncpg.connect(
-            host=gateway.host,
-            port=gateway.port,
-            user=CLIENT_USER,
-            password=CLIENT_PASSWORD,
-            database=TEST_DATABASE,
-            ssl=False,
-            timeout=10,
-        )
+        await gateway.connect_asyncpg()
 
 
 def test_direct_tls_with_alpn(gateway: GatewayProcess, gateway_certs: GatewayCertificates) -> None:

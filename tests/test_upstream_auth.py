@@ -63,29 +63,13 @@ def test_upstream_password_from_file(start_gateway: StartGateway, tmp_path: obje
 @pytest.mark.anyio
 async def test_wrong_client_password(gateway: GatewayProcess) -> None:
     with pytest.raises(asyncpg.InvalidPasswordError):
-        await asyncpg.connect(
-            host=gateway.host,
-            port=gateway.port,
-            user=CLIENT_USER,
-            password="not-the-password",
-            database=TEST_DATABASE,
-            ssl=False,
-            timeout=10,
-        )
+        await gateway.connect_asyncpg(password="not-the-password")
 
 
 @pytest.mark.anyio
 async def test_unknown_client_user(gateway: GatewayProcess) -> None:
     with pytest.raises(asyncpg.InvalidPasswordError):
-        await asyncpg.connect(
-            host=gateway.host,
-            port=gateway.port,
-            user="mallory",
-            password=CLIENT_PASSWORD,
-            database=TEST_DATABASE,
-            ssl=False,
-            timeout=10,
-        )
+        await gateway.connect_asyncpg(user="mallory")
 
 
 def test_wrong_password_with_psql(gateway: GatewayProcess) -> None:
@@ -104,15 +88,7 @@ def test_upstream_role_name_is_not_a_client_login(gateway: GatewayProcess) -> No
 @pytest.mark.anyio
 async def test_unknown_database_forwarded(gateway: GatewayProcess) -> None:
     with pytest.raises(asyncpg.InvalidCatalogNameError, match="no_such_database"):
-        await asyncpg.connect(
-            host=gateway.host,
-            port=gateway.port,
-            user=CLIENT_USER,
-            password=CLIENT_PASSWORD,
-            database="no_such_database",
-            ssl=False,
-            timeout=10,
-        )
+        await gateway.connect_asyncpg(database="no_such_database")
 
 
 def test_wrong_upstream_password_is_a_clear_error(start_gateway: StartGateway) -> None:
