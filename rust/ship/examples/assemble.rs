@@ -1,6 +1,7 @@
 //! Times the assembler over a stream's segments, in order:
 //! `CHAIN_KEY=... cargo run --release --example assemble SEG...` (`ONLY_PROCESS=1`: skip
-//! the parsing phases; `ROUNDS=N`: the best of N passes).
+//! the parsing phases; `ROUNDS=N`: the best of N passes; `RESULT_LOGS=1`: the result log
+//! records too, as with `recording_logs`).
 use std::time::Instant;
 
 use pgwarden_ship::records::Line;
@@ -86,7 +87,7 @@ fn assemble(lines: &[&[u8]], n: f64) {
         query_text_max_bytes: 1 << 20,
         // As the shipper does with recording on (pgwarden.audit.recording.RECORDED).
         recorded: ["session", "refused"].map(String::from).to_vec(),
-        result_logs: false,
+        result_logs: std::env::var_os("RESULT_LOGS").is_some(),
     };
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
