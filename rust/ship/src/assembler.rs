@@ -14,7 +14,6 @@ use pgwarden_wire::otlp::{encode_framed_log, resource_framing, AnyValue, LogData
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::ids;
 use crate::records::{statement_key, statement_key_into, Line, SessionRec, StmtRec};
 use crate::shape::{number_blind_key, sanitise, shape_and_literals};
 use crate::spans::{self, QueryText, SessionBase, Span, StatementInput, Val};
@@ -229,7 +228,7 @@ impl StreamAssembler {
         interrupted_at_us: u64,
         analyzer: &mut dyn QueryAnalyzer,
         spans: &mut Framed,
-    ) {
+    ) -> SpanIds {
         let base = self.base(state, &stmt.session);
         let info = match stmt.sql.as_deref() {
             Some(sql) => self.analysis(sql, analyzer),
@@ -255,7 +254,7 @@ impl StreamAssembler {
                 }
             }
         }
-        spans.push(&spans::statement(StatementInput {
+        let span = spans::statement(StatementInput {
             base: &base,
             stmt,
             end,
@@ -264,7 +263,12 @@ impl StreamAssembler {
             info: &info,
             shown_text,
             text_bytes,
-        }));
+        });
+        spans.push(&span);
+        SpanIds {
+            trace_id: span.trace_id,
+            span_id: span.span_id,
+        }
     }
 
     /// Assemble the next `lines` of the stream (sealed records, no newline).  With no lines
@@ -394,9 +398,10 @@ impl StreamAssembler {
                         }
                     });
                     let ok = verified && !stmt.unverified;
-                    self.statement_span(&work, &stmt, Some(&line), ok, 0, analyzer, &mut built);
+                    let ids =
+                        self.statement_span(&work, &stmt, Some(&line), ok, 0, analyzer, &mut built);
                     if self.config.result_logs && line.result.is_some() {
-                        logs.push_with(|chunk| result_log(chunk, &stmt, &line, raw));
+                        logs.push_with(|chunk| result_log(chunk, &stmt, &line, raw, ids));
                     }
                 }
                 "decision" => {
@@ -534,9 +539,16 @@ impl StreamAssembler {
     }
 }
 
+/// A statement span's ids, for the log record that goes with it.
+#[derive(Debug, Clone, Copy)]
+struct SpanIds {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+}
+
 /// Statement `stmt`'s result as a framed log record (event `pgwarden.statement.result`):
 /// its transcript as the body, correlated with its span by trace and span id.
-fn result_log(out: &mut Vec<u8>, stmt: &StmtRec<'_>, end: &Line<'_>, raw: &[u8]) {
+fn result_log(out: &mut Vec<u8>, stmt: &StmtRec<'_>, end: &Line<'_>, raw: &[u8], ids: SpanIds) {
     let view = StmtView {
         n: Some(stmt.n),
         ts: Some(stmt.ts),
@@ -566,8 +578,8 @@ fn result_log(out: &mut Vec<u8>, stmt: &StmtRec<'_>, end: &Line<'_>, raw: &[u8])
                 ("db.system.name", AnyValue::Str(spans::DB_SYSTEM)),
             ],
             flags: TRACE_FLAG_SAMPLED,
-            trace_id: ids::trace_id(&stmt.session),
-            span_id: ids::statement_span_id(&stmt.session, stmt.n),
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
             event_name: RESULT_EVENT,
         },
     );

@@ -83,12 +83,23 @@ pub fn statement(
         .map(str::to_owned)
         .or(stmt_decision)
         .unwrap_or_else(|| "allow".to_owned());
-    let n = n.map_or_else(|| "?".to_owned(), |n| n.to_string());
-    let mut head = format!("-- [{n}] {} · {verdict}", when(ts));
+    let mut head = String::with_capacity(80);
+    head.push_str("-- [");
+    match n {
+        Some(n) => head.push_str(itoa::Buffer::new().format(n)),
+        None => head.push('?'),
+    }
+    head.push_str("] ");
+    when_into(&mut head, ts);
+    head.push_str(" · ");
+    head.push_str(&verdict);
     if let Some(end) = end {
-        head += &format!(" · {:.3} ms", end.duration_us.unwrap_or(0) as f64 / 1000.0);
+        head.push_str(" · ");
+        milliseconds_into(&mut head, end.duration_us.unwrap_or(0));
+        head.push_str(" ms");
         if let Some(state) = end.sqlstate.as_deref().filter(|s| !s.is_empty()) {
-            head += &format!(" · SQLSTATE {state}");
+            head.push_str(" · SQLSTATE ");
+            head.push_str(state);
         }
     } else {
         head += " · no end recorded";
@@ -152,17 +163,45 @@ fn value_text(v: Option<&Value>) -> Option<String> {
 
 /// `2026-11-26 08:37:53.351 UTC` for a record's `ts` (microseconds since the epoch).
 pub fn when(ts_us: u64) -> String {
+    let mut out = String::with_capacity(28);
+    when_into(&mut out, ts_us);
+    out
+}
+
+/// [`when`], appended to `out`.
+fn when_into(out: &mut String, ts_us: u64) {
     let secs = ts_us / 1_000_000;
     let millis = (ts_us % 1_000_000) / 1000;
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
-    format!(
+    let _ = write!(
+        out,
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{millis:03} UTC",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
-    )
+    );
+}
+
+/// `duration_us` in milliseconds with three decimals, as `{:.3}` writes the quotient as a
+/// float (exactly that below 2^50 µs, where the float quotient rounds to the same
+/// thousandths); integers, not float formatting, which is most of a head line's cost.
+fn milliseconds_into(out: &mut String, duration_us: u64) {
+    if duration_us >= 1 << 50 {
+        let _ = write!(out, "{:.3}", duration_us as f64 / 1000.0);
+        return;
+    }
+    out.push_str(itoa::Buffer::new().format(duration_us / 1000));
+    let frac = duration_us % 1000;
+    out.push('.');
+    if frac < 100 {
+        out.push('0');
+    }
+    if frac < 10 {
+        out.push('0');
+    }
+    out.push_str(itoa::Buffer::new().format(frac));
 }
 
 /// (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian calendar).
@@ -394,13 +433,20 @@ fn width(text: &str) -> usize {
     text.chars().map(|c| c.width().unwrap_or(1)).sum()
 }
 
-fn pad(text: &str, width_to: usize, right: bool) -> String {
-    let gap = " ".repeat(width_to.saturating_sub(width(text)));
-    if right {
-        gap + text
-    } else {
-        format!("{text}{gap}")
+/// Appends `text` padded with spaces to `width_to` columns, on the left when `right`.
+fn pad_into(line: &mut String, text: &str, width_to: usize, right: bool) {
+    let gap = width_to.saturating_sub(width(text));
+    if !right {
+        line.push_str(text);
     }
+    spaces(line, gap);
+    if right {
+        line.push_str(text);
+    }
+}
+
+fn spaces(line: &mut String, n: usize) {
+    line.extend(std::iter::repeat_n(' ', n));
 }
 
 /// psql's aligned table (border 1), footer included.  `total_rows`: the row count the
@@ -426,22 +472,23 @@ fn format_aligned(cols: &[Column], rows: &[Row], total_rows: Option<u64>, out: &
             }
         }
     }
-    let header: Vec<String> = cols
-        .iter()
-        .enumerate()
-        .map(|(j, c)| {
-            let gap = widths[j] - width(&c.name);
-            format!(
-                "{}{}{}",
-                " ".repeat(gap / 2),
-                c.name,
-                " ".repeat(gap.div_ceil(2))
-            )
-        })
-        .collect();
-    out.push(format!(" {} ", header.join(" | ")));
-    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-    out.push(format!("-{}-", rule.join("-+-")));
+    let mut header = String::from(" ");
+    let mut rule = String::from("-");
+    for (j, c) in cols.iter().enumerate() {
+        if j > 0 {
+            header.push_str(" | ");
+            rule.push_str("-+-");
+        }
+        let gap = widths[j] - width(&c.name);
+        spaces(&mut header, gap / 2);
+        header.push_str(&c.name);
+        spaces(&mut header, gap.div_ceil(2));
+        rule.extend(std::iter::repeat_n('-', widths[j]));
+    }
+    header.push(' ');
+    rule.push('-');
+    out.push(header);
+    out.push(rule);
     let last = cols.len().wrapping_sub(1);
     let missing: Vec<&str> = vec![""];
     for row in &cells {
@@ -451,21 +498,18 @@ fn format_aligned(cols: &[Column], rows: &[Row], total_rows: Option<u64>, out: &
             for j in 0..cols.len() {
                 let lines = row.get(j).unwrap_or(&missing);
                 let more = k + 1 < lines.len();
-                let cell = if k >= lines.len() {
+                if k >= lines.len() {
                     // This cell has no more lines: pad, except in the last column.
-                    if j == last {
-                        String::new()
-                    } else {
-                        " ".repeat(widths[j])
+                    if j != last {
+                        spaces(&mut line, widths[j]);
                     }
                 } else if right[j] {
-                    pad(lines[k], widths[j], true)
+                    pad_into(&mut line, lines[k], widths[j], true);
                 } else if j == last && !more {
-                    lines[k].to_owned() // psql does not pad the last column on the right
+                    line.push_str(lines[k]); // psql does not pad the last column on the right
                 } else {
-                    pad(lines[k], widths[j], false)
-                };
-                line.push_str(&cell);
+                    pad_into(&mut line, lines[k], widths[j], false);
+                }
                 if j < last {
                     line.push_str(if more { "+| " } else { " | " });
                 } else if more {
