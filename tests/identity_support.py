@@ -111,10 +111,8 @@ def client_tls() -> ssl.SSLContext:
 async def asyncpg_connect(
     gateway: GatewayProcess, token: str, user: str = "someone", **kwargs: Any
 ) -> asyncpg.Connection:
-    options: dict[str, Any] = {"ssl": client_tls(), "timeout": 10, "database": TEST_DATABASE}
-    options.update(kwargs)
-    return await asyncpg.connect(
-        host=gateway.host, port=gateway.port, user=user, password=token, **options
+    return await gateway.connect_asyncpg(
+        **{"user": user, "password": token, "ssl": client_tls(), **kwargs}
     )
 
 
