@@ -2,7 +2,10 @@
 
 It decodes the requests with opentelemetry-proto, keeps every span and log record it
 accepted (a retried delivery shows up twice, as a real backend would see it) and lets a
-test wait for what it expects.  ``OtlpReceiver(port=...)`` can be started on a port chosen
+test wait for what it expects.  ``refuse_spans`` / ``refuse_logs`` make it refuse some of
+a request as backends do (too old, too large, over quota): the request is accepted with
+an OTLP partial success naming how many were refused and why.
+``OtlpReceiver(port=...)`` can be started on a port chosen
 in advance, so a test can point a gateway at a backend that is not there yet.
 """
 
@@ -77,6 +80,10 @@ class ReceivedLog:
     scope: str = ""
 
 
+#: Decides whether the receiver refuses a span or log record: the reason, or None.
+Refusal = Callable[[Any], "str | None"]
+
+
 @dataclass
 class _Store:
     spans: list[ReceivedSpan] = field(default_factory=list)
@@ -84,8 +91,28 @@ class _Store:
     requests: int = 0
     headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    refuse_spans: Refusal | None = None
+    refuse_logs: Refusal | None = None
+    #: What was refused (each time it was sent).
+    refused_spans: list[ReceivedSpan] = field(default_factory=list)
+    refused_logs: list[ReceivedLog] = field(default_factory=list)
 
-    def add_traces(self, request: trace_service_pb2.ExportTraceServiceRequest, via: str) -> None:
+    def _split(self, got: list[Any], refuse: Refusal | None) -> tuple[list[Any], list[Any], str]:
+        if refuse is None:
+            return got, [], ""
+        kept, refused, reasons = [], [], []
+        for item in got:
+            reason = refuse(item)
+            if reason is None:
+                kept.append(item)
+            else:
+                refused.append(item)
+                reasons.append(reason)
+        return kept, refused, "; ".join(sorted(set(reasons)))
+
+    def add_traces(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, via: str
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
         got = []
         for rs in request.resource_spans:
             resource = attributes(rs.resource.attributes)
@@ -108,11 +135,20 @@ class _Store:
                             transport=via,
                         )
                     )
+        kept, refused, reason = self._split(got, self.refuse_spans)
         with self.lock:
-            self.spans.extend(got)
+            self.spans.extend(kept)
+            self.refused_spans.extend(refused)
             self.requests += 1
+        reply = trace_service_pb2.ExportTraceServiceResponse()
+        if refused:
+            reply.partial_success.rejected_spans = len(refused)
+            reply.partial_success.error_message = reason
+        return reply
 
-    def add_logs(self, request: logs_service_pb2.ExportLogsServiceRequest) -> None:
+    def add_logs(
+        self, request: logs_service_pb2.ExportLogsServiceRequest
+    ) -> logs_service_pb2.ExportLogsServiceResponse:
         got = []
         for rl in request.resource_logs:
             resource = attributes(rl.resource.attributes)
@@ -134,9 +170,16 @@ class _Store:
                             scope=sl.scope.name,
                         )
                     )
+        kept, refused, reason = self._split(got, self.refuse_logs)
         with self.lock:
-            self.logs.extend(got)
+            self.logs.extend(kept)
+            self.refused_logs.extend(refused)
             self.requests += 1
+        reply = logs_service_pb2.ExportLogsServiceResponse()
+        if refused:
+            reply.partial_success.rejected_log_records = len(refused)
+            reply.partial_success.error_message = reason
+        return reply
 
 
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
@@ -144,8 +187,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self.store = store
 
     def Export(self, request: Any, context: Any) -> Any:
-        self.store.add_traces(request, "grpc")
-        return trace_service_pb2.ExportTraceServiceResponse()
+        return self.store.add_traces(request, "grpc")
 
 
 class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
@@ -153,8 +195,7 @@ class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
         self.store = store
 
     def Export(self, request: Any, context: Any) -> Any:
-        self.store.add_logs(request)
-        return logs_service_pb2.ExportLogsServiceResponse()
+        return self.store.add_logs(request)
 
 
 def _http_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
@@ -171,13 +212,11 @@ def _http_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
             if self.path.endswith("/v1/traces"):
                 request = trace_service_pb2.ExportTraceServiceRequest()
                 request.ParseFromString(body)
-                store.add_traces(request, "http")
-                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                reply = store.add_traces(request, "http").SerializeToString()
             elif self.path.endswith("/v1/logs"):
                 logs = logs_service_pb2.ExportLogsServiceRequest()
                 logs.ParseFromString(body)
-                store.add_logs(logs)
-                reply = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
+                reply = store.add_logs(logs).SerializeToString()
             else:
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -252,6 +291,14 @@ class OtlpReceiver:
     def logs(self) -> list[ReceivedLog]:
         with self.store.lock:
             return list(self.store.logs)
+
+    def refused_spans(self) -> list[ReceivedSpan]:
+        with self.store.lock:
+            return list(self.store.refused_spans)
+
+    def refused_logs(self) -> list[ReceivedLog]:
+        with self.store.lock:
+            return list(self.store.refused_logs)
 
     def wait_for(
         self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 30.0

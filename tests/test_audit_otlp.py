@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from harness import (
     CLIENT_USER,
@@ -447,3 +448,59 @@ def test_shipper_run_apart_with_audit_ship(
     assert ship.returncode == 0, ship.stderr
     texts = {s.attributes.get("db.query.text") for s in receiver.spans()}
     assert "select 'shipped apart' as marker" in texts
+
+
+def test_spans_the_backend_refuses_are_reported_kept_and_not_sent_again(
+    start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    """An OTLP partial success (the backend accepts the request but refuses some spans):
+    OTLP forbids sending the request again, so the shipper says so on its log, with the
+    backend's reason, and keeps the request as it was sent; the rest is delivered."""
+    reason = "span is older than this backend's retention"
+    receiver.store.refuse_spans = lambda span: (
+        reason if "refuse me" in str(span.attributes.get("db.query.text")) else None
+    )
+    directory = tmp_path / "audit"
+    settings = audit_settings(directory, receiver, start_shipper=False)
+    gateway = start_gateway(settings)
+    texts = ["select 'before' as a", "select 'refuse me' as b", "select 'after' as c"]
+    command = ["psql", "--no-psqlrc", "-X"]
+    for text in texts:
+        command += ["-c", text]
+    result = run_tool(command, gateway.env())
+    assert result.returncode == 0, result.stderr
+    env = gateway_environment(settings_env(settings))
+
+    def ship() -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            gateway_command("audit", "ship", "--until-empty"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    first = ship()
+    delivered = {s.attributes.get("db.query.text") for s in receiver.spans()}
+    assert {texts[0], texts[2]} <= delivered
+    assert texts[1] not in delivered
+    refused = receiver.refused_spans()
+    assert [s.attributes["db.query.text"] for s in refused] == [texts[1]]
+    assert "refused 1 of them" in first.stderr, first.stderr
+    assert reason in first.stderr
+    kept = sorted((directory / "rejected").glob("*.traces.binpb"))
+    assert len(kept) == 1, kept
+    assert kept[0].name in first.stderr
+    # The request kept is the one the backend got: the refused span is in it, whole.
+    request = ExportTraceServiceRequest.FromString(kept[0].read_bytes())
+    spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    kept_ids = {s.span_id.hex() for s in spans}
+    assert refused[0].span_id in kept_ids
+    assert kept_ids - {refused[0].span_id} <= {s.span_id for s in receiver.spans()}
+    # Shipping again sends nothing again: the partial success was an acknowledgement.
+    requests = receiver.store.requests
+    ship()
+    assert receiver.store.requests == requests
+    assert len(receiver.refused_spans()) == 1

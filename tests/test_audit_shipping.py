@@ -12,13 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from otlp_receiver import OtlpReceiver
 from pgwarden import _wire
 from pgwarden.audit import ids, sql
-from pgwarden.audit.exporters import GrpcSpanExporter, ShipBatch, request_span_ids
+from pgwarden.audit.exporters import (
+    ACCEPTED,
+    Accepted,
+    GrpcSpanExporter,
+    ShipBatch,
+    partial_success,
+    request_span_ids,
+)
 from pgwarden.audit.recording import read_session
 from pgwarden.audit.replay import transcript
 from pgwarden.audit.shipper import Shipper
@@ -365,3 +374,29 @@ def test_statements_differing_in_literals_or_table_names(tmp_path: Path) -> None
         "orders_2024_01",
     ]
     assert spans[queries[1]].name == "SELECT orders_2024_02"
+
+
+def test_partial_success_is_read_from_protobuf_and_json_responses() -> None:
+    """What an accepted OTLP/HTTP response says was refused (the official exporters do
+    not look): protobuf, or JSON from a backend that answers in JSON."""
+    traces, protobuf = ExportTraceServiceResponse, "application/x-protobuf"
+
+    def read(body: bytes, content_type: str = protobuf) -> Accepted:
+        return partial_success(body, content_type, traces, "rejected_spans")
+
+    reply = traces()
+    reply.partial_success.rejected_spans = 3
+    reply.partial_success.error_message = "too old"
+    assert read(reply.SerializeToString()) == Accepted(3, "too old")
+    as_json = b'{"partialSuccess": {"rejectedLogRecords": "2", "errorMessage": "quota"}}'
+    answer = partial_success(
+        as_json, "application/json", ExportLogsServiceResponse, "rejected_log_records"
+    )
+    assert answer == Accepted(2, "quota")
+    # A warning alone, an empty body, or one that is not OTLP: nothing refused.
+    warning = traces()
+    warning.partial_success.error_message = "attribute truncated"
+    assert read(warning.SerializeToString()) == Accepted(0, "attribute truncated")
+    for junk in (b"", b"\xff\xfe not protobuf", b"<html>ok</html>"):
+        assert read(junk, "text/html") == ACCEPTED
+    assert read(b"{}", "application/json") == ACCEPTED

@@ -5,10 +5,16 @@ accepted all of it: the official OTLP exporters (HTTP/protobuf or gRPC) report
 ``SpanExportResult.SUCCESS`` only for a successful response; the console and file sinks
 after the write (and, for the file, fsync).  The SDK's BatchSpanProcessor, whose queue
 drops spans silently when full, is not used at all: the spool is the queue.
+
+An accepted OTLP request can still carry a *partial success*: the backend took the
+request but refused some of its spans or log records, and the protocol forbids sending
+the request again.  The exporters read it from the response (the official ones ignore
+it) and the sink hands it to the shipper with the batch (``ShipBatch.rejections``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -17,6 +23,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol, cast
 
 import requests
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from opentelemetry.exporter.http.transport._base import BaseHTTPResult, BaseHTTPTransport
 from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (
     OTLPLogExporter as OTLPGrpcLogExporter,
 )
@@ -29,7 +37,10 @@ from opentelemetry.exporter.otlp.proto.http._log_exporter import (
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as OTLPHttpSpanExporter,
 )
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -43,6 +54,41 @@ from pgwarden.config import AuditSettings
 
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
 DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
+SPANS = "spans"
+LOG_RECORDS = "log records"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The backend accepted a request.  ``rejected`` > 0 is an OTLP partial success: it
+    refused that many of the request's spans (or log records), which must not be sent
+    again; ``message`` is its explanation (with nothing rejected, a warning)."""
+
+    rejected: int = 0
+    message: str = ""
+
+
+ACCEPTED = Accepted()
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A partial success, as the shipper reports (and keeps) it."""
+
+    signal: str  # "spans" or "log records"
+    rejected: int
+    message: str
+    #: The request as it was sent (OTLP ExportTraceServiceRequest or
+    #: ExportLogsServiceRequest, protobuf).
+    request: bytes = field(repr=False, default=b"")
+
+    @property
+    def sent(self) -> int:
+        """How many spans or log records the request carried."""
+        if self.signal == SPANS:
+            return len(request_span_ids(self.request))
+        decoded = ExportLogsServiceRequest.FromString(self.request)
+        return sum(len(sl.log_records) for rl in decoded.resource_logs for sl in rl.scope_logs)
 
 
 @dataclass
@@ -55,11 +101,14 @@ class ShipBatch:
     requests: list[bytes] = field(default_factory=list)
     span_count: int = 0
     log_requests: list[bytes] = field(default_factory=list)
+    #: Partial successes of the accepted requests (filled in by the sink).
+    rejections: list[Rejection] = field(default_factory=list)
 
 
 class EncodedExporter(Protocol):
-    def export_encoded(self, request: bytes) -> bool:
-        """Send one encoded export request; True once it is acknowledged."""
+    def export_encoded(self, request: bytes) -> Accepted | None:
+        """Send one encoded export request: what the backend said once it accepted it,
+        None if it did not."""
         ...
 
     def shutdown(self) -> None: ...
@@ -101,13 +150,25 @@ class TelemetrySink:
     def export(self, batch: ShipBatch) -> bool:
         # Every request must succeed (a failed batch is delivered again whole, with the
         # same span ids).
+        # A partial success is not retried (OTLP forbids it): it goes with the batch to
+        # the shipper, which reports it and keeps the records.
+        rejections: list[Rejection] = []
         for request in batch.requests:
-            if not self._spans.export_encoded(request):
+            answer = self._spans.export_encoded(request)
+            if answer is None:
                 return False
+            if answer.rejected or answer.message:
+                rejections.append(Rejection(SPANS, answer.rejected, answer.message, request))
         if self._logs is not None:
             for request in batch.log_requests:
-                if not self._logs.export_encoded(request):
+                answer = self._logs.export_encoded(request)
+                if answer is None:
                     return False
+                if answer.rejected or answer.message:
+                    rejections.append(
+                        Rejection(LOG_RECORDS, answer.rejected, answer.message, request)
+                    )
+        batch.rejections = rejections
         return True
 
     def shutdown(self) -> None:
@@ -122,10 +183,10 @@ class ConsoleSpanWriter:
     def __init__(self, out: IO[str]) -> None:
         self.out = out
 
-    def export_encoded(self, request: bytes) -> bool:
+    def export_encoded(self, request: bytes) -> Accepted | None:
         self.out.write(format_request(request))
         self.out.flush()
-        return True
+        return ACCEPTED
 
     def shutdown(self) -> None:
         if self.out not in (sys.stdout, sys.stderr):
@@ -252,24 +313,100 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
     return TelemetrySink(grpc_spans, grpc_logs)
 
 
-class HttpSpanExporter(OTLPHttpSpanExporter):
-    """The official OTLP/HTTP span exporter, sending requests encoded in Rust through its
-    own transport (its retries, timeout, headers, compression and TLS)."""
+def partial_success(body: bytes, content_type: str, response: Any, count_field: str) -> Accepted:
+    """The partial success in an OTLP response body (protobuf, or JSON when the backend
+    answers in JSON); an empty or unreadable body says nothing was refused."""
+    if not body:
+        return ACCEPTED
+    rejected, message = 0, ""
+    try:
+        if "json" in content_type.lower():
+            partial = json.loads(body).get("partialSuccess") or {}
+            first, *rest = count_field.split("_")
+            rejected = int(partial.get(first + "".join(w.capitalize() for w in rest), 0))
+            message = str(partial.get("errorMessage", ""))
+        else:
+            decoded = response.FromString(body)
+            rejected = int(getattr(decoded.partial_success, count_field))
+            message = decoded.partial_success.error_message
+    except (ValueError, TypeError, AttributeError, DecodeError):
+        return ACCEPTED
+    return Accepted(rejected, message) if rejected or message else ACCEPTED
 
-    def export_encoded(self, request: bytes) -> bool:
-        if getattr(self, "_shutdown", False):
-            return False
-        return bool(self._client.export(request).success)
+
+class _KeepsResponse(BaseHTTPTransport):
+    """The exporter's own transport, keeping the last response for its body."""
+
+    def __init__(self, inner: BaseHTTPTransport) -> None:
+        self.inner = inner
+        self.last: BaseHTTPResult | None = None
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        data: bytes | None = None,
+    ) -> BaseHTTPResult:
+        self.last = self.inner.request(method, url, headers=headers, timeout=timeout, data=data)
+        return self.last
+
+    def is_connection_error(self, exception: Exception | None) -> bool:
+        return self.inner.is_connection_error(exception)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
-class HttpLogExporter(OTLPHttpLogExporter):
-    """The official OTLP/HTTP log exporter, sending requests encoded in Rust through its
-    own transport."""
+class _HttpSendsEncoded:
+    """Mixed into an official OTLP/HTTP exporter: requests encoded in Rust go through its
+    own client (its retries, timeout, headers, compression and TLS), and the accepted
+    response's partial success is read."""
 
-    def export_encoded(self, request: bytes) -> bool:
-        if getattr(self, "_shutdown", False):
-            return False
-        return bool(self._client.export(request).success)
+    _response: Any
+    _count_field: str
+
+    def _keep_responses(self) -> _KeepsResponse:
+        client = cast(Any, self)._client
+        kept = client._transport
+        if not isinstance(kept, _KeepsResponse):
+            kept = _KeepsResponse(kept)
+            client._transport = kept
+        return kept
+
+    def export_encoded(self, request: bytes) -> Accepted | None:
+        exporter = cast(Any, self)
+        if getattr(exporter, "_shutdown", False):
+            return None
+        kept = self._keep_responses()
+        kept.last = None
+        if not exporter._client.export(request).success:
+            return None
+        last = kept.last
+        if last is None:
+            return ACCEPTED
+        try:
+            body = last.content()
+            content_type = last.headers().get("Content-Type", "")
+        except Exception:  # an unreadable body says nothing about what was refused
+            return ACCEPTED
+        return partial_success(body, content_type, self._response, self._count_field)
+
+
+class HttpSpanExporter(_HttpSendsEncoded, OTLPHttpSpanExporter):
+    """The official OTLP/HTTP span exporter, for requests encoded in Rust."""
+
+    _response = ExportTraceServiceResponse
+    _count_field = "rejected_spans"
+
+
+class HttpLogExporter(_HttpSendsEncoded, OTLPHttpLogExporter):
+    """The official OTLP/HTTP log exporter, for requests encoded in Rust."""
+
+    _response = ExportLogsServiceResponse
+    _count_field = "rejected_log_records"
 
 
 class _Encoded:
@@ -289,24 +426,33 @@ class _EncodedStub:
 
     method: str
     response: Any
+    count_field: str
 
     def __init__(self, channel: Any) -> None:
-        self.Export = channel.unary_unary(
+        self._call = channel.unary_unary(
             self.method,
             request_serializer=None,
             response_deserializer=self.response.FromString,
             _registered_method=True,
         )
+        #: The last response (its partial success).
+        self.last: Any = None
+
+    def Export(self, request: bytes, **kwargs: Any) -> Any:
+        self.last = self._call(request, **kwargs)
+        return self.last
 
 
 class _EncodedTraceServiceStub(_EncodedStub):
     method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
     response = ExportTraceServiceResponse
+    count_field = "rejected_spans"
 
 
 class _EncodedLogsServiceStub(_EncodedStub):
     method = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
     response = ExportLogsServiceResponse
+    count_field = "rejected_log_records"
 
 
 class _SendsEncoded:
@@ -326,9 +472,22 @@ class _SendsEncoded:
         exporter._stub = self._encoded_stub
         cast(Any, super())._initialize_channel_and_stub()
 
-    def export_encoded(self, request: bytes) -> bool:
+    def export_encoded(self, request: bytes) -> Accepted | None:
         exporter = cast(Any, self)
-        return bool(exporter._export(_Encoded(request)) is exporter._result.SUCCESS)
+        stub = exporter._client
+        if isinstance(stub, _EncodedStub):
+            stub.last = None
+        if exporter._export(_Encoded(request)) is not exporter._result.SUCCESS:
+            return None
+        # The stub that answered (a reconnection makes a new one).
+        stub = exporter._client
+        if not isinstance(stub, _EncodedStub) or stub.last is None:
+            return ACCEPTED
+        partial = stub.last.partial_success
+        rejected = int(getattr(partial, self._encoded_stub.count_field))
+        if not rejected and not partial.error_message:
+            return ACCEPTED
+        return Accepted(rejected, partial.error_message)
 
     def _translate_data(self, data: Any) -> Any:
         if isinstance(data, _Encoded):

@@ -33,7 +33,14 @@ from opentelemetry.sdk.resources import Resource
 from pgwarden import _wire
 from pgwarden.audit import chain
 from pgwarden.audit import records as kinds
-from pgwarden.audit.exporters import AuditSink, ShipBatch, build_resource, build_sink
+from pgwarden.audit.exporters import (
+    SPANS,
+    AuditSink,
+    Rejection,
+    ShipBatch,
+    build_resource,
+    build_sink,
+)
 from pgwarden.audit.recording import SessionRecorder, prune
 from pgwarden.audit.spans import QueryTextMode, new_assembler
 from pgwarden.audit.spool import (
@@ -44,6 +51,7 @@ from pgwarden.audit.spool import (
     Lines,
     Position,
     StreamReader,
+    fsync_directory,
     list_streams,
     segment_names,
     writer_alive,
@@ -97,9 +105,12 @@ class StreamShipper:
         recording_logs: bool,
         batch_size: int,
         request_bytes: int,
+        rejected: Path | None = None,
     ) -> None:
         self.dir = stream_dir
         self.key = key
+        #: Where requests the backend partly refused are kept.
+        self.rejected_dir = rejected if rejected is not None else stream_dir / "rejected"
         self.recordings = recordings
         self.recording_logs = recording_logs
         self.batch_size = batch_size
@@ -128,6 +139,8 @@ class StreamShipper:
         self._last_save = time.monotonic()
         self.chain_failures = 0
         self.delivered_spans = 0
+        #: Spans and log records the backend accepted the requests of but refused.
+        self.refused = {SPANS: 0, "log records": 0}
         #: The last read was a full batch: more is waiting.
         self.behind = False
 
@@ -183,6 +196,8 @@ class StreamShipper:
         if self.assembler is not None:
             self.assembler.commit()
             work = Checkpoint.from_state(self.assembler.state())
+        for number, rejection in enumerate(batch.rejections):
+            self._report(rejection, work.seq, number)
         if recorder is not None:
             recorder.write()
         work.position = self.reader.position
@@ -198,6 +213,53 @@ class StreamShipper:
         if time.monotonic() - self._last_save >= CHECKPOINT_INTERVAL_SECONDS:
             self.checkpoint()
         return "delivered"
+
+    def _report(self, rejection: Rejection, seq: int, number: int) -> None:
+        """An OTLP partial success: the backend accepted the request but refused some of
+        what it carried.  The protocol forbids sending it again, so it is not lost
+        silently: logged, and the request kept as it was sent (protobuf, ready to be
+        posted again to a backend that takes it)."""
+        if not rejection.rejected:
+            log.warning(
+                "audit stream %s: the backend accepted %s with a warning: %s",
+                self.dir.name,
+                rejection.signal,
+                rejection.message or "(no message)",
+            )
+            return
+        self.refused[rejection.signal] = self.refused.get(rejection.signal, 0) + rejection.rejected
+        suffix = "traces" if rejection.signal == SPANS else "logs"
+        path = self.rejected_dir / f"{self.dir.name}-seq{seq}-{number}.{suffix}.binpb"
+        try:
+            sent = rejection.sent
+        except Exception:  # a request the backend could read, so this should not happen
+            sent = -1
+        try:
+            self.rejected_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(rejection.request)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_directory(self.rejected_dir)
+            kept = f"the request is kept in {path}"
+        except OSError as exc:
+            kept = f"the request could not be kept ({exc})"
+        log.error(
+            "audit stream %s: the backend accepted a request of %s %s but refused %d of them "
+            "(OTLP partial success; records up to seq %d): %s. The protocol forbids sending "
+            "them again; %s",
+            self.dir.name,
+            sent if sent >= 0 else "?",
+            rejection.signal,
+            rejection.rejected,
+            seq,
+            rejection.message or "(no message)",
+            kept,
+        )
 
     def _assemble(
         self, assembler: _wire.SpanAssembler, lines: Lines, alive: bool, batch: ShipBatch
@@ -347,6 +409,7 @@ class Shipper:
                 recording_logs=audit.recording_logs,
                 batch_size=audit.batch_size,
                 request_bytes=audit.max_request_bytes,
+                rejected=self.paths.rejected,
             )
             self.streams[stream_dir.name] = shipper
         return shipper

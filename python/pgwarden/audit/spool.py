@@ -35,6 +35,8 @@ from pgwarden.audit.records import Record
 
 SPOOL_DIR: Final = "spool"
 RECORDED_DIR: Final = "recorded"
+#: OTLP requests a backend accepted while refusing part of them (a partial success).
+REJECTED_DIR: Final = "rejected"
 #: Session recordings of earlier versions (one file of records per session).
 SESSIONS_DIR: Final = "sessions"
 SHIPPER_LOCK: Final = "shipper.lock"
@@ -68,6 +70,10 @@ class AuditPaths:
     @property
     def recorded(self) -> Path:
         return self.root / RECORDED_DIR
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / REJECTED_DIR
 
     @property
     def shipper_lock(self) -> Path:
