@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -400,3 +403,45 @@ def test_partial_success_is_read_from_protobuf_and_json_responses() -> None:
     for junk in (b"", b"\xff\xfe not protobuf", b"<html>ok</html>"):
         assert read(junk, "text/html") == ACCEPTED
     assert read(b"{}", "application/json") == ACCEPTED
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_result_log_records_the_backend_refuses_are_kept(
+    tmp_path: Path, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A partial success on the logs request: reported and kept like refused spans, and
+    the statements' spans are delivered."""
+    with OtlpReceiver(transport) as receiver:
+        receiver.store.refuse_logs = lambda log: (
+            "log record too large" if "select 2" in log.body else None
+        )
+        settings = settings_for(
+            tmp_path / "audit",
+            exporter="otlp_http" if transport == "http" else "otlp_grpc",
+            endpoint=receiver.endpoint,
+            recording_logs=True,
+        )
+        trail = AuditTrail(settings)
+        simple_session(trail, SESSION, ["select 1", "select 2", "select 3"])
+        trail.close()
+        shipper = Shipper(settings)
+        with caplog.at_level("WARNING", logger="pgwarden.audit.shipper"):
+            assert shipper.run(threading.Event(), until_empty=True) == 0
+        spans = [s for s in receiver.spans() if s.kind == 3]
+        logs = receiver.logs()
+        refused = receiver.refused_logs()
+    assert len(spans) == 3
+    assert len(logs) == 2 and len(refused) == 1
+    assert "select 2" in refused[0].body
+    kept = list((tmp_path / "audit" / "rejected").glob("*.logs.binpb"))
+    assert len(kept) == 1
+    request = ExportLogsServiceRequest.FromString(kept[0].read_bytes())
+    bodies = [
+        r.body.string_value
+        for rl in request.resource_logs
+        for sl in rl.scope_logs
+        for r in sl.log_records
+    ]
+    assert any("select 2" in b for b in bodies)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("refused 1 of them" in e and "log record too large" in e for e in errors), errors
