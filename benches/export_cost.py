@@ -13,6 +13,7 @@ I/O on its own) per request and per span, and the wall time, for
   ``TraceServiceStub``, which needs an ``ExportTraceServiceRequest`` object, so each
   request is decoded and serialized once more (what an exporter fed encoded bytes
   through the generated stub pays);
+* ``compression = gzip`` over each transport (``audit.compression``);
 * an empty request over each transport: the fixed cost of one export.
 
 The requests are statement spans shaped like pgwarden's (the same attribute keys, about
@@ -31,6 +32,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from grpc import Compression as grpc_compression  # type: ignore[import-untyped]
+from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
@@ -95,7 +98,7 @@ def build_request(spans: int) -> bytes:
     return request.SerializeToString()
 
 
-def measure(send: Callable[[], bool], requests: int) -> tuple[float, float]:
+def measure(send: Callable[[], object], requests: int) -> tuple[float, float]:
     """(CPU seconds, wall seconds) per request, after a few warm-up requests."""
     for _ in range(3):
         if not send():
@@ -135,16 +138,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = f"http://127.0.0.1:{http_port}/v1/traces"
         http = HttpSpanExporter(endpoint=url, session=_http_session(url), timeout=30)
         grpc = GrpcSpanExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, timeout=30)
+        http_gzip = HttpSpanExporter(
+            endpoint=url, session=_http_session(url), timeout=30, compression=Compression.Gzip
+        )
+        grpc_gzip = GrpcSpanExporter(
+            endpoint=f"127.0.0.1:{grpc_port}",
+            insecure=True,
+            timeout=30,
+            compression=grpc_compression.Gzip,
+        )
         generated = TraceServiceStub(grpc._channel)
 
         def decoded_again() -> bool:
             generated.Export(ExportTraceServiceRequest.FromString(body), timeout=30)
             return True
 
-        rows: list[tuple[str, int, Callable[[], bool]]] = [
+        rows: list[tuple[str, int, Callable[[], object]]] = [
             ("otlp_http", args.spans, lambda: http.export_encoded(body)),
             ("otlp_grpc", args.spans, lambda: grpc.export_encoded(body)),
             ("otlp_grpc, request decoded and encoded again", args.spans, decoded_again),
+            ("otlp_http, compression = gzip", args.spans, lambda: http_gzip.export_encoded(body)),
+            ("otlp_grpc, compression = gzip", args.spans, lambda: grpc_gzip.export_encoded(body)),
             ("otlp_http, empty request", 0, lambda: http.export_encoded(b"")),
             ("otlp_grpc, empty request", 0, lambda: grpc.export_encoded(b"")),
         ]
@@ -157,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cpu, wall = measure(send, args.requests)
             per_span = f"{cpu * 1e6 / spans:.2f}" if spans else "-"
             print(f"{name:<46} {cpu * 1e3:>15.2f} {per_span:>12} {wall * 1e3:>9.2f}")
-        http.shutdown()
-        grpc.shutdown()
+        for exporter in (http, grpc, http_gzip, grpc_gzip):
+            exporter.shutdown()
     finally:
         sink.terminate()
         sink.wait(timeout=10)

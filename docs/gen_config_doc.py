@@ -77,6 +77,8 @@ EXAMPLES: dict[str, str] = {
     "audit.chain_key_file": '"/run/secrets/pgwarden-chain-key"',
     "audit.endpoint": '"http://otel-collector:4318"',
     "audit.certificate_file": '"/etc/pgwarden/otlp-ca.crt"',
+    "audit.client_certificate_file": '"/etc/pgwarden/otlp-client.crt"',
+    "audit.client_key_file": '"/etc/pgwarden/otlp-client.key"',
     "audit.export_path": '"/var/lib/pgwarden/audit-export.jsonl"',
     "audit.service_instance_id": '"gateway-1"',
 }

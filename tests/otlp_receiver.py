@@ -12,12 +12,14 @@ in advance, so a test can point a gateway at a backend that is not there yet.
 from __future__ import annotations
 
 import gzip
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -96,6 +98,8 @@ class _Store:
     #: What was refused (each time it was sent).
     refused_spans: list[ReceivedSpan] = field(default_factory=list)
     refused_logs: list[ReceivedLog] = field(default_factory=list)
+    #: Over TLS: the common name of each request's client certificate (None: none).
+    client_names: list[str | None] = field(default_factory=list)
 
     def _split(self, got: list[Any], refuse: Refusal | None) -> tuple[list[Any], list[Any], str]:
         if refuse is None:
@@ -187,6 +191,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self.store = store
 
     def Export(self, request: Any, context: Any) -> Any:
+        _note_grpc_peer(self.store, context)
         return self.store.add_traces(request, "grpc")
 
 
@@ -195,7 +200,32 @@ class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
         self.store = store
 
     def Export(self, request: Any, context: Any) -> Any:
+        _note_grpc_peer(self.store, context)
         return self.store.add_logs(request)
+
+
+def _note_grpc_peer(store: _Store, context: Any) -> None:
+    names = context.auth_context().get("x509_common_name")
+    with store.lock:
+        store.client_names.append(names[0].decode() if names else None)
+
+
+def _common_name(certificate: dict[str, Any] | None) -> str | None:
+    for rdn in (certificate or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+@dataclass(frozen=True)
+class ReceiverTls:
+    """The receiver's certificate, and the CA its clients' certificates must chain to
+    (a client without one is refused)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
 
 
 def _http_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
@@ -205,6 +235,8 @@ def _http_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             with store.lock:
                 store.headers.append({k.lower(): v for k, v in self.headers.items()})
+                if isinstance(self.connection, ssl.SSLSocket):
+                    store.client_names.append(_common_name(self.connection.getpeercert()))
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
             if self.headers.get("Content-Encoding") == "gzip":
@@ -237,9 +269,12 @@ def _http_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
 class OtlpReceiver:
     """An OTLP/HTTP or OTLP/gRPC endpoint on 127.0.0.1."""
 
-    def __init__(self, transport: str = "http", port: int | None = None) -> None:
+    def __init__(
+        self, transport: str = "http", port: int | None = None, tls: ReceiverTls | None = None
+    ) -> None:
         assert transport in ("http", "grpc")
         self.transport = transport
+        self.tls = tls
         self.port = port if port is not None else find_free_port()
         self.store = _Store()
         self._http: ThreadingHTTPServer | None = None
@@ -247,12 +282,18 @@ class OtlpReceiver:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> OtlpReceiver:
         if self.transport == "http":
             self._http = ThreadingHTTPServer(("127.0.0.1", self.port), _http_handler(self.store))
             self._http.daemon_threads = True
+            if self.tls is not None:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+                context.load_verify_locations(self.tls.client_ca_file)
+                context.verify_mode = ssl.CERT_REQUIRED
+                self._http.socket = context.wrap_socket(self._http.socket, server_side=True)
             threading.Thread(target=self._http.serve_forever, daemon=True).start()
         else:
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -262,7 +303,15 @@ class OtlpReceiver:
             logs_service_pb2_grpc.add_LogsServiceServicer_to_server(
                 _LogsService(self.store), server
             )
-            server.add_insecure_port(f"127.0.0.1:{self.port}")
+            if self.tls is None:
+                server.add_insecure_port(f"127.0.0.1:{self.port}")
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(self.tls.key_file.read_bytes(), self.tls.cert_file.read_bytes())],
+                    root_certificates=self.tls.client_ca_file.read_bytes(),
+                    require_client_auth=True,
+                )
+                server.add_secure_port(f"127.0.0.1:{self.port}", credentials)
             server.start()
             self._grpc = server
         return self

@@ -421,6 +421,19 @@ def test_workers_each_write_a_stream_and_one_shipper_ships_all(
     assert all(re.search(r"-w[01]-", stream) for stream in streams)
 
 
+def ship_until_empty(settings: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """``pgwarden audit ship --until-empty`` with the gateway's settings; it must succeed."""
+    done = subprocess.run(
+        gateway_command("audit", "ship", "--until-empty"),
+        env=gateway_environment(settings_env(settings)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_shipper_run_apart_with_audit_ship(
     start_gateway: StartGateway, receiver: OtlpReceiver, tmp_path: Path
 ) -> None:
@@ -435,17 +448,9 @@ def test_shipper_run_apart_with_audit_ship(
     assert result.returncode == 0, result.stderr
     time.sleep(1.0)
     assert not receiver.spans()
-    env = gateway_environment(settings_env(settings))
-    ship = subprocess.run(
-        gateway_command("audit", "ship", "--until-empty"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
     # The gateway still runs (its stream stays open): --until-empty waits for the open
     # session only, which psql has closed, so the command returns once all is delivered.
-    assert ship.returncode == 0, ship.stderr
+    ship_until_empty(settings)
     texts = {s.attributes.get("db.query.text") for s in receiver.spans()}
     assert "select 'shipped apart' as marker" in texts
 
@@ -469,20 +474,7 @@ def test_spans_the_backend_refuses_are_reported_kept_and_not_sent_again(
         command += ["-c", text]
     result = run_tool(command, gateway.env())
     assert result.returncode == 0, result.stderr
-    env = gateway_environment(settings_env(settings))
-
-    def ship() -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            gateway_command("audit", "ship", "--until-empty"),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        return done
-
-    first = ship()
+    first = ship_until_empty(settings)
     delivered = {s.attributes.get("db.query.text") for s in receiver.spans()}
     assert {texts[0], texts[2]} <= delivered
     assert texts[1] not in delivered
@@ -501,6 +493,6 @@ def test_spans_the_backend_refuses_are_reported_kept_and_not_sent_again(
     assert kept_ids - {refused[0].span_id} <= {s.span_id for s in receiver.spans()}
     # Shipping again sends nothing again: the partial success was an acknowledgement.
     requests = receiver.store.requests
-    ship()
+    ship_until_empty(settings)
     assert receiver.store.requests == requests
     assert len(receiver.refused_spans()) == 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
@@ -20,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from otlp_receiver import OtlpReceiver
+from otlp_receiver import OtlpReceiver, ReceiverTls
 from pgwarden import _wire
 from pgwarden.audit import ids, sql
 from pgwarden.audit.exporters import (
@@ -445,3 +446,65 @@ def test_result_log_records_the_backend_refuses_are_kept(
     assert any("select 2" in b for b in bodies)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("refused 1 of them" in e and "log record too large" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_export_over_mutual_tls_compressed(tmp_path: Path, transport: str) -> None:
+    """An https backend that requires a client certificate: with only the CA the
+    handshake is refused and the records stay in the spool; with the client certificate
+    and key everything arrives, gzip-compressed as configured."""
+    ca = trustme.CA()
+    files = {name: tmp_path / name for name in ("ca.pem", "rx.pem", "rx.key", "me.pem", "me.key")}
+    ca.cert_pem.write_to_path(str(files["ca.pem"]))
+    for cert, pem, key in (
+        (ca.issue_cert("localhost", "127.0.0.1"), "rx.pem", "rx.key"),
+        (ca.issue_cert("pgwarden-shipper", common_name="pgwarden-shipper"), "me.pem", "me.key"),
+    ):
+        files[pem].write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(files[key]))
+    tls = ReceiverTls(files["rx.pem"], files["rx.key"], client_ca_file=files["ca.pem"])
+    with OtlpReceiver(transport, tls=tls) as receiver:
+        common: dict[str, Any] = {
+            "exporter": "otlp_http" if transport == "http" else "otlp_grpc",
+            "endpoint": receiver.endpoint,
+            "certificate_file": str(files["ca.pem"]),
+            "timeout_seconds": 2,
+        }
+        trail = AuditTrail(settings_for(tmp_path / "audit", **common))
+        simple_session(trail, SESSION, ["select 1", "select 2"])
+        trail.close()
+        refused = Shipper(settings_for(tmp_path / "audit", **common))
+        try:
+            assert refused.ship_once() == (False, True)
+        finally:
+            refused.sink.shutdown()
+        assert not receiver.spans()
+        assert list_streams(AuditPaths(tmp_path / "audit").spool)  # still spooled
+        settings = settings_for(
+            tmp_path / "audit",
+            **common,
+            client_certificate_file=str(files["me.pem"]),
+            client_key_file=str(files["me.key"]),
+            compression="gzip",
+        )
+        assert Shipper(settings).run(threading.Event(), until_empty=True) == 0
+        spans = receiver.spans()
+        names = set(receiver.store.client_names)
+        headers = list(receiver.store.headers)
+    assert len([s for s in spans if s.kind == 3]) == 2
+    assert names == {"pgwarden-shipper"}
+    if transport == "http":
+        assert headers and all(h.get("content-encoding") == "gzip" for h in headers)
+
+
+def test_client_certificate_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="must be set together"):
+        Settings(audit={"endpoint": "https://otel:4318", "client_certificate_file": "/c.pem"})
+    with pytest.raises(ValueError, match="needs an https:// endpoint"):
+        Settings(
+            audit={
+                "endpoint": "http://otel:4318",
+                "client_certificate_file": "/c.pem",
+                "client_key_file": "/c.key",
+            }
+        )

@@ -440,6 +440,19 @@ class AuditSettings(BaseModel):
     certificate_file: Path | None = Field(
         default=None, description="CA bundle to verify an https OTLP endpoint."
     )
+    client_certificate_file: Path | None = Field(
+        default=None,
+        description="Client certificate (PEM) the shipper presents to an https OTLP endpoint "
+        "that requires mutual TLS; with client_key_file.",
+    )
+    client_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of client_certificate_file."
+    )
+    compression: Literal["none", "gzip"] = Field(
+        default="none",
+        description="Compression of the OTLP export requests (HTTP and gRPC): gzip sends "
+        "audit spans in a fraction of the bytes, for some of the shipper's CPU.",
+    )
     timeout_seconds: float = Field(
         default=10.0, gt=0, description="Time limit of one OTLP export request."
     )
@@ -504,6 +517,12 @@ class AuditSettings(BaseModel):
             raise ValueError("max_spool_bytes must be at least 4 x segment_bytes")
         if self.exporter == "file" and self.export_path is None:
             raise ValueError("exporter 'file' needs export_path")
+        if (self.client_certificate_file is None) != (self.client_key_file is None):
+            raise ValueError("client_certificate_file and client_key_file must be set together")
+        if self.client_certificate_file is not None and not (self.endpoint or "").startswith(
+            "https://"
+        ):
+            raise ValueError("client_certificate_file needs an https:// endpoint")
         return self
 
     def chain_key_bytes(self) -> bytes | None:

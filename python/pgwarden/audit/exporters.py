@@ -31,6 +31,7 @@ from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as OTLPGrpcSpanExporter,
 )
+from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
 from opentelemetry.exporter.otlp.proto.http._log_exporter import (
     OTLPLogExporter as OTLPHttpLogExporter,
 )
@@ -228,11 +229,20 @@ def _http_session(url: str) -> requests.Session:
     """
     session = requests.Session()
     session.proxies.update(requests.utils.get_environ_proxies(url))
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if bundle:
-        session.verify = bundle
     session.trust_env = False
     return session
+
+
+def _ca_bundle(audit: AuditSettings) -> str | None:
+    """``certificate_file``, else the bundle requests would take from the environment (the
+    session does not read it; the exporter sets the session's ``verify`` itself)."""
+    if audit.certificate_file is not None:
+        return str(audit.certificate_file)
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None else None
 
 
 def _http_url(endpoint: str, signal: str) -> str:
@@ -264,23 +274,30 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
         if audit.export_path is not None:
             stream = audit.export_path.open("a", encoding="utf-8")
         return TelemetrySink(ConsoleSpanWriter(stream), None)
-    certificate = str(audit.certificate_file) if audit.certificate_file else None
+    client_cert = str(audit.client_certificate_file) if audit.client_certificate_file else None
+    client_key = str(audit.client_key_file) if audit.client_key_file else None
     if audit.exporter == "otlp_http":
         endpoint = audit.endpoint or DEFAULT_HTTP_ENDPOINT
+        tls: dict[str, Any] = {
+            "certificate_file": _ca_bundle(audit),
+            "client_certificate_file": client_cert,
+            "client_key_file": client_key,
+            "compression": HttpCompression(audit.compression),
+        }
         spans = HttpSpanExporter(
             endpoint=_http_url(endpoint, "traces"),
             session=_http_session(_http_url(endpoint, "traces")),
-            certificate_file=certificate,
             headers=headers,
             timeout=audit.timeout_seconds,
+            **tls,
         )
         logs = (
             HttpLogExporter(
                 endpoint=_http_url(endpoint, "logs"),
                 session=_http_session(_http_url(endpoint, "logs")),
-                certificate_file=certificate,
                 headers=headers,
                 timeout=audit.timeout_seconds,
+                **tls,
             )
             if audit.recording_logs
             else None
@@ -290,26 +307,24 @@ def build_sink(audit: AuditSettings, out: IO[str] | None = None) -> AuditSink:
 
     target, insecure = _grpc_target(audit.endpoint or DEFAULT_GRPC_ENDPOINT)
     credentials = None
-    if not insecure and audit.certificate_file is not None:
-        credentials = grpc.ssl_channel_credentials(audit.certificate_file.read_bytes())
-    grpc_spans = GrpcSpanExporter(
-        endpoint=target,
-        insecure=insecure,
-        credentials=credentials,
-        headers=headers or None,
-        timeout=audit.timeout_seconds,
-    )
-    grpc_logs = (
-        GrpcLogExporter(
-            endpoint=target,
-            insecure=insecure,
-            credentials=credentials,
-            headers=headers or None,
-            timeout=audit.timeout_seconds,
+    if not insecure and (audit.certificate_file or audit.client_certificate_file):
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(audit.certificate_file),
+            private_key=_read(audit.client_key_file),
+            certificate_chain=_read(audit.client_certificate_file),
         )
-        if audit.recording_logs
-        else None
-    )
+    channel: dict[str, Any] = {
+        "endpoint": target,
+        "insecure": insecure,
+        "credentials": credentials,
+        "headers": headers or None,
+        "timeout": audit.timeout_seconds,
+        "compression": grpc.Compression.Gzip
+        if audit.compression == "gzip"
+        else grpc.Compression.NoCompression,
+    }
+    grpc_spans = GrpcSpanExporter(**channel)
+    grpc_logs = GrpcLogExporter(**channel) if audit.recording_logs else None
     return TelemetrySink(grpc_spans, grpc_logs)
 
 
