@@ -6,8 +6,13 @@ bytes write exactly what a session writes.  The exports go to a real OTLP receiv
 
 from __future__ import annotations
 
+import json
+import os
 import struct
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ from pgwarden.audit.spool import (
     list_streams,
     segment_names,
 )
+from pgwarden.audit.status import audit_status
 from pgwarden.audit.trail import AuditTrail
 from pgwarden.audit.verify import verify_path
 from pgwarden.config import Settings
@@ -508,3 +514,49 @@ def test_client_certificate_settings_are_checked() -> None:
                 "client_key_file": "/c.key",
             }
         )
+
+
+def audit_status_cli(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGWARDEN_")}
+    return subprocess.run(
+        [sys.executable, "-m", "pgwarden", "audit", "status", "--dir", str(directory), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_status_shows_the_backlog_until_the_backend_has_it(tmp_path: Path) -> None:
+    """``pgwarden audit status``: records written but not acknowledged, how old the oldest
+    is, the spool against its bound; ``--max-lag`` fails while something is waiting."""
+    directory = tmp_path / "audit"
+    settings = settings_for(
+        directory, exporter="file", export_path=str(tmp_path / "delivered.records")
+    )
+    before = time.time_ns() // 1000
+    trail = AuditTrail(settings)
+    simple_session(trail, SESSION, [f"select {n}" for n in range(200)])
+    status = audit_status(directory, settings.audit.max_spool_bytes)
+    (stream,) = status.streams
+    assert stream.writer_running and not status.shipper_running
+    assert len(segment_names(directory / "spool" / stream.stream)) > 1  # the last one is read
+    # open, session, 200 statement and end records, session end: all waiting.
+    assert stream.written_seq >= 404 and stream.delivered_seq == 0
+    assert stream.undelivered == stream.written_seq
+    assert before <= stream.oldest_undelivered_ts <= stream.written_ts <= status.now_ts
+    assert 0 < status.spool_bytes < status.max_spool_bytes
+    waiting = audit_status_cli(directory, "--json", "--max-lag", "0")
+    assert waiting.returncode == 1, waiting.stderr
+    assert json.loads(waiting.stdout)["undelivered"] == stream.undelivered
+
+    shipper = Shipper(settings)
+    assert shipper.ship_once() == (True, False)
+    for shipped in shipper.streams.values():
+        shipped.checkpoint()  # as the shipper does when it is idle
+    (stream,) = audit_status(directory, settings.audit.max_spool_bytes).streams
+    assert stream.undelivered == 0 and stream.delivered_seq == stream.written_seq
+    caught_up = audit_status_cli(directory, "--max-lag", "0")
+    assert caught_up.returncode == 0, caught_up.stderr
+    assert "undelivered: 0 record(s)" in caught_up.stdout
+    trail.close()

@@ -1,4 +1,4 @@
-"""The audit commands: ``pgwarden audit ship``, ``pgwarden audit verify``, ``pgwarden replay``."""
+"""The audit commands: ``pgwarden audit ship``, ``verify`` and ``status``, ``pgwarden replay``."""
 
 from __future__ import annotations
 
@@ -132,6 +132,33 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from pgwarden.audit.status import audit_status
+
+    settings = _load_settings(args.config)
+    if isinstance(settings, int):
+        return settings
+    directory: Path | None = args.dir or settings.audit.directory
+    if directory is None:
+        print("pgwarden: audit.directory is not set; give --dir", file=sys.stderr)
+        return EXIT_CONFIG
+    if not directory.is_dir():
+        print(f"pgwarden: no audit directory at {directory}", file=sys.stderr)
+        return EXIT_CONFIG
+    status = audit_status(directory, settings.audit.max_spool_bytes)
+    print(status.to_json() if args.json else status.summary())
+    age = status.oldest_undelivered_seconds
+    if args.max_lag is not None and age is not None and age > args.max_lag:
+        if not args.json:
+            print(
+                f"pgwarden: the oldest undelivered audit record is {age:.1f} s old "
+                f"(--max-lag {args.max_lag:g})",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from pgwarden.audit.recording import session_lines
     from pgwarden.audit.replay import transcript
@@ -165,8 +192,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: Any) -> None:
-    """Register ``audit`` (ship, verify) and ``replay`` on the CLI's subparsers."""
-    audit = commands.add_parser("audit", help="audit trail: ship the spool, verify records")
+    """Register ``audit`` (ship, verify, status) and ``replay`` on the CLI's subparsers."""
+    audit = commands.add_parser(
+        "audit", help="audit trail: ship the spool, verify records, show the backlog"
+    )
     sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     ship = sub.add_parser(
         "ship", help="ship the spool to the configured backend (serve runs this itself)"
@@ -192,6 +221,24 @@ def add_commands(commands: Any) -> None:
         "--key-file", type=Path, metavar="FILE", help="chain key (default: from the settings)"
     )
     verify.set_defaults(func=cmd_verify)
+    status = sub.add_parser(
+        "status",
+        help="how far the audit trail is from the backend: records written, delivered, "
+        "undelivered and how old, spool use against its bound, whether a shipper runs",
+    )
+    status.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    status.add_argument(
+        "--dir", type=Path, metavar="DIR", help="audit directory (default: from the settings)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON (for monitoring)")
+    status.add_argument(
+        "--max-lag",
+        type=float,
+        metavar="SECONDS",
+        help="exit with status 1 when a record older than this is not delivered yet "
+        "(a health check)",
+    )
+    status.set_defaults(func=cmd_status)
     replay = commands.add_parser(
         "replay", help="print a recorded session as a psql-like transcript"
     )

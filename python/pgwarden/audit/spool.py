@@ -137,10 +137,10 @@ def drop_cached(path: Path) -> None:
         os.close(fd)
 
 
-def writer_alive(stream_dir: Path) -> bool:
-    """Whether the process that writes this stream still runs (it holds an flock)."""
+def lock_held(path: Path) -> bool:
+    """Whether a process holds an flock on ``path`` (a writer's or the shipper's lock)."""
     try:
-        fd = os.open(stream_dir / WRITER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
@@ -150,6 +150,11 @@ def writer_alive(stream_dir: Path) -> bool:
     finally:
         os.close(fd)  # also drops the lock if we got it
     return False
+
+
+def writer_alive(stream_dir: Path) -> bool:
+    """Whether the process that writes this stream still runs (it holds an flock)."""
+    return lock_held(stream_dir / WRITER_LOCK)
 
 
 def spool_usage(spool: Path) -> int:
