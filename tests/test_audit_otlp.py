@@ -496,3 +496,17 @@ def test_spans_the_backend_refuses_are_reported_kept_and_not_sent_again(
     ship_until_empty(settings)
     assert receiver.store.requests == requests
     assert len(receiver.refused_spans()) == 1
+    # `audit resend` while the backend still refuses it: kept, status 1.
+    env = gateway_environment(settings_env(settings))
+    again = run_tool(gateway_command("audit", "resend", str(kept[0])), env)
+    assert again.returncode == 1, again.stderr
+    assert "refused again" in again.stdout and kept[0].exists()
+    assert len(receiver.refused_spans()) == 2
+    # Once the backend takes it: delivered, the file removed, the span there once.
+    receiver.store.refuse_spans = None
+    again = run_tool(gateway_command("audit", "resend", str(kept[0])), env)
+    assert again.returncode == 0, again.stderr
+    assert f"{kept[0]}: delivered" in again.stdout
+    assert not kept[0].exists()
+    arrived = [s for s in receiver.spans() if s.attributes.get("db.query.text") == texts[1]]
+    assert [s.span_id for s in arrived] == [refused[0].span_id]

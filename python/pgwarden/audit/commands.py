@@ -1,4 +1,5 @@
-"""The audit commands: ``pgwarden audit ship``, ``verify`` and ``status``, ``pgwarden replay``."""
+"""The audit commands: ``pgwarden audit ship``, ``verify``, ``status`` and ``resend``, and
+``pgwarden replay``."""
 
 from __future__ import annotations
 
@@ -159,6 +160,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resend(args: argparse.Namespace) -> int:
+    from pgwarden.audit.resend import CannotResend, otlp_exporters, resend
+
+    settings = _load_settings(args.config)
+    if isinstance(settings, int):
+        return settings
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    missing = [str(path) for path in args.files if not path.is_file()]
+    if missing:
+        print(f"pgwarden: no such file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        spans, logs = otlp_exporters(settings.audit)
+    except (CannotResend, OSError) as exc:
+        print(f"pgwarden: cannot resend: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        results = resend(args.files, spans, logs)
+    except CannotResend as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        spans.shutdown()
+        logs.shutdown()
+    for result in results:
+        detail = f": {result.detail}" if result.detail else ""
+        print(f"{result.path}: {result.outcome}{detail}")
+    return 0 if all(r.outcome == "delivered" for r in results) else 1
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from pgwarden.audit.recording import session_lines
     from pgwarden.audit.replay import transcript
@@ -192,7 +227,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: Any) -> None:
-    """Register ``audit`` (ship, verify, status) and ``replay`` on the CLI's subparsers."""
+    """Register ``audit`` (ship, verify, status, resend) and ``replay`` on the CLI's
+    subparsers."""
     audit = commands.add_parser(
         "audit", help="audit trail: ship the spool, verify records, show the backlog"
     )
@@ -239,6 +275,16 @@ def add_commands(commands: Any) -> None:
         "(a health check)",
     )
     status.set_defaults(func=cmd_status)
+    again = sub.add_parser(
+        "resend",
+        help="send again requests a backend partly refused (kept under rejected/); each "
+        "file is removed once the backend accepts all of it",
+    )
+    again.add_argument(
+        "files", type=Path, nargs="+", metavar="FILE", help="*.traces.binpb / *.logs.binpb"
+    )
+    again.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    again.set_defaults(func=cmd_resend)
     replay = commands.add_parser(
         "replay", help="print a recorded session as a psql-like transcript"
     )

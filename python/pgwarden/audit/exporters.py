@@ -145,8 +145,8 @@ class TelemetrySink:
     needs_spans = True
 
     def __init__(self, spans: EncodedExporter, logs: EncodedExporter | None) -> None:
-        self._spans = spans
-        self._logs = logs
+        self.spans = spans
+        self.logs = logs
 
     def export(self, batch: ShipBatch) -> bool:
         # Every request must succeed (a failed batch is delivered again whole, with the
@@ -155,14 +155,14 @@ class TelemetrySink:
         # the shipper, which reports it and keeps the records.
         rejections: list[Rejection] = []
         for request in batch.requests:
-            answer = self._spans.export_encoded(request)
+            answer = self.spans.export_encoded(request)
             if answer is None:
                 return False
             if answer.rejected or answer.message:
                 rejections.append(Rejection(SPANS, answer.rejected, answer.message, request))
-        if self._logs is not None:
+        if self.logs is not None:
             for request in batch.log_requests:
-                answer = self._logs.export_encoded(request)
+                answer = self.logs.export_encoded(request)
                 if answer is None:
                     return False
                 if answer.rejected or answer.message:
@@ -173,9 +173,9 @@ class TelemetrySink:
         return True
 
     def shutdown(self) -> None:
-        self._spans.shutdown()
-        if self._logs is not None:
-            self._logs.shutdown()
+        self.spans.shutdown()
+        if self.logs is not None:
+            self.logs.shutdown()
 
 
 class ConsoleSpanWriter:
