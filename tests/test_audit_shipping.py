@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -560,3 +561,74 @@ def test_status_shows_the_backlog_until_the_backend_has_it(tmp_path: Path) -> No
     assert caught_up.returncode == 0, caught_up.stderr
     assert "undelivered: 0 record(s)" in caught_up.stdout
     trail.close()
+
+
+def test_records_of_before_a_key_rotation_still_verify(tmp_path: Path) -> None:
+    """The chain key is rotated: the old key goes to previous_chain_key_files. The stream
+    sealed with it still ships as verified, and `audit verify` checks each stream with its
+    own key; without the old key both would call it broken."""
+    directory = tmp_path / "audit"
+    old_key = tmp_path / "old.key"
+    old_key.write_bytes(b"the key before the rotation\n")
+    before = settings_for(directory, chain_key_file=str(old_key))
+    trail = AuditTrail(before)
+    simple_session(trail, "00000000000000aa", ["select 1"])
+    trail.close()
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(b"the key after it\n")
+    with OtlpReceiver("http") as receiver:
+        after = settings_for(
+            directory,
+            chain_key_file=str(new_key),
+            previous_chain_key_files=[str(old_key)],
+            exporter="otlp_http",
+            endpoint=receiver.endpoint,
+        )
+        trail = AuditTrail(after)
+        simple_session(trail, "00000000000000bb", ["select 2"])
+        trail.close()
+        shutil.copytree(directory, tmp_path / "copy")
+        assert Shipper(after).run(threading.Event(), until_empty=True) == 0
+        spans = receiver.spans()
+        # The same spool shipped knowing only the new key: the old stream does not verify.
+        receiver.store.spans.clear()
+        only_new = settings_for(
+            tmp_path / "copy",
+            chain_key_file=str(new_key),
+            exporter="otlp_http",
+            endpoint=receiver.endpoint,
+        )
+        assert Shipper(only_new).run(threading.Event(), until_empty=True) == 0
+        unknown = receiver.spans()
+    verified = {s.attributes["pgwarden.session.id"]: [] for s in spans}
+    for span in spans:
+        verified[span.attributes["pgwarden.session.id"]].append(
+            span.attributes["pgwarden.chain.verified"]
+        )
+    assert verified == {"00000000000000aa": [True, True], "00000000000000bb": [True, True]}
+    by_session = {s.attributes["pgwarden.session.id"]: s for s in unknown}
+    assert by_session["00000000000000aa"].attributes["pgwarden.chain.verified"] is False
+    assert by_session["00000000000000bb"].attributes["pgwarden.chain.verified"] is True
+    # audit verify: the recordings of both streams, each with its key.
+    keys = [b"the key after it", b"the key before the rotation"]
+    assert verify_path(directory, keys).ok
+    assert not verify_path(directory, keys[0]).ok
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgwarden",
+            "audit",
+            "verify",
+            str(directory),
+            "--key-file",
+            str(new_key),
+            "--key-file",
+            str(old_key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "OK:" in cli.stdout

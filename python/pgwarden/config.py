@@ -381,6 +381,13 @@ class AuditSettings(BaseModel):
         description="File holding the chain key (raw bytes); wins over chain_key. Neither "
         "set: a random key is generated in <directory>/chain.key (mode 0600).",
     )
+    previous_chain_key_files: list[Path] = Field(
+        default_factory=list,
+        description="Files holding earlier chain keys, after a key rotation: records sealed "
+        "with them (streams written before the rotation, recordings) still verify, in the "
+        "shipper and in `pgwarden audit verify`. New records are sealed with the current key "
+        "only.",
+    )
     query_text: Literal["full", "sanitised", "none"] = Field(
         default="full",
         description="db.query.text in spans: the full SQL, sanitised (literals replaced by "
@@ -532,6 +539,10 @@ class AuditSettings(BaseModel):
         if self.chain_key is not None:
             return self.chain_key.get_secret_value().encode()
         return None
+
+    def previous_chain_keys(self) -> list[bytes]:
+        """The keys of ``previous_chain_key_files``, in order."""
+        return [path.read_bytes().strip() for path in self.previous_chain_key_files]
 
 
 class Settings(BaseSettings):

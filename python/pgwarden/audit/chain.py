@@ -12,10 +12,12 @@ Rust (``rust/wire/src/audit_record.rs``); this module checks them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -63,6 +65,16 @@ def check(key: bytes, prev: bytes, line: bytes) -> tuple[bool, bytes]:
     """Whether ``line`` continues the chain at ``prev``; returns (ok, stored hash)."""
     body, stored = unseal(line)
     return hmac.compare_digest(chain_hash(key, prev, body), stored), stored
+
+
+def key_for(keys: Sequence[bytes], prev: bytes, line: bytes) -> bytes | None:
+    """The first of ``keys`` with which ``line`` continues the chain at ``prev`` (a stream
+    is sealed with one key: after a key rotation, older streams with an earlier one)."""
+    for key in keys:
+        with contextlib.suppress(NotSealed):
+            if check(key, prev, line)[0]:
+                return key
+    return None
 
 
 def load_or_create_key(configured: bytes | None, directory: Path) -> bytes:

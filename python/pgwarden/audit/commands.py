@@ -113,22 +113,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pgwarden.audit import chain
     from pgwarden.audit.verify import verify_path
 
-    key: bytes | None = None
-    if args.key_file is not None:
-        key = args.key_file.read_bytes().strip()
+    keys: list[bytes]
+    if args.key_file:
+        keys = [path.read_bytes().strip() for path in args.key_file]
     else:
         settings = _load_settings(args.config)
         if isinstance(settings, int):
             return settings
         try:
-            key = chain.read_key(settings.audit.chain_key_bytes(), settings.audit.directory)
+            keys = [
+                chain.read_key(settings.audit.chain_key_bytes(), settings.audit.directory),
+                *settings.audit.previous_chain_keys(),
+            ]
         except OSError as exc:
             print(f"pgwarden: no chain key ({exc}); give --key-file", file=sys.stderr)
             return EXIT_CONFIG
     if not args.path.exists():
         print(f"pgwarden: no such file or directory: {args.path}", file=sys.stderr)
         return EXIT_CONFIG
-    report = verify_path(args.path, key)
+    report = verify_path(args.path, keys)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -254,7 +257,12 @@ def add_commands(commands: Any) -> None:
     )
     verify.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
     verify.add_argument(
-        "--key-file", type=Path, metavar="FILE", help="chain key (default: from the settings)"
+        "--key-file",
+        type=Path,
+        metavar="FILE",
+        action="append",
+        help="chain key (default: from the settings); repeat it for the keys of before a "
+        "key rotation",
     )
     verify.set_defaults(func=cmd_verify)
     status = sub.add_parser(

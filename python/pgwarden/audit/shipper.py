@@ -25,6 +25,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -96,7 +97,7 @@ class StreamShipper:
         self,
         stream_dir: Path,
         *,
-        key: bytes,
+        keys: Sequence[bytes],
         resource: Resource,
         query_text: QueryTextMode,
         query_text_max_bytes: int,
@@ -108,7 +109,6 @@ class StreamShipper:
         rejected: Path | None = None,
     ) -> None:
         self.dir = stream_dir
-        self.key = key
         #: Where requests the backend partly refused are kept.
         self.rejected_dir = rejected if rejected is not None else stream_dir / "rejected"
         self.recordings = recordings
@@ -117,12 +117,15 @@ class StreamShipper:
         self.spans = spans
         self.state = Checkpoint.load(stream_dir)
         self.reader = StreamReader(stream_dir, self.state.position)
+        #: The key this stream was sealed with: the current one, or after a key rotation
+        #: the earlier key its first unread record verifies with.
+        self.key = self._stream_key(keys)
         self.recorder = (
             SessionRecorder(recordings, stream_dir.name) if recordings is not None else None
         )
         self.assembler = (
             new_assembler(
-                key=key,
+                key=self.key,
                 resource=resource,
                 query_text=query_text,
                 request_spans=batch_size,
@@ -143,6 +146,23 @@ class StreamShipper:
         self.refused = {SPANS: 0, "log records": 0}
         #: The last read was a full batch: more is waiting.
         self.behind = False
+
+    def _stream_key(self, keys: Sequence[bytes]) -> bytes:
+        if len(keys) == 1:
+            return keys[0]
+        first = StreamReader(self.dir, self.state.position).read(1)
+        if not first:
+            return keys[0]
+        prev = bytes.fromhex(self.state.prev_hash)
+        if self.state.seq == 0:
+            with contextlib.suppress(ValueError, TypeError):
+                prev = bytes.fromhex(str(json.loads(first[0]).get("prev", "00" * 32)))
+        key = chain.key_for(keys, prev, first[0])
+        if key is None:
+            return keys[0]  # reported as a broken chain when the records are read
+        if key != keys[0]:
+            log.info("audit stream %s: sealed with an earlier chain key", self.dir.name)
+        return key
 
     # --- one step ---------------------------------------------------------------------
 
@@ -385,6 +405,7 @@ class Shipper:
         self.settings = settings
         self.paths = AuditPaths(audit.directory)
         self.key = chain.load_or_create_key(audit.chain_key_bytes(), audit.directory)
+        self.keys = [self.key, *audit.previous_chain_keys()]
         self.sink = sink if sink is not None else build_sink(audit)
         self.resource = build_resource(audit, settings.listen_port)
         self.streams: dict[str, StreamShipper] = {}
@@ -400,7 +421,7 @@ class Shipper:
             audit = self.settings.audit
             shipper = StreamShipper(
                 stream_dir,
-                key=self.key,
+                keys=self.keys,
                 resource=self.resource,
                 query_text=audit.query_text,
                 query_text_max_bytes=audit.query_text_max_bytes,

@@ -5,16 +5,17 @@ segments in both places are read as one), its ``spool/`` or ``recorded/`` direct
 stream directory, one segment file, or a file of records written by the ``file`` exporter
 (several streams interleaved).  Each stream is checked on its own: consecutive ``seq``
 numbers, and each record's hash equal to ``HMAC(key, previous hash || record)``.  The first
-broken or missing link of each stream is reported with where it is.  A check can start in
-the middle of a stream (without session recording, the shipper deletes what the backend
-acknowledged): it then starts at a ``segment`` record, whose ``prev`` names the hash
-before it.
+broken or missing link of each stream is reported with where it is.  With several keys
+(after a key rotation), each stream is checked with the one its first link verifies
+with.  A check can start in the middle of a stream (without session recording, the
+shipper deletes what the backend acknowledged): it then starts at a ``segment`` record,
+whose ``prev`` names the hash before it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,10 +87,20 @@ class VerifyReport:
 
 
 class _Checker:
-    def __init__(self, key: bytes, report: VerifyReport) -> None:
-        self.key = key
+    def __init__(self, keys: Sequence[bytes], report: VerifyReport) -> None:
+        self.keys = list(keys)
         self.report = report
         self.heads: dict[str, tuple[int, bytes]] = {}  # stream -> (last seq, last hash)
+        #: The key each stream is sealed with: the first that verifies its first link
+        #: (after a key rotation, older streams verify with an earlier key).
+        self.stream_keys: dict[str, bytes] = {}
+
+    def _key(self, stream: str, prev: bytes, line: bytes) -> bytes:
+        key = self.stream_keys.get(stream)
+        if key is None:
+            key = chain.key_for(self.keys, prev, line) or self.keys[0]
+            self.stream_keys[stream] = key
+        return key
 
     def check(self, line: bytes, where: str, stream_hint: str | None = None) -> None:
         try:
@@ -130,7 +141,9 @@ class _Checker:
             result.breaks.append(Break(stream, seq, where, str(exc)))
             stored = prev or chain.GENESIS
         else:
-            if prev is not None and chain.chain_hash(self.key, prev, body) != stored:
+            if prev is not None and (
+                chain.chain_hash(self._key(stream, prev, line), prev, body) != stored
+            ):
                 result.breaks.append(
                     Break(
                         stream,
@@ -162,10 +175,11 @@ def _stream_lines(stream_dirs: list[Path]) -> Iterator[tuple[bytes, str]]:
             pos = nl + 1
 
 
-def verify_path(path: Path, key: bytes) -> VerifyReport:
-    """Check every record under ``path`` (see the module docstring for what it may be)."""
+def verify_path(path: Path, key: bytes | Sequence[bytes]) -> VerifyReport:
+    """Check every record under ``path`` (see the module docstring for what it may be)
+    with ``key``, or with whichever of several keys each stream was sealed with."""
     report = VerifyReport()
-    checker = _Checker(key, report)
+    checker = _Checker([key] if isinstance(key, bytes) else key, report)
     if path.is_dir():
         places = [p for p in (path / RECORDED_DIR, path / SPOOL_DIR) if p.is_dir()]
         if not places:
