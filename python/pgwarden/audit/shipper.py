@@ -106,11 +106,11 @@ class StreamShipper:
         recording_logs: bool,
         batch_size: int,
         request_bytes: int,
-        rejected: Path | None = None,
+        rejected: Path,
     ) -> None:
         self.dir = stream_dir
         #: Where requests the backend partly refused are kept.
-        self.rejected_dir = rejected if rejected is not None else stream_dir / "rejected"
+        self.rejected_dir = rejected
         self.recordings = recordings
         self.recording_logs = recording_logs
         self.batch_size = batch_size
@@ -142,8 +142,6 @@ class StreamShipper:
         self._last_save = time.monotonic()
         self.chain_failures = 0
         self.delivered_spans = 0
-        #: Spans and log records the backend accepted the requests of but refused.
-        self.refused = {SPANS: 0, "log records": 0}
         #: The last read was a full batch: more is waiting.
         self.behind = False
 
@@ -247,7 +245,6 @@ class StreamShipper:
                 rejection.message or "(no message)",
             )
             return
-        self.refused[rejection.signal] = self.refused.get(rejection.signal, 0) + rejection.rejected
         suffix = "traces" if rejection.signal == SPANS else "logs"
         path = self.rejected_dir / f"{self.dir.name}-seq{seq}-{number}.{suffix}.binpb"
         try:
