@@ -39,6 +39,14 @@ def _load_settings(config: Path | None) -> Any:
     return EXIT_CONFIG
 
 
+def _log_to_stderr(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def _die_with_parent(parent_pid: int) -> bool:
     """SIGTERM this process when the parent goes; False if it is already gone."""
     with contextlib.suppress(OSError, AttributeError):
@@ -65,11 +73,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
     settings = _load_settings(args.config)
     if isinstance(settings, int):
         return settings
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    _log_to_stderr(settings.log_level)
     if settings.audit.directory is None:
         print("pgwarden: audit.directory is not set: no spool to ship", file=sys.stderr)
         return EXIT_CONFIG
@@ -169,11 +173,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
     settings = _load_settings(args.config)
     if isinstance(settings, int):
         return settings
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    _log_to_stderr(settings.log_level)
     missing = [str(path) for path in args.files if not path.is_file()]
     if missing:
         print(f"pgwarden: no such file: {', '.join(missing)}", file=sys.stderr)
