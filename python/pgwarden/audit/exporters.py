@@ -383,23 +383,27 @@ class _HttpSendsEncoded:
     _response: Any
     _count_field: str
 
-    def _keep_responses(self) -> _KeepsResponse:
+    def _keep_responses(self) -> _KeepsResponse | None:
+        """The client's transport, wrapped to keep responses (None: a client without one,
+        whose responses cannot be read)."""
         client = cast(Any, self)._client
-        kept = client._transport
-        if not isinstance(kept, _KeepsResponse):
-            kept = _KeepsResponse(kept)
-            client._transport = kept
-        return kept
+        kept = getattr(client, "_transport", None)
+        if kept is None or isinstance(kept, _KeepsResponse):
+            return kept
+        wrapped = _KeepsResponse(kept)
+        client._transport = wrapped
+        return wrapped
 
     def export_encoded(self, request: bytes) -> Accepted | None:
         exporter = cast(Any, self)
         if getattr(exporter, "_shutdown", False):
             return None
         kept = self._keep_responses()
-        kept.last = None
+        if kept is not None:
+            kept.last = None
         if not exporter._client.export(request).success:
             return None
-        last = kept.last
+        last = kept.last if kept is not None else None
         if last is None:
             return ACCEPTED
         try:
