@@ -50,7 +50,7 @@ from opentelemetry.sdk.resources import Resource
 
 from pgwarden import __version__
 from pgwarden.audit.console import format_request
-from pgwarden.audit.spool import Lines
+from pgwarden.audit.spool import Lines, write_durably
 from pgwarden.config import AuditSettings
 
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
@@ -206,14 +206,7 @@ class RecordFileSink:
         if not batch.lines:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(batch.lines.joined())
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_durably(self.path, batch.lines.joined(), append=True)
         return True
 
     def shutdown(self) -> None:
@@ -341,12 +334,19 @@ def partial_success(body: bytes, content_type: str, response: Any, count_field: 
             rejected = int(partial.get(first + "".join(w.capitalize() for w in rest), 0))
             message = str(partial.get("errorMessage", ""))
         else:
-            decoded = response.FromString(body)
-            rejected = int(getattr(decoded.partial_success, count_field))
-            message = decoded.partial_success.error_message
+            return answer_of(response.FromString(body), count_field)
     except (ValueError, TypeError, AttributeError, DecodeError):
         return ACCEPTED
     return Accepted(rejected, message) if rejected or message else ACCEPTED
+
+
+def answer_of(response: Any, count_field: str) -> Accepted:
+    """What a decoded Export*ServiceResponse says was refused."""
+    partial = response.partial_success
+    rejected = int(getattr(partial, count_field))
+    if not rejected and not partial.error_message:
+        return ACCEPTED
+    return Accepted(rejected, partial.error_message)
 
 
 class _KeepsResponse(BaseHTTPTransport):
@@ -502,11 +502,7 @@ class _SendsEncoded:
         stub = exporter._client
         if not isinstance(stub, _EncodedStub) or stub.last is None:
             return ACCEPTED
-        partial = stub.last.partial_success
-        rejected = int(getattr(partial, self._encoded_stub.count_field))
-        if not rejected and not partial.error_message:
-            return ACCEPTED
-        return Accepted(rejected, partial.error_message)
+        return answer_of(stub.last, self._encoded_stub.count_field)
 
     def _translate_data(self, data: Any) -> Any:
         if isinstance(data, _Encoded):

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from pgwarden.audit.exporters import EncodedExporter, TelemetrySink, build_sink
+from pgwarden.audit.spool import REJECTED_LOGS_SUFFIX as LOGS_SUFFIX
+from pgwarden.audit.spool import REJECTED_TRACES_SUFFIX as TRACES_SUFFIX
 from pgwarden.config import AuditSettings
-
-TRACES_SUFFIX: Final = ".traces.binpb"
-LOGS_SUFFIX: Final = ".logs.binpb"
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ from pgwarden.audit.spans import QueryTextMode, new_assembler
 from pgwarden.audit.spool import (
     CHECKPOINT_INTERVAL_SECONDS,
     FREE_PREFIX,
+    REJECTED_LOGS_SUFFIX,
+    REJECTED_TRACES_SUFFIX,
     AuditPaths,
     Checkpoint,
     Lines,
@@ -55,6 +57,7 @@ from pgwarden.audit.spool import (
     fsync_directory,
     list_streams,
     segment_names,
+    write_durably,
     writer_alive,
 )
 from pgwarden.config import Settings
@@ -245,22 +248,15 @@ class StreamShipper:
                 rejection.message or "(no message)",
             )
             return
-        suffix = "traces" if rejection.signal == SPANS else "logs"
-        path = self.rejected_dir / f"{self.dir.name}-seq{seq}-{number}.{suffix}.binpb"
+        suffix = REJECTED_TRACES_SUFFIX if rejection.signal == SPANS else REJECTED_LOGS_SUFFIX
+        path = self.rejected_dir / f"{self.dir.name}-seq{seq}-{number}{suffix}"
         try:
             sent = rejection.sent
         except Exception:  # a request the backend could read, so this should not happen
             sent = -1
         try:
             self.rejected_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(rejection.request)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_durably(path, rejection.request)
             fsync_directory(self.rejected_dir)
             kept = f"the request is kept in {path}"
         except OSError as exc:

@@ -35,8 +35,11 @@ from pgwarden.audit.records import Record
 
 SPOOL_DIR: Final = "spool"
 RECORDED_DIR: Final = "recorded"
-#: OTLP requests a backend accepted while refusing part of them (a partial success).
+#: OTLP requests a backend accepted while refusing part of them (a partial success), kept
+#: as ``<stream>-seq<seq>-<n>`` plus one of these suffixes.
 REJECTED_DIR: Final = "rejected"
+REJECTED_TRACES_SUFFIX: Final = ".traces.binpb"
+REJECTED_LOGS_SUFFIX: Final = ".logs.binpb"
 #: Session recordings of earlier versions (one file of records per session).
 SESSIONS_DIR: Final = "sessions"
 SHIPPER_LOCK: Final = "shipper.lock"
@@ -111,6 +114,20 @@ def stream_segments(stream_dirs: Sequence[Path]) -> list[Path]:
         for name in segment_names(stream_dir):
             where.setdefault(name, stream_dir / name)
     return [where[name] for name in sorted(where)]
+
+
+def write_durably(path: Path, data: bytes, *, append: bool = False) -> None:
+    """Write ``data`` to ``path`` (created mode 0600; appended to, or replacing what it
+    held) and fsync it."""
+    mode = os.O_APPEND if append else os.O_TRUNC
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | mode, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_directory(path: Path) -> None:

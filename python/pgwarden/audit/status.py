@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from pgwarden.audit.spool import (
+    REJECTED_LOGS_SUFFIX,
+    REJECTED_TRACES_SUFFIX,
     AuditPaths,
     Checkpoint,
     StreamReader,
@@ -173,7 +175,11 @@ def audit_status(directory: Path, max_spool_bytes: int) -> AuditStatus:
     paths = AuditPaths(directory)
     rejected = 0
     with contextlib.suppress(FileNotFoundError):
-        rejected = sum(1 for name in os.listdir(paths.rejected) if name.endswith(".binpb"))
+        rejected = sum(
+            1
+            for name in os.listdir(paths.rejected)
+            if name.endswith((REJECTED_TRACES_SUFFIX, REJECTED_LOGS_SUFFIX))
+        )
     return AuditStatus(
         directory=str(directory),
         spool_bytes=spool_usage(paths.spool),
