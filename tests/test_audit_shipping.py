@@ -198,7 +198,10 @@ def test_grpc_backend_down_then_up_gets_every_span_once(tmp_path: Path) -> None:
         tmp_path / "audit",
         exporter="otlp_grpc",
         endpoint=f"http://127.0.0.1:{port}",
-        timeout_seconds=1,
+        # Long enough that the backend's answer is not cut off while the reopened channel
+        # connects: a request timed out after the backend took it is sent again (at least
+        # once), and this test counts exact deliveries.
+        timeout_seconds=5,
         retry_max_seconds=0.1,
     )
     trail = AuditTrail(settings)
