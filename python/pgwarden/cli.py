@@ -130,6 +130,13 @@ def _check_files(settings: Any) -> str | None:
         return f"invalid setting upstream.password_file: {exc}"
     if settings.upstream.tls_ca_file is not None and not settings.upstream.tls_ca_file.is_file():
         return f"invalid setting upstream.tls_ca_file: no such file {settings.upstream.tls_ca_file}"
+    if settings.policy_file is not None:
+        from pgwarden.policy.rules import PolicyError, load_policy
+
+        try:
+            load_policy(settings.policy_file)
+        except PolicyError as exc:
+            return f"invalid setting policy_file: {exc}"
     if settings.identity is not None:
         from pgwarden.identity.runtime import check_identity_settings
 

@@ -595,6 +595,12 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest protocol message accepted in either direction (bytes).",
     )
+    policy_file: Path | None = Field(
+        default=None,
+        description="Statement policy (TOML, see docs/policy.md): every Query and Parse is "
+        "allowed or refused by its rules, fail closed; re-read on SIGHUP (a broken file "
+        "keeps the policy in force). Unset: statements are not filtered.",
+    )
     statement_log: str | None = Field(
         default=None,
         description="JSON-lines sink for per-statement events: a file path (reopened on "

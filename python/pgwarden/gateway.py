@@ -26,6 +26,7 @@ from pgwarden.statement_log import StatementLog
 
 if TYPE_CHECKING:
     from pgwarden.identity.runtime import IdentityRuntime
+    from pgwarden.policy.gate import PolicyGate
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Gateway:
             StatementLog(settings.statement_log) if settings.statement_log is not None else None
         )
         # With identity configured, tokens replace the static users, and role changes are
-        # refused (until a statement policy hook takes over that check).
+        # refused; with a statement policy, its checks come after that one.
         self.identity: IdentityRuntime | None = None
         self.session_observer: SessionObserver | None = None
         if settings.identity is not None and authenticator is None:
@@ -66,11 +67,18 @@ class Gateway:
                 runtime_dir=cancel_forwarder.runtime_dir if cancel_forwarder else None,
             )
             authenticator = self.identity.authenticator
-            client_event_hook = client_event_hook or self.identity.role_guard
             self.session_observer = self.identity
         self.authenticator: ClientAuthenticator = authenticator or StaticPasswordAuthenticator(
             settings.users
         )
+        self.policy: PolicyGate | None = None
+        if settings.policy_file is not None and client_event_hook is None:
+            from pgwarden.policy.gate import PolicyGate  # (pglast: only here)
+
+            self.policy = PolicyGate(settings.policy_file)
+            client_event_hook = self._statement_gate(self.policy)
+        elif self.identity is not None:
+            client_event_hook = client_event_hook or self.identity.role_guard
         self.client_event_hook = client_event_hook
         self.audit: AuditTrail | None = None
         if settings.audit.directory is not None:
@@ -78,6 +86,24 @@ class Gateway:
         self.sessions: set[Session] = set()
         self.draining = False
         self._sessions_changed = anyio.Event()
+
+    def _statement_gate(self, policy: PolicyGate) -> ClientEventHook:
+        """The policy's checks, after the identity's role-change guard when identity is on."""
+        from pgwarden.statement_gate import StatementGate
+
+        statement_checks = [policy.check_statement]
+        function_checks = [policy.check_function_call]
+        if self.identity is not None:
+            from pgwarden.identity import role_guard
+
+            statement_checks.insert(0, role_guard.check_statement)
+            function_checks.insert(0, role_guard.check_function_call)
+        return StatementGate(statement_checks, function_checks)
+
+    def reload_policy(self) -> None:
+        """SIGHUP: read the statement policy again (kept as it is when the file is broken)."""
+        if self.policy is not None:
+            self.policy.reload()
 
     async def handle_connection(self, sock: socket.socket, client_address: str) -> None:
         """Run one session to its end; never raises (one session cannot hurt another)."""

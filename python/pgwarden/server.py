@@ -1,6 +1,7 @@
 """Listening sockets, the accept loop, and the signals of one gateway process.
 
-SIGTERM/SIGINT stop it (a drain first); SIGHUP reopens the statement log, for log rotation.
+SIGTERM/SIGINT stop it (a drain first); SIGHUP reopens the statement log, for log rotation,
+and re-reads the statement policy.
 
 anyio gives the structure (a task per session inside a task group, cancel scopes for the
 drain); the data path underneath is asyncio Protocols on raw transports (``pgwarden.relay``),
@@ -170,12 +171,14 @@ async def serve(
 
 
 async def _reopen_on_hangup(gateway: Gateway, hangups: AsyncIterator[signal.Signals]) -> None:
-    """SIGHUP: reopen the statement log by its name (after logrotate renamed the file).
+    """SIGHUP: reopen the statement log by its name (after logrotate renamed the file), and
+    read the statement policy file again.
 
     Settings are not re-read: the listeners, TLS contexts, identity issuers and upstream
     credentials they describe are built once at start-up, so a changed file needs a restart.
     """
     async for _ in hangups:
+        gateway.reload_policy()
         statement_log = gateway.statement_log
         if statement_log is not None and statement_log.request_reopen():
             log.info(

@@ -2,10 +2,10 @@
 
 The supervisor forks before any event loop exists, waits for every worker to be listening,
 then announces the port once.  It forwards SIGTERM/SIGINT to the workers (each drains on its
-own) and SIGHUP (each reopens its statement log), restarts a worker that dies while serving,
-and exits 0 when all have stopped after a shutdown signal.  Workers find each other for
-CancelRequest forwarding through unix sockets in a private runtime directory named after the
-port.
+own) and SIGHUP (each reopens its statement log and re-reads the statement policy), restarts
+a worker that dies while serving, and exits 0 when all have stopped after a shutdown signal.
+Workers find each other for CancelRequest forwarding through unix sockets in a private
+runtime directory named after the port.
 """
 
 from __future__ import annotations

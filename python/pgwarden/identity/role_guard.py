@@ -16,16 +16,12 @@ The verdict depends on the statement text only and is cached per text.  A statem
 grammar cannot parse is refused as well (fail closed; pglast's grammar is at least as new as
 the server's, so the server would not have parsed it either).
 
-**How a refusal is answered.**  The codec has already counted the message as sent (its
-statement tracker matches every server response in order, for the statement log and the
-drain), so the gateway does not cut it out and answer on its own -- that would break the
-order of responses behind pipelined statements.  Instead the message is replaced, at the
-same place in the stream, by one the server itself fails with SQLSTATE 42501: a
-``DO`` block that raises the gateway's error.  The server then answers exactly as it would
-answer a refused statement -- ErrorResponse, the transaction marked failed, everything up to
-the next Sync skipped, ReadyForQuery -- and the statement record keeps the statement the
-client sent, with the 42501.  For the extended protocol the replaced Parse succeeds and the
-error comes at Execute.  A FunctionCall of ``set_config`` (fast path) ends the session.
+**How a refusal is answered** (:mod:`pgwarden.refusal`): the message is replaced, at the
+same place in the stream, by a ``DO`` block the server itself fails with SQLSTATE 42501, so
+the server answers in order, marks the transaction failed and skips to Sync, and the
+statement record keeps the statement the client sent.  For the extended protocol the
+replaced Parse succeeds and the error comes at Execute.  A FunctionCall of ``set_config``
+(fast path) ends the session.
 
 Not covered here (the statement policy's work): role changes executed inside function
 bodies or DO blocks, whose text the grammar sees only as a string.  Give mapped roles no
@@ -42,21 +38,17 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pglast import parser as pg_parser
 
-from pgwarden import _wire, errors
+from pgwarden import errors
+from pgwarden.statement_gate import Refusal, StatementGate
 
 if TYPE_CHECKING:
-    from pgwarden._wire import ClientEvent
     from pgwarden.session import Session
 
 log = logging.getLogger(__name__)
 
-EV_QUERY: Final = _wire.EV_QUERY
-EV_PARSE: Final = _wire.EV_PARSE
-EV_FUNCTION_CALL: Final = _wire.EV_FUNCTION_CALL
 PROTECTED_SETTINGS: Final = frozenset({"role", "session_authorization"})
 SET_CONFIG_OID: Final = 2078  # pg_catalog.set_config(text, text, boolean), fixed in pg_proc.dat
 _CACHE_SIZE: Final = 16384
-_DO_TAG: Final = "$pgwarden_refusal$"
 # A VariableSetStmt appears under its node name, or as the typed ``setstmt`` field of
 # ALTER ROLE/DATABASE/SYSTEM ... SET.
 _SET_STATEMENT_KEYS: Final = frozenset({"VariableSetStmt", "setstmt"})
@@ -121,83 +113,45 @@ def role_change(sql: str) -> str | None:
     return None
 
 
-def _raise_sql(sqlstate: str, message: str, hint: str | None = None) -> bytes:
-    """A DO block that raises ``message`` (fixed text, never client input) as ``sqlstate``."""
-    for text in (message, hint or ""):
-        if "'" in text or "\\" in text or "$" in text:
-            raise ValueError("refusal texts must not need quoting")
-    using = f"ERRCODE = '{sqlstate}', MESSAGE = '{message}'"
-    if hint:
-        using += f", HINT = '{hint}'"
-    return f"DO {_DO_TAG}BEGIN RAISE EXCEPTION USING {using}; END{_DO_TAG}".encode()
-
-
 @functools.lru_cache(maxsize=8)
-def refusal_sql(change: str) -> bytes:
+def _refusal(change: str) -> Refusal:
     if change == "unparsable":
-        return _raise_sql(
+        return Refusal(
             errors.SYNTAX_ERROR,
             "pgwarden refused a statement the PostgreSQL grammar cannot parse",
             "Check the statement for a syntax error.",
+            "an unparsable statement",
         )
-    return _raise_sql(
+    return Refusal(
         errors.INSUFFICIENT_PRIVILEGE,
         f"permission denied: {change} is not allowed through pgwarden",
         ROLE_CHANGE_HINT,
+        change,
     )
 
 
-def _replacement_query(change: str) -> bytes:
-    return _wire.encode_message(ord("Q"), refusal_sql(change) + b"\0")
+def check_statement(session: Session, sql: str) -> Refusal | None:
+    """The role-change check of a statement text (a :class:`StatementGate` check)."""
+    change = role_change(sql)
+    return None if change is None else _refusal(change)
 
 
-def _replacement_parse(message: bytes, change: str) -> bytes:
-    """The same Parse (statement name, parameter types) with the refusal as its SQL."""
-    body = message[5:]
-    name_end = body.index(0)
-    sql_end = body.index(0, name_end + 1)
-    new_body = body[: name_end + 1] + refusal_sql(change) + body[sql_end:]
-    return _wire.encode_message(ord("P"), new_body)
+_SET_CONFIG_CALL: Final = Refusal(
+    errors.INSUFFICIENT_PRIVILEGE,
+    "permission denied: calling set_config through the fast-path interface "
+    "is not allowed through pgwarden",
+    None,
+    "set_config",
+)
 
 
-class RoleChangeGuard:
+def check_function_call(session: Session, oid: int) -> Refusal | None:
+    """A fast-path call of ``set_config`` is refused (a :class:`StatementGate` check)."""
+    return _SET_CONFIG_CALL if oid == SET_CONFIG_OID else None
+
+
+class RoleChangeGuard(StatementGate):
     """The client event hook that refuses role changes (see the module documentation)."""
 
     def __init__(self) -> None:
-        self.refused = 0
-
-    def on_client_events(self, session: Session, data: bytes, events: list[ClientEvent]) -> bytes:
-        pieces: list[bytes] | None = None
-        position = 0
-        for event in events:
-            kind = event[0]
-            if kind in (EV_QUERY, EV_PARSE):
-                sql = event[1] if kind == EV_QUERY else event[2]
-                assert isinstance(sql, str)
-                change = role_change(sql)
-                if change is None:
-                    continue
-                start, end = event[-2], event[-1]
-                assert isinstance(start, int) and isinstance(end, int)
-                if pieces is None:
-                    pieces = []
-                pieces.append(data[position:start])
-                if kind == EV_QUERY:
-                    pieces.append(_replacement_query(change))
-                else:
-                    pieces.append(_replacement_parse(data[start:end], change))
-                position = end
-                self.refused += 1
-                log.info("session %s: refused %s", session.id, change)
-            elif kind == EV_FUNCTION_CALL and event[1] == SET_CONFIG_OID:
-                log.warning("session %s: fast-path set_config call: session ended", session.id)
-                session.terminate(
-                    errors.INSUFFICIENT_PRIVILEGE,
-                    "permission denied: calling set_config through the fast-path interface "
-                    "is not allowed through pgwarden",
-                )
-                return b""
-        if pieces is None:
-            return data
-        pieces.append(data[position:])
-        return b"".join(pieces)
+        super().__init__([check_statement], [check_function_call])

@@ -1,0 +1,128 @@
+"""Decisions: a statement text, for a subject, against the loaded policy.
+
+A decision depends on the policy version, the rules that apply to the subject and the
+text, and is cached on exactly that: a repeated statement costs two dictionary lookups.
+Parsing (libpg_query) happens on a cache miss of the text only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+from pgwarden import errors
+from pgwarden.policy.analysis import CODE, Statement, analyse
+from pgwarden.policy.rules import LoadedPolicy, Rule
+
+log = logging.getLogger(__name__)
+
+_MAX_DECISIONS: Final = 65536
+_MAX_SUBJECTS: Final = 4096
+NO_RULE_HINT: Final = "Ask for a policy rule that allows it."
+UNPARSABLE_MESSAGE: Final = "pgwarden refused a statement the PostgreSQL grammar cannot parse"
+UNPARSABLE_HINT: Final = "Check the statement for a syntax error."
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict on a statement text: allowed, or refused with this error."""
+
+    allowed: bool
+    kind: str = ""  # the class of the statement that decided ("" when none did)
+    rule: str | None = None  # the rule that decided (None: the policy's default)
+    sqlstate: str = ""
+    message: str = ""
+    hint: str | None = None
+
+
+ALLOWED: Final = Decision(allowed=True)
+
+
+def _refusal(statement: Statement, rule: Rule | None) -> Decision:
+    if rule is not None:
+        return Decision(
+            allowed=False,
+            kind=statement.kind,
+            rule=rule.name,
+            sqlstate=errors.INSUFFICIENT_PRIVILEGE,
+            message=f'permission denied by pgwarden policy: rule "{rule.name}" refuses '
+            f"this {statement.kind} statement",
+            hint=rule.message,
+        )
+    return Decision(
+        allowed=False,
+        kind=statement.kind,
+        sqlstate=errors.INSUFFICIENT_PRIVILEGE,
+        message=f"permission denied by pgwarden policy: no rule allows this {statement.kind} "
+        "statement",
+        hint=NO_RULE_HINT,
+    )
+
+
+class PolicyEngine:
+    """The loaded policy and its caches; :meth:`replace` swaps in a reloaded one."""
+
+    def __init__(self, loaded: LoadedPolicy) -> None:
+        self.loaded = loaded
+        self._subjects: dict[tuple[str, tuple[str, ...], str], tuple[Rule, ...]] = {}
+        self._decisions: dict[tuple[tuple[Rule, ...], str], Decision] = {}
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    def replace(self, loaded: LoadedPolicy) -> None:
+        """Use ``loaded`` from now on (cached decisions of the old policy are dropped)."""
+        self.loaded = loaded
+        self._subjects = {}
+        self._decisions = {}
+
+    def rules_for(self, user: str, groups: tuple[str, ...], role: str) -> tuple[Rule, ...]:
+        """The rules that apply to a subject, in order (cached per subject)."""
+        key = (user, groups, role)
+        rules = self._subjects.get(key)
+        if rules is None:
+            if len(self._subjects) >= _MAX_SUBJECTS:
+                self._subjects.clear()
+            rules = tuple(r for r in self.loaded.policy.rule if r.applies_to(user, groups, role))
+            self._subjects[key] = rules
+        return rules
+
+    def decide(self, rules: tuple[Rule, ...], sql: str) -> Decision:
+        """The verdict on ``sql`` under ``rules`` (from :meth:`rules_for`)."""
+        key = (rules, sql)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= _MAX_DECISIONS:
+                self._decisions.clear()
+            decision = self._decide(rules, sql)
+            self._decisions[key] = decision
+        return decision
+
+    def _decide(self, rules: tuple[Rule, ...], sql: str) -> Decision:
+        analysis = analyse(sql)
+        if not analysis.parsed:
+            return Decision(
+                allowed=False,
+                sqlstate=errors.SYNTAX_ERROR,
+                message=UNPARSABLE_MESSAGE,
+                hint=UNPARSABLE_HINT,
+            )
+        allow_by_default = self.loaded.policy.default == "allow"
+        for statement in analysis.statements:
+            rule = next((r for r in rules if r.matches(statement)), None)
+            allowed = rule.action == "allow" if rule is not None else allow_by_default
+            if not allowed:
+                return _refusal(statement, rule)
+        return ALLOWED
+
+    def decide_call(self, rules: tuple[Rule, ...], oid: int) -> Decision:
+        """The verdict on a fast-path FunctionCall (function ``oid``): a ``code`` statement
+        whose function the policy cannot name."""
+        statement = Statement(kind=CODE, node="FunctionCall", tables=(), functions=())
+        rule = next((r for r in rules if r.matches(statement)), None)
+        allowed = (
+            rule.action == "allow" if rule is not None else (self.loaded.policy.default == "allow")
+        )
+        return ALLOWED if allowed else _refusal(statement, rule)

@@ -1,0 +1,221 @@
+"""The statement policy file: its model, its loading and its version.
+
+A TOML file (``policy_file``), read whole at start and at SIGHUP::
+
+    default = "deny"              # the verdict when no rule matches: "allow" or "deny"
+    version = "2026-11-27.1"      # optional; else the file's SHA-256 (12 hex digits)
+
+    [[rule]]
+    name = "no server files"
+    functions = ["pg_read_file", "pg_ls_dir", "lo_export"]
+    action = "deny"
+
+    [[rule]]
+    name = "agents read the shop"
+    groups = ["agents"]           # who: users / groups / roles (each given list must match)
+    statements = ["read", "transaction", "session"]
+    tables = ["shop.*"]
+    action = "allow"
+
+Rules are tried in file order; the first one that matches a statement decides it
+(docs/policy.md has the matching rules).  Anything wrong in the file is a
+:class:`PolicyError` that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pgwarden.policy.analysis import CLASSES, Statement
+
+ANY: Final = "any"
+_MAX_TEXT: Final = 200
+
+
+class PolicyError(Exception):
+    """A policy file that cannot be used (unreadable, not TOML, or not a valid policy)."""
+
+
+def _plain_text(value: str, what: str) -> str:
+    """Names and messages end up in the error the client sees (inside the SQL the gateway
+    has the server raise): printable ASCII, and short."""
+    if not value or len(value) > _MAX_TEXT:
+        raise ValueError(f"{what} must be 1 to {_MAX_TEXT} characters")
+    if not all(" " <= ch <= "~" for ch in value) or "$" in value:
+        raise ValueError(f"{what} must be printable ASCII without '$'")
+    return value
+
+
+class Rule(BaseModel):
+    """One rule: who it applies to, which statements it matches, and the verdict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Shown in the error of a statement the rule refuses, and logged.")
+    action: Literal["allow", "deny"] = Field(description="The verdict when the rule matches.")
+    users: tuple[str, ...] | None = Field(
+        default=None, description="Identity names (glob patterns); unset: anyone."
+    )
+    groups: tuple[str, ...] | None = Field(
+        default=None,
+        description="Identity groups (the token's roles/groups, glob patterns); unset: any.",
+    )
+    roles: tuple[str, ...] | None = Field(
+        default=None,
+        description="PostgreSQL roles the session logs in as (glob patterns); unset: any.",
+    )
+    statements: tuple[str, ...] = Field(
+        default=(ANY,),
+        description=f"Statement classes: {', '.join(CLASSES)}, or 'any' (the default).",
+    )
+    tables: tuple[str, ...] | None = Field(
+        default=None,
+        description="Relations, 'schema.name' glob patterns ('shop.*'); unset: whatever the "
+        "statement names. A deny rule matches when any relation matches, an allow rule "
+        "when every one does.",
+    )
+    functions: tuple[str, ...] | None = Field(
+        default=None,
+        description="Functions called, by name (glob patterns); unset: whatever is called. "
+        "A deny rule matches when any call matches, an allow rule when every one does.",
+    )
+    message: str | None = Field(
+        default=None, description="A hint added to the error of a statement this rule refuses."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _plain_text(value, "name")
+
+    @field_validator("message")
+    @classmethod
+    def _message(cls, value: str | None) -> str | None:
+        return None if value is None else _plain_text(value, "message")
+
+    @field_validator("statements")
+    @classmethod
+    def _statements(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in value if v not in (*CLASSES, ANY)]
+        if unknown or not value:
+            raise ValueError(
+                f"unknown statement class {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"known: {', '.join((*CLASSES, ANY))}"
+            )
+        return value
+
+    def applies_to(self, user: str, groups: tuple[str, ...], role: str) -> bool:
+        """Whether the rule is about this subject."""
+        if self.users is not None and not any(fnmatchcase(user, p) for p in self.users):
+            return False
+        if self.groups is not None and not any(
+            fnmatchcase(g, p) for g in groups for p in self.groups
+        ):
+            return False
+        return self.roles is None or any(fnmatchcase(role, p) for p in self.roles)
+
+    def matches(self, statement: Statement) -> bool:
+        """Whether the rule decides ``statement`` (its subject already checked)."""
+        if ANY not in self.statements and statement.kind not in self.statements:
+            return False
+        every = self.action == "allow"  # an allow rule must cover all the statement does
+        if self.tables is not None:
+            hits = [any(table_matches(t, p) for p in self.tables) for t in statement.tables]
+            if not (all(hits) if every else any(hits)):
+                return False
+        if self.functions is not None:
+            hits = [
+                any(fnmatchcase(f.lower(), p.lower()) for p in self.functions)
+                for f in statement.functions
+            ]
+            if not (all(hits) if every else any(hits)):
+                return False
+        return True
+
+
+def table_matches(table: str, pattern: str) -> bool:
+    """Whether a relation the statement names matches a ``schema.name`` pattern.
+
+    A name without a schema depends on the session's ``search_path``, which the caller
+    controls: it matches on its name alone, whatever the pattern's schema.  A dropped schema
+    (``schema.*``) matches every pattern of that schema.
+    """
+    schema, _, name = table.rpartition(".")
+    p_schema, dot, p_name = pattern.rpartition(".")
+    if not dot:
+        p_schema = "*"
+    if name == "*":
+        return fnmatchcase(schema, p_schema)
+    if not schema:
+        return fnmatchcase(name, p_name)
+    return fnmatchcase(schema, p_schema) and fnmatchcase(name, p_name)
+
+
+class Policy(BaseModel):
+    """A whole policy file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: Literal["allow", "deny"] = Field(
+        default="deny", description="The verdict for a statement no rule matches."
+    )
+    version: str | None = Field(
+        default=None,
+        description="Recorded with each refusal; unset: the file's SHA-256 (12 hex digits).",
+    )
+    rule: tuple[Rule, ...] = Field(default=(), description="The rules, tried in order.")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str | None) -> str | None:
+        return None if value is None else _plain_text(value, "version")
+
+
+class LoadedPolicy:
+    """A policy as read from its file, with its version."""
+
+    def __init__(self, policy: Policy, version: str, path: Path | None = None) -> None:
+        self.policy = policy
+        self.version = version
+        self.path = path
+
+
+def parse_policy(data: bytes, source: str = "policy") -> LoadedPolicy:
+    """A policy from the bytes of a policy file."""
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{source}: not UTF-8 ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{source}: invalid TOML: {exc}") from None
+    try:
+        policy = Policy.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise PolicyError(f"{source}: invalid policy: {problems}") from None
+    names = [r.name for r in policy.rule]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PolicyError(f"{source}: rule names must be unique: {', '.join(duplicates)}")
+    version = policy.version or hashlib.sha256(data).hexdigest()[:12]
+    return LoadedPolicy(policy, version)
+
+
+def load_policy(path: Path) -> LoadedPolicy:
+    """The policy in ``path``; :class:`PolicyError` when it cannot be used."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {path}: {exc.strerror or exc}") from None
+    loaded = parse_policy(data, str(path))
+    loaded.path = path
+    return loaded

@@ -1,0 +1,99 @@
+"""The client event hook that refuses statements: each Query and Parse goes through a list
+of checks (the identity's role-change guard, the statement policy), and the first refusal
+replaces the message in the stream (:mod:`pgwarden.refusal`).  A fast-path FunctionCall has
+no SQL to replace: a refused one ends the session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+from pgwarden import _wire, refusal
+
+if TYPE_CHECKING:
+    from pgwarden._wire import ClientEvent
+    from pgwarden.session import Session
+
+log = logging.getLogger(__name__)
+
+EV_QUERY: Final = _wire.EV_QUERY
+EV_PARSE: Final = _wire.EV_PARSE
+EV_FUNCTION_CALL: Final = _wire.EV_FUNCTION_CALL
+
+
+class Refusal(NamedTuple):
+    """Why a statement is refused: the error the client gets, and what the log says."""
+
+    sqlstate: str
+    message: str
+    hint: str | None
+    label: str  # for the log: "SET ROLE", 'policy rule "x" (write)', ...
+
+
+StatementCheck = Callable[["Session", str], "Refusal | None"]
+FunctionCheck = Callable[["Session", int], "Refusal | None"]
+
+
+class StatementGate:
+    """Replaces refused Query / Parse messages; ends a session on a refused FunctionCall."""
+
+    def __init__(
+        self,
+        statement_checks: Sequence[StatementCheck],
+        function_checks: Sequence[FunctionCheck] = (),
+    ) -> None:
+        self.statement_checks = tuple(statement_checks)
+        self.function_checks = tuple(function_checks)
+        self.refused = 0
+
+    def _check(self, session: Session, sql: str) -> Refusal | None:
+        for check in self.statement_checks:
+            found = check(session, sql)
+            if found is not None:
+                return found
+        return None
+
+    def on_client_events(self, session: Session, data: bytes, events: list[ClientEvent]) -> bytes:
+        pieces: list[bytes] | None = None
+        position = 0
+        for event in events:
+            kind = event[0]
+            if kind in (EV_QUERY, EV_PARSE):
+                sql = event[1] if kind == EV_QUERY else event[2]
+                assert isinstance(sql, str)
+                found = self._check(session, sql)
+                if found is None:
+                    continue
+                start, end = event[-2], event[-1]
+                assert isinstance(start, int) and isinstance(end, int)
+                if pieces is None:
+                    pieces = []
+                pieces.append(data[position:start])
+                raising = refusal.raise_sql(found.sqlstate, found.message, found.hint)
+                if kind == EV_QUERY:
+                    pieces.append(refusal.replace_query(raising))
+                else:
+                    pieces.append(refusal.replace_parse(data[start:end], sql, raising))
+                position = end
+                self.refused += 1
+                log.info("session %s: refused %s", session.id, found.label)
+            elif kind == EV_FUNCTION_CALL:
+                oid = event[1]
+                assert isinstance(oid, int)
+                for check in self.function_checks:
+                    found = check(session, oid)
+                    if found is not None:
+                        log.warning(
+                            "session %s: refused a fast-path call (%s): session ended",
+                            session.id,
+                            found.label,
+                        )
+                        self.refused += 1
+                        session.terminate(found.sqlstate, found.message)
+                        return b""
+        if pieces is None:
+            return data
+        pieces.append(data[position:])
+        return b"".join(pieces)

@@ -1,0 +1,363 @@
+"""The statement policy: every Query and Parse allowed or refused by the rules of a policy
+file, with psql, psycopg (simple, extended, pipeline) and asyncpg through a real gateway;
+the refusal is a 42501 the server itself raises, in order, with the transaction state
+PostgreSQL would leave; reloads on SIGHUP; a broken file is a clear error."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import psycopg
+import pytest
+
+from harness import (
+    CLIENT_USER,
+    OTHER_CLIENT_PASSWORD,
+    OTHER_CLIENT_USER,
+    SCRAM_ROLE,
+    GatewayLauncher,
+    GatewayProcess,
+    StartGateway,
+    gateway_command,
+    gateway_environment,
+    run_tool,
+    settings_env,
+    stop_and_check,
+    wait_until,
+)
+from pgwarden.policy.analysis import analyse
+from pgwarden.policy.engine import PolicyEngine
+from pgwarden.policy.rules import PolicyError, parse_policy
+
+POLICY = f"""
+default = "deny"
+version = "test-1"
+
+[[rule]]
+name = "no server files"
+functions = ["pg_read_file", "pg_ls_dir"]
+action = "deny"
+message = "Server files are not readable through the gateway."
+
+[[rule]]
+name = "{OTHER_CLIENT_USER} reads"
+users = ["{OTHER_CLIENT_USER}"]
+statements = ["read", "transaction", "session"]
+action = "allow"
+
+[[rule]]
+name = "no ddl"
+statements = ["ddl", "admin", "code"]
+action = "deny"
+
+[[rule]]
+name = "{CLIENT_USER} works on the policy tables"
+users = ["{CLIENT_USER}"]
+statements = ["read", "write", "transaction", "session"]
+tables = ["public.policy_*"]
+action = "allow"
+"""
+
+
+# --- the policy, without a gateway -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "kinds"),
+    [
+        ("select * from t", ["read"]),
+        ("with d as (delete from t returning *) select * from d", ["write"]),
+        ("select * from t for update", ["write"]),
+        ("select * into t2 from t", ["ddl"]),
+        ("explain delete from t", ["read"]),
+        ("explain analyze delete from t", ["write"]),
+        ("explain (analyze false) delete from t", ["read"]),
+        ("copy t to stdout", ["read"]),
+        ("copy t from stdin", ["write"]),
+        ("copy t to '/tmp/x'", ["admin"]),
+        ("copy (select 1) to program 'true'", ["admin"]),
+        ("prepare p as delete from t", ["write"]),
+        ("truncate t", ["write"]),
+        ("drop table t", ["ddl"]),
+        ("create index on t (a)", ["ddl"]),
+        ("grant select on t to public", ["admin"]),
+        ("do $$ begin end $$", ["code"]),
+        ("call p()", ["code"]),
+        ("begin", ["transaction"]),
+        ("set search_path = x", ["session"]),
+        ("select 1; drop table t", ["read", "ddl"]),
+    ],
+)
+def test_statement_classes(sql: str, kinds: list[str]) -> None:
+    assert [s.kind for s in analyse(sql).statements] == kinds
+
+
+def test_tables_functions_and_parameters_are_read_from_the_tree() -> None:
+    analysis = analyse(
+        "with c as (select * from a.one) select pg_catalog.pg_read_file($2) from c, two"
+    )
+    (statement,) = analysis.statements
+    assert statement.tables == ("a.one", "two")  # the WITH query's name is not a table
+    assert statement.functions == ("pg_read_file",)
+    assert analysis.parameters == 2
+    assert analyse("drop schema s cascade").statements[0].tables == ("s.*",)
+    assert analyse("drop table a.x, y").statements[0].tables == ("a.x", "y")
+    assert not analyse("selec 1").parsed
+
+
+def _decide(policy: str, sql: str, user: str = CLIENT_USER) -> Any:
+    engine = PolicyEngine(parse_policy(policy.encode()))
+    return engine.decide(engine.rules_for(user, (), SCRAM_ROLE), sql)
+
+
+def test_rules_decide_in_order_and_allow_rules_cover_every_table() -> None:
+    assert _decide(POLICY, "select * from policy_items").allowed
+    assert _decide(POLICY, "update public.policy_items set n = 1").allowed
+    # An allow rule must cover every relation; a deny rule any one of them.
+    outside = _decide(POLICY, "select * from policy_items join secrets using (id)")
+    assert not outside.allowed and outside.rule is None
+    assert "no rule allows this read statement" in outside.message
+    dropped = _decide(POLICY, "drop table policy_items")
+    assert (dropped.rule, dropped.sqlstate, dropped.kind) == ("no ddl", "42501", "ddl")
+    files = _decide(POLICY, "select pg_read_file('/etc/passwd')")
+    assert files.rule == "no server files" and files.hint is not None
+    # Every statement of a text must be allowed.
+    assert not _decide(POLICY, "select 1 from policy_items; drop table policy_items").allowed
+    assert _decide(POLICY, "begin; select 1 from policy_items; commit").allowed
+    # Another user: read only, whatever the table.
+    assert _decide(POLICY, "select * from secrets", OTHER_CLIENT_USER).allowed
+    assert not _decide(POLICY, "delete from policy_items", OTHER_CLIENT_USER).allowed
+    unparsable = _decide(POLICY, "selec 1")
+    assert (unparsable.allowed, unparsable.sqlstate) == (False, "42601")
+
+
+def test_default_allow_and_fast_path_calls() -> None:
+    policy = 'default = "allow"\n[[rule]]\nname = "no code"\nstatements = ["code"]\naction = "deny"'
+    engine = PolicyEngine(parse_policy(policy.encode()))
+    rules = engine.rules_for("anyone", (), "r")
+    assert engine.decide(rules, "drop table t").allowed
+    assert not engine.decide(rules, "do $$ begin end $$").allowed
+    assert not engine.decide_call(rules, 2078).allowed
+    assert PolicyEngine(parse_policy(b"")).version == parse_policy(b"").version  # file hash
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("default = ", "invalid TOML"),
+        ('default = "maybe"', "default"),
+        ('[[rule]]\nname = "x"\naction = "deny"\nstatements = ["writes"]', "unknown statement"),
+        ('[[rule]]\nname = "x"\naction = "deny"\ncolour = "red"', "rule.0.colour"),
+        ('[[rule]]\nname = "x"\naction = "deny"\n[[rule]]\nname = "x"\naction = "allow"', "unique"),
+        ('[[rule]]\nname = "a $x$ b"\naction = "deny"', "printable ASCII"),
+        ('[[rule]]\nname = "x"', "action"),
+    ],
+)
+def test_broken_policy_files_are_clear_errors(text: str, problem: str) -> None:
+    with pytest.raises(PolicyError, match=problem):
+        parse_policy(text.encode(), "p.toml")
+
+
+# --- through the gateway ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policy_tables(gateway_launcher: GatewayLauncher) -> None:
+    cluster = gateway_launcher.cluster
+    with psycopg.connect(cluster.dsn(dbname="gwtest"), autocommit=True) as conn:
+        conn.execute(
+            "drop table if exists policy_items, vault_secrets;"
+            "create table policy_items (id int primary key, n int);"
+            "create table vault_secrets (id int primary key, s text);"
+            f"grant all on policy_items, vault_secrets to {SCRAM_ROLE}"
+        )
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    return path
+
+
+@pytest.fixture
+def guarded(
+    start_gateway: StartGateway, policy_file: Path, policy_tables: None, tmp_path: Path
+) -> Iterator[GatewayProcess]:
+    yield start_gateway(
+        {"policy_file": str(policy_file), "statement_log": str(tmp_path / "statements.jsonl")}
+    )
+
+
+def _reset(gateway: GatewayProcess) -> None:
+    with psycopg.connect(gateway.settings and _direct(gateway), autocommit=True) as conn:
+        conn.execute("truncate policy_items, vault_secrets")
+
+
+def _direct(gateway: GatewayProcess) -> str:
+    upstream = gateway.settings["upstream"]
+    return (
+        f"host={upstream['host']} port={upstream['port']} dbname=gwtest "
+        f"user={upstream['user']} password={upstream['password']}"
+    )
+
+
+def test_psql_refused_statement_and_the_session_goes_on(guarded: GatewayProcess) -> None:
+    _reset(guarded)
+    script = "insert into policy_items values (1, 1);\ndrop table policy_items;\n"
+    script += "select pg_read_file('/etc/hostname');\nselect count(*) from policy_items;\n"
+    result = run_tool(
+        ["psql", "--no-psqlrc", "-At", "-v", "VERBOSITY=verbose"], guarded.env(), input=script
+    )
+    assert 'ERROR:  42501: permission denied by pgwarden policy: rule "no ddl"' in result.stderr
+    assert "refuses this ddl statement" in result.stderr
+    assert 'rule "no server files" refuses this read statement' in result.stderr
+    assert "HINT:  Server files are not readable through the gateway." in result.stderr
+    assert result.stdout.splitlines() == ["INSERT 0 1", "1"], result.stdout
+    with psycopg.connect(_direct(guarded)) as conn:  # the table is still there
+        assert conn.execute("select count(*) from policy_items").fetchone() == (1,)
+    assert 'refused by policy test-1: rule "no ddl" (ddl)' in guarded.stderr
+    log_file = Path(guarded.settings["statement_log"])
+
+    def drop_record() -> dict[str, Any] | None:
+        lines = log_file.read_text().splitlines() if log_file.exists() else []
+        records = [json.loads(line) for line in lines]
+        return next((r for r in records if "drop table" in str(r.get("statement"))), None)
+
+    assert wait_until(lambda: drop_record() is not None, 10)
+    drop = drop_record()
+    assert drop is not None
+    assert drop["sqlstate"] == "42501"  # the log keeps the client's text
+
+
+def test_psycopg_extended_protocol_with_parameters(guarded: GatewayProcess) -> None:
+    _reset(guarded)
+    with guarded.connect(autocommit=True) as conn:
+        conn.execute("insert into policy_items values (%s, %s)", (1, 10))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no rule allows"):
+            conn.execute("insert into vault_secrets values (%s, %s)", (1, "x"))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no rule allows"):
+            conn.execute("delete from vault_secrets where id = %s", (1,), prepare=True)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no server files"):
+            conn.execute("select pg_read_file(%s)", ("/etc/hostname",), binary=True)
+        assert conn.execute("select n from policy_items where id = %s", (1,)).fetchone() == (10,)
+
+
+def test_refusal_inside_a_transaction_aborts_it_as_postgresql_would(
+    guarded: GatewayProcess,
+) -> None:
+    _reset(guarded)
+    with guarded.connect() as conn:
+        conn.execute("insert into policy_items values (1, 1)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("drop table policy_items")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("select 1 from policy_items")
+        conn.rollback()
+        assert conn.execute("select count(*) from policy_items").fetchone() == (0,)
+
+
+def test_pipeline_answers_stay_in_order(guarded: GatewayProcess) -> None:
+    _reset(guarded)
+    with guarded.connect(autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.pipeline() as pipeline:
+            first = conn.execute("insert into policy_items values (1, 1) returning id")
+            pipeline.sync()
+            conn.execute("truncate vault_secrets")
+            conn.execute("insert into policy_items values (2, 2)")  # skipped: same sync
+            pipeline.sync()
+        assert first.fetchone() == (1,)
+        ids = conn.execute("select id from policy_items order by id").fetchall()
+        assert ids == [(1,)]
+
+
+def test_asyncpg_prepared_statements(guarded: GatewayProcess) -> None:
+    _reset(guarded)
+
+    async def main() -> None:
+        conn = await guarded.connect_asyncpg()
+        try:
+            await conn.execute("insert into policy_items values ($1, $2)", 1, 1)
+            with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError, match="no rule"):
+                await conn.execute("delete from vault_secrets where id = $1", 7)
+            with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError, match="no ddl"):
+                await conn.execute("alter table policy_items add column x int")
+            assert await conn.fetchval("select n from policy_items where id = $1", 1) == 1
+        finally:
+            await conn.close()
+
+    anyio.run(main)
+
+
+def test_rules_follow_the_identity(guarded: GatewayProcess) -> None:
+    _reset(guarded)
+    with guarded.connect(
+        user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD, autocommit=True
+    ) as conn:
+        assert conn.execute("select count(*) from vault_secrets").fetchone() == (0,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no rule allows"):
+            conn.execute("insert into policy_items values (1, 1)")
+
+
+def test_sighup_reloads_and_a_broken_file_keeps_the_policy(
+    guarded: GatewayProcess, policy_file: Path
+) -> None:
+    _reset(guarded)
+
+    def insert_secret() -> Exception | None:
+        try:
+            with guarded.connect(autocommit=True) as conn:
+                conn.execute("insert into vault_secrets values (1, 's') on conflict do nothing")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            return exc
+        return None
+
+    assert insert_secret() is not None
+    policy_file.write_text(POLICY.replace('"public.policy_*"', '"public.policy_*", "*secrets"'))
+    guarded.process.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "statement policy test-1 reloaded" in guarded.stderr, 10)
+    assert insert_secret() is None
+    policy_file.write_text("default = [")
+    guarded.process.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "statement policy not reloaded" in guarded.stderr, 10)
+    assert "invalid TOML" in guarded.stderr
+    assert insert_secret() is None  # the reloaded policy is still in force
+    with (
+        guarded.connect(autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute("drop table vault_secrets")
+
+
+def test_serve_refuses_a_broken_policy_file(
+    gateway_launcher: GatewayLauncher, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[[rule]]\nname = "x"\naction = "deny"\nstatements = ["writes"]\n')
+    for path, problem in ((broken, "unknown statement class"), (tmp_path / "none", "cannot read")):
+        settings = {**gateway_launcher.default_settings(), "policy_file": str(path)}
+        result = subprocess.run(
+            gateway_command("serve"),
+            env=gateway_environment(settings_env(settings)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "invalid setting policy_file" in result.stderr and problem in result.stderr
+
+
+def test_without_a_policy_nothing_is_filtered(start_gateway: StartGateway) -> None:
+    gateway = start_gateway()
+    with gateway.connect(autocommit=True) as conn:
+        conn.execute("create temporary table t (a int)")
+        conn.execute("drop table t")
+    stop_and_check(gateway)
