@@ -1,4 +1,5 @@
-"""``pgwarden demo``: up within a minute, shows an audit record, Ctrl-C cleans up."""
+"""``pgwarden demo``: up within a minute, shows an audit record and a statement the policy
+refuses, Ctrl-C cleans up."""
 
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def test_demo_walkthrough() -> None:
         assert record["user"] == "demo"
         assert "shop.customers" in record["statement"]
         assert "Audit record" in text
+        # The statement policy refused the DROP; the table is still there.
+        assert 'permission denied by pgwarden policy: rule "no schema changes"' in text
+        drop = next(r for r in records if r.get("statement") == "drop table shop.orders")
+        assert drop["sqlstate"] == "42501"
+        result = run_tool(
+            ["psql", "-Atc", "select count(*) from shop.orders", command.group(2)], env
+        )
+        assert result.returncode == 0 and int(result.stdout) == 5000, result.stderr
         directory = log_path.parent
     finally:
         process.send_signal(signal.SIGINT)

@@ -61,7 +61,7 @@ action = "deny"
 name = "{CLIENT_USER} works on the policy tables"
 users = ["{CLIENT_USER}"]
 statements = ["read", "write", "transaction", "session"]
-tables = ["public.policy_*"]
+tables = ["public.policy_*", "policy_*"]
 action = "allow"
 """
 
@@ -136,6 +136,28 @@ def test_rules_decide_in_order_and_allow_rules_cover_every_table() -> None:
     assert not _decide(POLICY, "delete from policy_items", OTHER_CLIENT_USER).allowed
     unparsable = _decide(POLICY, "selec 1")
     assert (unparsable.allowed, unparsable.sqlstate) == (False, "42601")
+
+
+def test_names_without_a_schema_are_judged_against_the_callers_search_path() -> None:
+    policy = """
+[[rule]]
+name = "payroll is off limits"
+tables = ["hr.payroll"]
+action = "deny"
+[[rule]]
+name = "the shop"
+tables = ["shop.*", "orders"]
+action = "allow"
+"""
+    # An unqualified name may resolve to any schema: a deny rule catches it by name...
+    assert _decide(policy, "select * from payroll").rule == "payroll is off limits"
+    # ...and a schema-bound allow pattern does not cover it (pg_catalog comes first).
+    assert _decide(policy, "select * from shop.customers").allowed
+    assert not _decide(policy, "select * from pg_authid").allowed
+    assert not _decide(policy, "select * from customers").allowed
+    assert _decide(policy, "select * from orders").allowed  # a name-only pattern does
+    assert not _decide(policy, "drop schema hr cascade").allowed  # matched: default deny
+    assert _decide(policy, "drop schema hr cascade").rule == "payroll is off limits"
 
 
 def test_default_allow_and_fast_path_calls() -> None:

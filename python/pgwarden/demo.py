@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from pgwarden.identity.dev_issuer import DevIssuer
 from pgwarden.pgcluster import FAST_UNSAFE_SETTINGS, TemporaryCluster, find_free_port
@@ -113,6 +113,13 @@ DEMO_STEPS: tuple[DemoStep, ...] = (
         explanation="The gateway logged in as the mapped role, with a password only it holds.",
     ),
     DemoStep(
+        title="A destructive statement",
+        sql="drop table shop.orders",
+        explanation='Refused by the statement policy (42501, rule "no schema changes"): the '
+        "server raises the gateway's error in the statement's place, and the audit keeps "
+        "the statement the client sent.",
+    ),
+    DemoStep(
         title="A role change",
         sql="set role postgres",
         explanation="Refused by pgwarden (42501): the role comes from the identity, not the "
@@ -145,6 +152,10 @@ class DemoEnvironment:
     @property
     def statement_log(self) -> Path:
         return self.directory / "statements.jsonl"
+
+    @property
+    def policy_file(self) -> Path:
+        return self.directory / "policy.toml"
 
     @property
     def audit_dir(self) -> Path:
@@ -274,6 +285,7 @@ def gateway_config(env: DemoEnvironment) -> dict[str, object]:
         "tls_cert_file": env.tls_cert_file,
         "tls_key_file": env.tls_key_file,
         "statement_log": str(env.statement_log),
+        "policy_file": str(env.policy_file),
         "audit": {
             "directory": str(env.audit_dir),
             "exporter": "console",
@@ -308,7 +320,36 @@ def gateway_config(env: DemoEnvironment) -> dict[str, object]:
     }
 
 
+#: The demo's statement policy (docs/policy.md).
+DEMO_POLICY: Final = f"""\
+# pgwarden statement policy: the first rule that matches a statement decides it.
+default = "deny"
+version = "demo-1"
+
+[[rule]]
+name = "no server files"
+functions = ["pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "lo_import",
+             "lo_export", "dblink*"]
+action = "deny"
+message = "Server files and remote connections are not reachable through the gateway."
+
+[[rule]]
+name = "no schema changes"
+statements = ["ddl", "admin", "code"]
+action = "deny"
+message = "Schema changes go through migrations, not through the gateway."
+
+[[rule]]
+name = "demo users work on the shop"
+groups = ["{DEMO_GROUP}"]
+statements = ["read", "write", "transaction", "session"]
+tables = ["shop.*", "pg_catalog.*", "information_schema.*"]
+action = "allow"
+"""
+
+
 def write_gateway_config(env: DemoEnvironment) -> None:
+    env.policy_file.write_text(DEMO_POLICY, encoding="utf-8")
     env.config_file.write_text(
         "# pgwarden demo configuration (pgwarden serve --config THIS_FILE)\n"
         + toml_document(gateway_config(env)),

@@ -126,7 +126,10 @@ class Rule(BaseModel):
             return False
         every = self.action == "allow"  # an allow rule must cover all the statement does
         if self.tables is not None:
-            hits = [any(table_matches(t, p) for p in self.tables) for t in statement.tables]
+            hits = [
+                any(table_matches(t, p, deny=not every) for p in self.tables)
+                for t in statement.tables
+            ]
             if not (all(hits) if every else any(hits)):
                 return False
         if self.functions is not None:
@@ -139,21 +142,24 @@ class Rule(BaseModel):
         return True
 
 
-def table_matches(table: str, pattern: str) -> bool:
-    """Whether a relation the statement names matches a ``schema.name`` pattern.
+def table_matches(table: str, pattern: str, *, deny: bool) -> bool:
+    """Whether a relation the statement names matches a ``schema.name`` pattern (a pattern
+    without a schema is ``*.name``).
 
-    A name without a schema depends on the session's ``search_path``, which the caller
-    controls: it matches on its name alone, whatever the pattern's schema.  A dropped schema
-    (``schema.*``) matches every pattern of that schema.
+    A name without a schema resolves through the session's ``search_path``, which the
+    caller controls (and ``pg_catalog`` comes first): for a deny rule it matches on its name
+    alone, whatever the pattern's schema; for an allow rule only patterns of any schema
+    (``*.name``, ``name``) match it.  A dropped schema (``schema.*``) matches a deny pattern
+    of that schema, and only an allow pattern covering the whole schema.
     """
     schema, _, name = table.rpartition(".")
     p_schema, dot, p_name = pattern.rpartition(".")
     if not dot:
         p_schema = "*"
-    if name == "*":
-        return fnmatchcase(schema, p_schema)
+    if name == "*":  # a whole schema
+        return fnmatchcase(schema, p_schema) and (deny or p_name == "*")
     if not schema:
-        return fnmatchcase(name, p_name)
+        return fnmatchcase(name, p_name) and (deny or p_schema == "*")
     return fnmatchcase(schema, p_schema) and fnmatchcase(name, p_name)
 
 
