@@ -383,3 +383,67 @@ def test_without_a_policy_nothing_is_filtered(start_gateway: StartGateway) -> No
         conn.execute("create temporary table t (a int)")
         conn.execute("drop table t")
     stop_and_check(gateway)
+
+
+def test_refusals_reach_the_audit_with_the_decision(
+    start_gateway: StartGateway, policy_file: Path, policy_tables: None, tmp_path: Path
+) -> None:
+    directory = tmp_path / "audit"
+    spans_file = tmp_path / "spans.jsonl"
+    gateway = start_gateway(
+        {
+            "policy_file": str(policy_file),
+            "audit": {
+                "directory": str(directory),
+                "exporter": "console",
+                "export_path": str(spans_file),
+                "poll_interval_ms": 50,
+            },
+        }
+    )
+    _reset(gateway)
+    with gateway.connect(autocommit=True) as conn:
+        conn.execute("select count(*) from policy_items")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("drop table policy_items")
+        statement = conn.cursor()
+        for _ in range(2):  # prepared once, refused at each execution
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                statement.execute("delete from vault_secrets where id = %s", (1,), prepare=True)
+
+    def spans() -> list[dict[str, Any]]:
+        text = spans_file.read_text() if spans_file.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    def by_text(sql: str) -> list[dict[str, Any]]:
+        return [s for s in spans() if s.get("attributes", {}).get("db.query.text") == sql]
+
+    assert wait_until(lambda: len(by_text("delete from vault_secrets where id = $1")) == 2, 20)
+    (allowed,) = by_text("select count(*) from policy_items")
+    assert "pgwarden.policy.decision" not in allowed["attributes"]
+    (dropped,) = by_text("drop table policy_items")
+    attributes = dropped["attributes"]
+    assert attributes["pgwarden.policy.decision"] == "deny"
+    assert attributes["pgwarden.policy.rule"] == "no ddl"
+    assert attributes["pgwarden.policy.version"] == "test-1"
+    assert attributes["db.response.status_code"] == "42501"
+    assert 'rule "no ddl" refuses' in dropped["status"]["description"]
+    for span in by_text("delete from vault_secrets where id = $1"):
+        assert span["attributes"]["pgwarden.policy.decision"] == "deny"
+        assert span["attributes"]["pgwarden.policy.rule"] == "(default)"
+    session_id = attributes["pgwarden.session.id"]
+    stop_and_check(gateway)
+    replay = subprocess.run(
+        gateway_command("replay", session_id, "--dir", str(directory)),
+        env=gateway_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "· deny · " in replay.stdout
+    assert (
+        'drop table policy_items;\nERROR:  permission denied by pgwarden policy: rule "no ddl"'
+        in (replay.stdout)
+    )

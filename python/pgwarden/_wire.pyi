@@ -63,9 +63,9 @@ DEFAULT_MAX_STARTUP_LEN: Final[int]  # 10000, as PostgreSQL's MAX_STARTUP_PACKET
 DEFAULT_MAX_MESSAGE_LEN: Final[int]  # 1 GiB - 1, as PostgreSQL's PQ_LARGE_MESSAGE_LIMIT
 
 # Client -> server event kinds (first element of a ClientEvent tuple).
-EV_QUERY: Final[int]  # (EV_QUERY, sql, start, end)
+EV_QUERY: Final[int]  # (EV_QUERY, sql, n, start, end); n: the audit's statement number, 0: none
 EV_PARSE: Final[int]  # (EV_PARSE, statement_name, sql, start, end)
-EV_EXECUTE: Final[int]  # (EV_EXECUTE, portal_name, sql, start, end)
+EV_EXECUTE: Final[int]  # (EV_EXECUTE, portal_name, sql, n, start, end)
 EV_FUNCTION_CALL: Final[int]  # (EV_FUNCTION_CALL, function_oid, start, end)
 EV_TERMINATE: Final[int]  # (EV_TERMINATE, start, end)
 # Server -> client event kinds.

@@ -20,16 +20,23 @@ log = logging.getLogger(__name__)
 
 EV_QUERY: Final = _wire.EV_QUERY
 EV_PARSE: Final = _wire.EV_PARSE
+EV_EXECUTE: Final = _wire.EV_EXECUTE
 EV_FUNCTION_CALL: Final = _wire.EV_FUNCTION_CALL
+#: Refused statement texts remembered for their Executes (a prepared statement refused at
+#: Parse is executed later, and each execution is recorded).
+_REFUSED_TEXTS: Final = 4096
 
 
 class Refusal(NamedTuple):
-    """Why a statement is refused: the error the client gets, and what the log says."""
+    """Why a statement is refused: the error the client gets, what the log says, and what
+    the audit's ``decision`` record names."""
 
     sqlstate: str
     message: str
     hint: str | None
     label: str  # for the log: "SET ROLE", 'policy rule "x" (write)', ...
+    rule: str | None = None  # the rule that refused it
+    policy_version: str | None = None
 
 
 StatementCheck = Callable[["Session", str], "Refusal | None"]
@@ -47,6 +54,7 @@ class StatementGate:
         self.statement_checks = tuple(statement_checks)
         self.function_checks = tuple(function_checks)
         self.refused = 0
+        self._refused_texts: dict[str, None] = {}
 
     def _check(self, session: Session, sql: str) -> Refusal | None:
         for check in self.statement_checks:
@@ -54,6 +62,14 @@ class StatementGate:
             if found is not None:
                 return found
         return None
+
+    def _record(self, session: Session, n: object, found: Refusal) -> None:
+        """The audit's ``decision`` record for statement ``n`` (0: not recorded)."""
+        audit = session.gateway.audit
+        if audit is not None and isinstance(n, int) and n > 0:
+            audit.statement_refused(
+                session.id, n, rule=found.rule, policy_version=found.policy_version
+            )
 
     def on_client_events(self, session: Session, data: bytes, events: list[ClientEvent]) -> bytes:
         pieces: list[bytes] | None = None
@@ -74,11 +90,22 @@ class StatementGate:
                 raising = refusal.raise_sql(found.sqlstate, found.message, found.hint)
                 if kind == EV_QUERY:
                     pieces.append(refusal.replace_query(raising))
+                    self._record(session, event[2], found)
                 else:
                     pieces.append(refusal.replace_parse(data[start:end], sql, raising))
+                    if len(self._refused_texts) >= _REFUSED_TEXTS:
+                        self._refused_texts.clear()
+                    self._refused_texts[sql] = None
                 position = end
                 self.refused += 1
                 log.info("session %s: refused %s", session.id, found.label)
+            elif kind == EV_EXECUTE and event[2] in self._refused_texts:
+                # An execution of a statement refused at its Parse: the server fails it.
+                sql = event[2]
+                assert isinstance(sql, str)
+                found = self._check(session, sql)
+                if found is not None:
+                    self._record(session, event[3], found)
             elif kind == EV_FUNCTION_CALL:
                 oid = event[1]
                 assert isinstance(oid, int)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pgwarden import __version__, _wire, errors
 from pgwarden.audit import chain
-from pgwarden.audit.records import REFUSED, SESSION, SESSION_END, members
+from pgwarden.audit.records import DECISION, REFUSED, SESSION, SESSION_END, members
 from pgwarden.audit.spool import AuditPaths, new_stream_id
 from pgwarden.config import Settings
 
@@ -259,6 +259,24 @@ class AuditTrail:
             self._append(REFUSED, fields, new=False)
         except errors.GatewayError as exc:
             log.error("audit: refused connection %s not recorded: %s", session_id, exc.message)
+
+    def statement_refused(
+        self, session_id: str, n: int, *, rule: str | None, policy_version: str | None
+    ) -> None:
+        """The gateway refused statement ``n`` of the session (its ``stmt`` record is
+        already stored): a ``decision`` record, whose verdict, rule and policy version the
+        statement's span carries."""
+        fields = {
+            "session": session_id,
+            "n": n,
+            "decision": "deny",
+            "rule": rule,
+            "policy_version": policy_version,
+        }
+        try:
+            self._append(DECISION, fields, new=False)
+        except errors.GatewayError as exc:
+            log.error("audit: decision on %s/%d not recorded: %s", session_id, n, exc.message)
 
     def _append(self, kind: str, fields: dict[str, Any], *, new: bool) -> None:
         try:

@@ -54,6 +54,8 @@ _CACHE_SIZE: Final = 16384
 _SET_STATEMENT_KEYS: Final = frozenset({"VariableSetStmt", "setstmt"})
 _TREE_MARKERS: Final = ('"VariableSetStmt"', '"setstmt"', "set_config")
 
+#: The rule a role-change refusal names in the audit.
+GUARD_RULE: Final = "role-change guard"
 ROLE_CHANGE_HINT: Final = (
     "The gateway chooses the role from your identity; ask for a grant to use another role."
 )
@@ -121,12 +123,14 @@ def _refusal(change: str) -> Refusal:
             "pgwarden refused a statement the PostgreSQL grammar cannot parse",
             "Check the statement for a syntax error.",
             "an unparsable statement",
+            rule=GUARD_RULE,
         )
     return Refusal(
         errors.INSUFFICIENT_PRIVILEGE,
         f"permission denied: {change} is not allowed through pgwarden",
         ROLE_CHANGE_HINT,
         change,
+        rule=GUARD_RULE,
     )
 
 

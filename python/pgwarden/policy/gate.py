@@ -21,7 +21,14 @@ log = logging.getLogger(__name__)
 def _refusal(decision: Decision, version: str) -> Refusal:
     who = f'rule "{decision.rule}"' if decision.rule is not None else "no rule"
     label = f"by policy {version}: {who} ({decision.kind or 'unparsable'})"
-    return Refusal(decision.sqlstate, decision.message, decision.hint, label)
+    return Refusal(
+        decision.sqlstate,
+        decision.message,
+        decision.hint,
+        label,
+        rule=decision.rule or ("(default)" if decision.kind else "(unparsable)"),
+        policy_version=version,
+    )
 
 
 class PolicyGate:

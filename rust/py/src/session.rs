@@ -52,8 +52,8 @@ fn forwarded<'py>(
 
 fn client_event<'py>(py: Python<'py>, ev: &ClientEvent) -> PyResult<Bound<'py, PyTuple>> {
     match ev {
-        ClientEvent::Query { sql, start, end } => {
-            (kind::QUERY, &**sql, start, end).into_pyobject(py)
+        ClientEvent::Query { sql, n, start, end } => {
+            (kind::QUERY, &**sql, n, start, end).into_pyobject(py)
         }
         ClientEvent::Parse {
             name,
@@ -64,9 +64,10 @@ fn client_event<'py>(py: Python<'py>, ev: &ClientEvent) -> PyResult<Bound<'py, P
         ClientEvent::Execute {
             portal,
             sql,
+            n,
             start,
             end,
-        } => (kind::EXECUTE, &**portal, &**sql, start, end).into_pyobject(py),
+        } => (kind::EXECUTE, &**portal, &**sql, n, start, end).into_pyobject(py),
         ClientEvent::FunctionCall {
             function_oid,
             start,

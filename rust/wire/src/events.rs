@@ -9,9 +9,11 @@ use crate::backend::TransactionStatus;
 /// call returned for forwarding: the place a policy can cut a statement out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
-    /// Query (simple protocol).
+    /// Query (simple protocol).  `n`: its number in the audit (the `stmt` record's `n`),
+    /// 0 when audit is off or nothing was recorded.
     Query {
         sql: Arc<str>,
+        n: u64,
         start: usize,
         end: usize,
     },
@@ -23,10 +25,11 @@ pub enum ClientEvent {
         end: usize,
     },
     /// Execute of `portal`; `sql` is the text of the statement the portal was bound
-    /// from, empty when the portal is unknown.
+    /// from, empty when the portal is unknown; `n` as for `Query`.
     Execute {
         portal: Box<str>,
         sql: Arc<str>,
+        n: u64,
         start: usize,
         end: usize,
     },

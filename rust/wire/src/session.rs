@@ -295,15 +295,18 @@ impl ClientHandler<'_> {
                     return Ok(());
                 }
                 let sql = self.wants_text().then(|| Arc::<str>::from(q.sql));
+                let text = if self.emit_events { sql.clone() } else { None };
+                let n = self
+                    .tracker
+                    .sent(Kind::Query, self.clock, sql, None, None)?;
                 if self.emit_events {
                     self.events.push(ClientEvent::Query {
-                        sql: sql.clone().unwrap_or_default(),
+                        sql: text.unwrap_or_default(),
+                        n,
                         start,
                         end,
                     });
                 }
-                self.tracker
-                    .sent(Kind::Query, self.clock, sql, None, None)?;
             }
             frontend::tag::PARSE => {
                 let p = Parse::decode(body)?;
@@ -359,21 +362,23 @@ impl ClientHandler<'_> {
                 } else {
                     (None, None)
                 };
-                if self.emit_events {
-                    self.events.push(ClientEvent::Execute {
-                        portal: String::from_utf8_lossy(e.portal).into(),
-                        sql: sql.clone().unwrap_or_default(),
-                        start,
-                        end,
-                    });
-                }
-                self.tracker.sent(
+                let text = if self.emit_events { sql.clone() } else { None };
+                let n = self.tracker.sent(
                     Kind::Execute,
                     self.clock,
                     sql.filter(|_| recording),
                     params,
                     None,
                 )?;
+                if self.emit_events {
+                    self.events.push(ClientEvent::Execute {
+                        portal: String::from_utf8_lossy(e.portal).into(),
+                        sql: text.unwrap_or_default(),
+                        n,
+                        start,
+                        end,
+                    });
+                }
             }
             frontend::tag::DESCRIBE => {
                 let d = Describe::decode(body)?;

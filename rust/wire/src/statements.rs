@@ -221,6 +221,8 @@ impl StatementTracker {
     /// A client message is being forwarded.  `sql`/`params` describe the statement
     /// when records are on.  With audit on, a statement's `stmt` record is stored here,
     /// before its bytes leave the codec; an error means it must not be forwarded.
+    /// Returns the statement's number in the audit (its `stmt` record's `n`), 0 when no
+    /// record was written.
     pub(crate) fn sent(
         &mut self,
         kind: Kind,
@@ -228,7 +230,7 @@ impl StatementTracker {
         sql: Option<Arc<str>>,
         params: Option<Arc<str>>,
         function_oid: Option<u32>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         self.sent_with(kind, clock, sql, None, params, function_oid)
     }
 
@@ -278,6 +280,7 @@ impl StatementTracker {
     /// message itself, without a copy kept for the statement's end.
     pub(crate) fn sent_query_text(&mut self, clock: &mut FeedClock, text: &str) -> Result<()> {
         self.sent_with(Kind::Query, clock, None, Some(text), None, None)
+            .map(|_| ())
     }
 
     /// Only the audit wants statement text (no statement log).
@@ -293,12 +296,12 @@ impl StatementTracker {
         text: Option<&str>,
         params: Option<Arc<str>>,
         function_oid: Option<u32>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         if kind == Kind::Sync {
             self.discarding = false;
         } else if self.discarding {
             // The server will skip it: it never runs and gets no response.
-            return Ok(());
+            return Ok(0);
         }
         let draft = if self.recording && kind != Kind::Sync && kind != Kind::Close {
             let started = clock.get();
@@ -326,6 +329,7 @@ impl StatementTracker {
             });
         }
         let mut draft = draft;
+        let mut audit_n = 0;
         if let (Some(audit), Some(d), true) = (&mut self.audit, &mut draft, kind.is_statement()) {
             d.audit_n = audit.started(StatementStart {
                 at: d.wall,
@@ -334,6 +338,7 @@ impl StatementTracker {
                 params: d.params.as_deref(),
                 function_oid: d.function_oid,
             })?;
+            audit_n = d.audit_n;
             if let Some(limits) = audit.capture_limits() {
                 d.capture = Some(match d.spare_capture.take() {
                     Some(c) => c,
@@ -349,7 +354,7 @@ impl StatementTracker {
             refused: false,
             draft,
         });
-        Ok(())
+        Ok(audit_n)
     }
 
     // --- server side ------------------------------------------------------------------

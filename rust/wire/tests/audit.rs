@@ -462,3 +462,65 @@ fn each_statement_record_has_its_own_outcome_and_time() {
     spool.close().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn query_and_execute_events_carry_their_audit_number() {
+    let dir = temp_dir("event-n");
+    let spool = spool(&dir, 1 << 16, 1 << 30);
+    let mut codec = SessionCodec::new(SessionConfig {
+        client_events: true,
+        audit: Some(AuditConfig {
+            spool: spool.clone(),
+            session_id: "sess1".into(),
+            record_params: false,
+            capture: CaptureLimits {
+                max_rows: 0,
+                max_bytes: 0,
+            },
+            strict: true,
+        }),
+        ..SessionConfig::default()
+    });
+    codec
+        .feed_client(&cat(&[
+            query("SELECT 1"),
+            parse("s", "SELECT 2"),
+            bind("", "s", &[], &[]),
+            execute("", 0),
+            bind("", "s", &[], &[]),
+            execute("", 0),
+            sync(),
+        ]))
+        .unwrap();
+    let numbers: Vec<(&str, u64)> = codec
+        .client_events()
+        .iter()
+        .filter_map(|e| match e {
+            pgwarden_wire::ClientEvent::Query { sql, n, .. } => Some((&**sql, *n)),
+            pgwarden_wire::ClientEvent::Execute { sql, n, .. } => Some((&**sql, *n)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(numbers, [("SELECT 1", 1), ("SELECT 2", 2), ("SELECT 2", 3)]);
+    let records = stream_records(&dir);
+    let stmts: Vec<(String, u64)> = of_type(&records, "stmt")
+        .iter()
+        .map(|r| {
+            (
+                r["sql"].as_str().unwrap().to_owned(),
+                r["n"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stmts,
+        [
+            ("SELECT 1".into(), 1),
+            ("SELECT 2".into(), 2),
+            ("SELECT 2".into(), 3)
+        ],
+        "the numbers are the records' own"
+    );
+    spool.close().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}

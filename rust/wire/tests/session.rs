@@ -40,6 +40,7 @@ fn simple_query_record_and_events() {
         c.client_events,
         vec![ClientEvent::Query {
             sql: "SELECT * FROM t".into(),
+            n: 0,
             start: 0,
             end: client.len()
         }]
@@ -137,6 +138,7 @@ fn extended_protocol_pgbench_style() {
             ClientEvent::Execute {
                 portal: "".into(),
                 sql: sql.clone(),
+                n: 0,
                 start: e_start,
                 end: e_start + execute("", 0).len()
             },
@@ -606,6 +608,7 @@ fn names_that_are_not_utf8_are_passed_through_and_tracked() {
         vec![ClientEvent::Execute {
             portal: "p\u{FFFD}".into(),
             sql: "SELECT 1".into(),
+            n: 0,
             start: e_start,
             end: e_start + execute_latin1.len()
         }]

@@ -278,8 +278,9 @@ pub fn feed_server_chunks(codec: &mut SessionCodec, chunks: &[&[u8]], acc: &mut 
 
 fn shift(ev: ClientEvent, base: usize) -> ClientEvent {
     match ev {
-        ClientEvent::Query { sql, start, end } => ClientEvent::Query {
+        ClientEvent::Query { sql, n, start, end } => ClientEvent::Query {
             sql,
+            n,
             start: start + base,
             end: end + base,
         },
@@ -297,11 +298,13 @@ fn shift(ev: ClientEvent, base: usize) -> ClientEvent {
         ClientEvent::Execute {
             portal,
             sql,
+            n,
             start,
             end,
         } => ClientEvent::Execute {
             portal,
             sql,
+            n,
             start: start + base,
             end: end + base,
         },
