@@ -447,3 +447,29 @@ def test_refusals_reach_the_audit_with_the_decision(
         'drop table policy_items;\nERROR:  permission denied by pgwarden policy: rule "no ddl"'
         in (replay.stdout)
     )
+
+
+def test_policy_check_command(policy_file: Path, tmp_path: Path) -> None:
+    def check(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            gateway_command("policy", "check", *args),
+            env=gateway_environment(),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    allowed = check(str(policy_file), "--user", CLIENT_USER, "-c", "select * from policy_items")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "policy test-1, 4 rules, default deny" in allowed.stdout
+    assert "allow  [read] select * from policy_items" in allowed.stdout
+    refused = check(str(policy_file), "--user", OTHER_CLIENT_USER, stdin="select 1\ndrop table t\n")
+    assert refused.returncode == 1
+    assert "allow  [read] select 1" in refused.stdout
+    assert 'deny   [ddl] drop table t\n       42501 (rule "no ddl")' in refused.stdout
+    broken = tmp_path / "broken.toml"
+    broken.write_text("default = [")
+    result = check(str(broken), "-c", "select 1")
+    assert result.returncode == 2 and "invalid TOML" in result.stderr

@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pgwarden.audit.commands import add_commands as add_audit_commands
 
     add_audit_commands(commands)
+    from pgwarden.policy.commands import add_commands as add_policy_commands
+
+    add_policy_commands(commands)
     return parser
 
 
