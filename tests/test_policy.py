@@ -92,6 +92,8 @@ action = "allow"
         ("call p()", ["code"]),
         ("begin", ["transaction"]),
         ("set search_path = x", ["session"]),
+        ("set role postgres", ["admin"]),
+        ("reset session authorization", ["admin"]),
         ("select 1; drop table t", ["read", "ddl"]),
     ],
 )

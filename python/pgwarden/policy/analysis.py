@@ -12,7 +12,7 @@ Classes (``docs/policy.md`` lists which statement goes where):
 * ``ddl`` -- CREATE / ALTER / DROP / COMMENT / SECURITY LABEL of objects, SELECT INTO and
   CREATE TABLE AS;
 * ``admin`` -- roles and privileges (GRANT, REVOKE, CREATE/ALTER/DROP ROLE, ALTER DEFAULT
-  PRIVILEGES, REASSIGN/DROP OWNED), ALTER SYSTEM, VACUUM, ANALYZE, CLUSTER, REINDEX,
+  PRIVILEGES, REASSIGN/DROP OWNED, SET/RESET ROLE and SESSION AUTHORIZATION), ALTER SYSTEM, VACUUM, ANALYZE, CLUSTER, REINDEX,
   CHECKPOINT, LOAD, databases, tablespaces, subscriptions, server-side COPY to or from a
   file or program, and the like;
 * ``code`` -- DO and CALL: server-side code the grammar cannot look into;
@@ -129,6 +129,8 @@ _BY_NODE: Final[dict[str, str]] = {
     "NotifyStmt": SESSION,
     "ConstraintsSetStmt": SESSION,
 }
+# Settings whose change is a change of privileges.
+_ROLE_SETTINGS: Final = frozenset({"role", "session_authorization"})
 # DROP of these names relations (tables and what reads like one).
 _DROPPED_RELATIONS: Final = frozenset(
     {
@@ -241,8 +243,10 @@ def _kind(node: str, body: dict[str, Any]) -> str:
         if body.get("filename") is not None or body.get("is_program"):
             return ADMIN  # the server's own files or programs
         return WRITE if body.get("is_from") else READ
-    if node == "VariableSetStmt" and body.get("kind") == "VAR_SET_MULTI":
-        return SESSION  # SET TRANSACTION ..., SET SESSION CHARACTERISTICS
+    if node == "VariableSetStmt":
+        if str(body.get("name", "")).lower() in _ROLE_SETTINGS:
+            return ADMIN  # SET ROLE, SET SESSION AUTHORIZATION and their RESET
+        return SESSION
     known = _BY_NODE.get(node)
     if known is not None:
         return known
