@@ -475,3 +475,21 @@ def test_policy_check_command(policy_file: Path, tmp_path: Path) -> None:
     broken.write_text("default = [")
     result = check(str(broken), "-c", "select 1")
     assert result.returncode == 2 and "invalid TOML" in result.stderr
+
+
+def test_texts_differing_in_numbers_share_a_decision_but_not_explain() -> None:
+    engine = PolicyEngine(parse_policy(POLICY.encode()))
+    rules = engine.rules_for(CLIENT_USER, (), SCRAM_ROLE)
+    assert engine.decide(rules, "select * from policy_items where id = 1").allowed
+    assert engine.decide(rules, "select * from policy_items where id = 22").allowed
+    assert len(engine._decisions) == 1  # one decision for both texts
+    # Digits in names are kept: another table is another decision.
+    assert engine.decide(rules, "select * from policy_items2 where id = 1").allowed
+    assert len(engine._decisions) == 2
+    assert not engine.decide(rules, "select * from vault_secrets1 where id = 1").allowed
+    # EXPLAIN's options are numbers: ANALYZE 0 plans, ANALYZE 1 runs the statement.
+    other = engine.rules_for(OTHER_CLIENT_USER, (), SCRAM_ROLE)
+    assert engine.decide(other, "explain (analyze 0) delete from policy_items").allowed
+    assert not engine.decide(other, "explain (analyze 1) delete from policy_items").allowed
+    # Subjects with the same rules share their decisions.
+    assert engine.rules_for("carol", (), SCRAM_ROLE) is engine.rules_for("dave", (), "x")

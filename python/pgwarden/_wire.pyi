@@ -49,6 +49,7 @@ __all__ = [
     "encode_ssl_request",
     "encode_startup",
     "format_time",
+    "number_blind_key",
     "read_startup",
     "render_statement",
     "verify_chain",
@@ -248,6 +249,11 @@ def verify_chain(key: bytes, prev: bytes, lines: list[bytes]) -> tuple[bytes, li
 
     Returns the hash of the last line and the indices of the lines that do not verify.
     """
+
+def number_blind_key(sql: str) -> str | None:
+    """A key under which texts that differ only in their numeric constants share a decision
+    (each run of digits that begins a token becomes ``?``); None when the text has a double
+    quote (digits may then begin a quoted name)."""
 
 def format_time(ts_us: int) -> str:
     """A record time (microseconds since the epoch) as transcripts write it:

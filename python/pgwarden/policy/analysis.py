@@ -12,9 +12,9 @@ Classes (``docs/policy.md`` lists which statement goes where):
 * ``ddl`` -- CREATE / ALTER / DROP / COMMENT / SECURITY LABEL of objects, SELECT INTO and
   CREATE TABLE AS;
 * ``admin`` -- roles and privileges (GRANT, REVOKE, CREATE/ALTER/DROP ROLE, ALTER DEFAULT
-  PRIVILEGES, REASSIGN/DROP OWNED, SET/RESET ROLE and SESSION AUTHORIZATION), ALTER SYSTEM, VACUUM, ANALYZE, CLUSTER, REINDEX,
-  CHECKPOINT, LOAD, databases, tablespaces, subscriptions, server-side COPY to or from a
-  file or program, and the like;
+  PRIVILEGES, REASSIGN/DROP OWNED, SET/RESET ROLE and SESSION AUTHORIZATION), ALTER
+  SYSTEM, VACUUM, ANALYZE, CLUSTER, REINDEX, CHECKPOINT, LOAD, databases, tablespaces,
+  subscriptions, server-side COPY to or from a file or program, and the like;
 * ``code`` -- DO and CALL: server-side code the grammar cannot look into;
 * ``transaction`` -- BEGIN, COMMIT, ROLLBACK, SAVEPOINT, PREPARE TRANSACTION, ...;
 * ``session`` -- SET / RESET, DISCARD, PREPARE (judged as its query too), EXECUTE,
@@ -274,12 +274,14 @@ def _dropped(body: dict[str, Any]) -> list[str]:
     return out
 
 
-def _statement(node: str, body: dict[str, Any]) -> Statement:
+def _statement(node: str, body: dict[str, Any]) -> tuple[Statement, int]:
+    """One statement, and the highest parameter number it uses."""
     kind = _kind(node, body)
     ctes: set[str] = set()
     tables: list[str] = _dropped(body) if node == "DropStmt" else []
     functions: list[str] = []
     writes = False
+    highest = 0
     for item in _walk(body):
         for key, value in item.items():
             if key in _WRITE_NODES:
@@ -288,6 +290,10 @@ def _statement(node: str, body: dict[str, Any]) -> Statement:
                 name = value.get("ctename")
                 if isinstance(name, str):
                     ctes.add(name)
+            elif key == "ParamRef" and isinstance(value, dict):
+                number = value.get("number")
+                if isinstance(number, int) and number > highest:
+                    highest = number
         relname = item.get("relname")
         if isinstance(relname, str):
             schema = item.get("schemaname")
@@ -302,23 +308,13 @@ def _statement(node: str, body: dict[str, Any]) -> Statement:
     for table in tables:
         if table not in ctes:  # a WITH query's name is not a table
             seen.setdefault(table)
-    return Statement(
+    statement = Statement(
         kind=kind,
         node=node,
         tables=tuple(seen),
         functions=tuple(dict.fromkeys(functions)),
     )
-
-
-def _highest_parameter(tree: Any) -> int:
-    highest = 0
-    for item in _walk(tree):
-        ref = item.get("ParamRef")
-        if isinstance(ref, dict):
-            number = ref.get("number")
-            if isinstance(number, int) and number > highest:
-                highest = number
-    return highest
+    return statement, highest
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -330,10 +326,13 @@ def analyse(sql: str) -> Analysis:
     except Exception:  # pglast.parser.ParseError, or the grammar's own limits
         return UNPARSABLE
     statements = []
+    parameters = 0
     for raw in tree.get("stmts") or []:
         stmt = raw.get("stmt") if isinstance(raw, dict) else None
         if not isinstance(stmt, dict) or not stmt:
             continue
         node, body = next(iter(stmt.items()))
-        statements.append(_statement(node, body if isinstance(body, dict) else {}))
-    return Analysis(statements=tuple(statements), parameters=_highest_parameter(tree))
+        statement, highest = _statement(node, body if isinstance(body, dict) else {})
+        statements.append(statement)
+        parameters = max(parameters, highest)
+    return Analysis(statements=tuple(statements), parameters=parameters)

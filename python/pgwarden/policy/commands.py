@@ -34,7 +34,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     who = f"user {args.user or '-'}, groups {', '.join(args.group or ()) or '-'}, "
     who += f"role {args.role or '-'}"
     if statements:
-        names = ", ".join(r.name for r in rules) or "none"
+        names = ", ".join(r.name for r in rules.rules) or "none"
         print(f"rules for {who}: {names}")
     refused = 0
     for sql in statements:

@@ -1,8 +1,12 @@
 """Decisions: a statement text, for a subject, against the loaded policy.
 
 A decision depends on the policy version, the rules that apply to the subject and the
-text, and is cached on exactly that: a repeated statement costs two dictionary lookups.
-Parsing (libpg_query) happens on a cache miss of the text only.
+text, and is cached on that: a repeated statement costs two dictionary lookups.  Texts that
+differ only in their numeric constants (``aid = 1``, ``aid = 2``) share one decision (the
+key comes from :func:`pgwarden._wire.number_blind_key`, which keeps digits in names):
+numbers never change a statement's class, tables or functions, except in EXPLAIN's options
+(``ANALYZE 0`` / ``ANALYZE 1``), so a text with the word EXPLAIN is keyed by itself.
+Parsing (libpg_query) happens on a cache miss only.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from pgwarden import errors
+from pgwarden import _wire, errors
 from pgwarden.policy.analysis import CODE, Statement, analyse
 from pgwarden.policy.rules import LoadedPolicy, Rule
 
@@ -37,6 +41,23 @@ class Decision:
 
 
 ALLOWED: Final = Decision(allowed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The rules that apply to a session, in order, and a number naming this set."""
+
+    id: int
+    rules: tuple[Rule, ...]
+
+
+def cache_key(sql: str) -> str:
+    """The key a text's decision is cached under: its number-blind key, or the text itself
+    when numbers may matter (EXPLAIN options) or the key cannot be had."""
+    if "explain" in sql.lower():
+        return sql
+    key = _wire.number_blind_key(sql)
+    return sql if key is None else key
 
 
 def _refusal(statement: Statement, rule: Rule | None) -> Decision:
@@ -65,8 +86,9 @@ class PolicyEngine:
 
     def __init__(self, loaded: LoadedPolicy) -> None:
         self.loaded = loaded
-        self._subjects: dict[tuple[str, tuple[str, ...], str], tuple[Rule, ...]] = {}
-        self._decisions: dict[tuple[tuple[Rule, ...], str], Decision] = {}
+        self._subjects: dict[tuple[str, tuple[str, ...], str], Rules] = {}
+        self._rule_sets: dict[tuple[int, ...], Rules] = {}
+        self._decisions: dict[tuple[int, str], Decision] = {}
 
     @property
     def version(self) -> str:
@@ -76,27 +98,34 @@ class PolicyEngine:
         """Use ``loaded`` from now on (cached decisions of the old policy are dropped)."""
         self.loaded = loaded
         self._subjects = {}
+        self._rule_sets = {}
         self._decisions = {}
 
-    def rules_for(self, user: str, groups: tuple[str, ...], role: str) -> tuple[Rule, ...]:
-        """The rules that apply to a subject, in order (cached per subject)."""
+    def rules_for(self, user: str, groups: tuple[str, ...], role: str) -> Rules:
+        """The rules that apply to a subject, in order (cached per subject; subjects with
+        the same rules share one :class:`Rules`, and its decisions)."""
         key = (user, groups, role)
         rules = self._subjects.get(key)
         if rules is None:
             if len(self._subjects) >= _MAX_SUBJECTS:
                 self._subjects.clear()
-            rules = tuple(r for r in self.loaded.policy.rule if r.applies_to(user, groups, role))
+            every = self.loaded.policy.rule
+            picked = tuple(i for i, r in enumerate(every) if r.applies_to(user, groups, role))
+            rules = self._rule_sets.get(picked)
+            if rules is None:
+                rules = Rules(len(self._rule_sets), tuple(every[i] for i in picked))
+                self._rule_sets[picked] = rules
             self._subjects[key] = rules
         return rules
 
-    def decide(self, rules: tuple[Rule, ...], sql: str) -> Decision:
+    def decide(self, rules: Rules, sql: str) -> Decision:
         """The verdict on ``sql`` under ``rules`` (from :meth:`rules_for`)."""
-        key = (rules, sql)
+        key = (rules.id, cache_key(sql))
         decision = self._decisions.get(key)
         if decision is None:
             if len(self._decisions) >= _MAX_DECISIONS:
                 self._decisions.clear()
-            decision = self._decide(rules, sql)
+            decision = self._decide(rules.rules, sql)
             self._decisions[key] = decision
         return decision
 
@@ -117,11 +146,11 @@ class PolicyEngine:
                 return _refusal(statement, rule)
         return ALLOWED
 
-    def decide_call(self, rules: tuple[Rule, ...], oid: int) -> Decision:
+    def decide_call(self, rules: Rules, oid: int) -> Decision:
         """The verdict on a fast-path FunctionCall (function ``oid``): a ``code`` statement
         whose function the policy cannot name."""
         statement = Statement(kind=CODE, node="FunctionCall", tables=(), functions=())
-        rule = next((r for r in rules if r.matches(statement)), None)
+        rule = next((r for r in rules.rules if r.matches(statement)), None)
         allowed = (
             rule.action == "allow" if rule is not None else (self.loaded.policy.default == "allow")
         )

@@ -46,7 +46,7 @@ mod _wire {
     use crate::audit::{verify_chain, AuditSpool};
 
     #[pymodule_export]
-    use crate::ship::{format_time, render_statement, SpanAssembler};
+    use crate::ship::{format_time, number_blind_key, render_statement, SpanAssembler};
 
     #[pymodule_export]
     use crate::startup::{read_startup, StartupPacket};

@@ -223,6 +223,14 @@ fn request_bytes<'py>(py: Python<'py>, request: &Request) -> PyResult<Bound<'py,
     })
 }
 
+/// A key under which statement texts that differ only in their numeric constants share a
+/// decision or an analysis (`aid = 1`, `aid = 2`), found without running the scanner; None
+/// when the text has a double quote (see `pgwarden_ship::shape::number_blind_key`).
+#[pyfunction]
+pub fn number_blind_key(sql: &str) -> Option<String> {
+    pgwarden_ship::shape::number_blind_key(sql)
+}
+
 /// A record time (microseconds since the epoch) as transcripts write it:
 /// `2026-11-27 09:02:32.874 UTC`.
 #[pyfunction]
