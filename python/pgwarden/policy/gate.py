@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from pgwarden.policy.engine import Decision, PolicyEngine
+from pgwarden.policy.engine import Decision, PolicyEngine, Rules
 from pgwarden.policy.rules import PolicyError, load_policy
 from pgwarden.statement_gate import Refusal
 
@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from pgwarden.session import Session
 
 log = logging.getLogger(__name__)
+
+#: Sessions whose rules are remembered by session id (a session's identity and role do
+#: not change); the memo is emptied when it reaches this size, or on a reload.
+_SESSIONS_REMEMBERED: Final = 8192
 
 
 def _refusal(decision: Decision, version: str) -> Refusal:
@@ -38,6 +42,7 @@ class PolicyGate:
         self.path = path
         loaded = load_policy(path)
         self.engine = PolicyEngine(loaded)
+        self._session_rules: dict[str, Rules] = {}
         log.info(
             "statement policy %s loaded from %s (%d rules, default %s)",
             loaded.version,
@@ -46,22 +51,27 @@ class PolicyGate:
             loaded.policy.default,
         )
 
-    @staticmethod
-    def _subject(session: Session) -> tuple[str, tuple[str, ...], str]:
-        identity = session.identity
-        user = identity.name if identity is not None else ""
-        groups = identity.roles if identity is not None else ()
-        return user, groups, session.upstream_user or ""
+    def _rules(self, session: Session) -> Rules:
+        """The rules for the session: who it is (identity name and groups) and the role it
+        logs in as, remembered per session."""
+        rules = self._session_rules.get(session.id)
+        if rules is None:
+            identity = session.identity
+            user = identity.name if identity is not None else ""
+            groups = identity.roles if identity is not None else ()
+            rules = self.engine.rules_for(user, groups, session.upstream_user or "")
+            if len(self._session_rules) >= _SESSIONS_REMEMBERED:
+                self._session_rules.clear()
+            self._session_rules[session.id] = rules
+        return rules
 
     def check_statement(self, session: Session, sql: str) -> Refusal | None:
-        engine = self.engine
-        decision = engine.decide(engine.rules_for(*self._subject(session)), sql)
-        return None if decision.allowed else _refusal(decision, engine.version)
+        decision = self.engine.decide(self._rules(session), sql)
+        return None if decision.allowed else _refusal(decision, self.engine.version)
 
     def check_function_call(self, session: Session, oid: int) -> Refusal | None:
-        engine = self.engine
-        decision = engine.decide_call(engine.rules_for(*self._subject(session)), oid)
-        return None if decision.allowed else _refusal(decision, engine.version)
+        decision = self.engine.decide_call(self._rules(session), oid)
+        return None if decision.allowed else _refusal(decision, self.engine.version)
 
     def reload(self) -> bool:
         """Read the policy file again; on any problem keep enforcing the current policy
@@ -74,6 +84,7 @@ class PolicyGate:
             )
             return False
         self.engine.replace(loaded)
+        self._session_rules = {}
         log.info(
             "statement policy %s reloaded from %s (%d rules, default %s)",
             loaded.version,
