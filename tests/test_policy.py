@@ -493,3 +493,18 @@ def test_texts_differing_in_numbers_share_a_decision_but_not_explain() -> None:
     assert not engine.decide(other, "explain (analyze 1) delete from policy_items").allowed
     # Subjects with the same rules share their decisions.
     assert engine.rules_for("carol", (), SCRAM_ROLE) is engine.rules_for("dave", (), "x")
+
+
+def test_bulk_texts_are_decided_but_not_kept() -> None:
+    from pgwarden.policy import analysis
+
+    engine = PolicyEngine(parse_policy(POLICY.encode()))
+    rules = engine.rules_for(CLIENT_USER, (), SCRAM_ROLE)
+    rows = ",".join(f"({i}, '{'x' * 40}{i}')" for i in range(1000))
+    bulk = f"insert into policy_items values {rows}"
+    assert len(bulk) > analysis.CACHED_TEXT_CHARS
+    before = analysis._analyse_cached.cache_info().currsize
+    assert engine.decide(rules, bulk).allowed
+    assert not engine.decide(rules, bulk.replace("policy_items", "vault_secrets")).allowed
+    assert analysis._analyse_cached.cache_info().currsize == before
+    assert not engine._decisions

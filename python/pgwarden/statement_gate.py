@@ -22,8 +22,9 @@ EV_QUERY: Final = _wire.EV_QUERY
 EV_PARSE: Final = _wire.EV_PARSE
 EV_EXECUTE: Final = _wire.EV_EXECUTE
 EV_FUNCTION_CALL: Final = _wire.EV_FUNCTION_CALL
-#: Refused statement texts remembered for their Executes (a prepared statement refused at
-#: Parse is executed later, and each execution is recorded).
+#: Refused statement texts remembered (by hash) for their Executes: a prepared statement
+#: refused at Parse is executed later, and each execution gets its decision record.  A
+#: hash that collides only costs a check.
 _REFUSED_TEXTS: Final = 4096
 
 
@@ -54,7 +55,7 @@ class StatementGate:
         self.statement_checks = tuple(statement_checks)
         self.function_checks = tuple(function_checks)
         self.refused = 0
-        self._refused_texts: dict[str, None] = {}
+        self._refused_texts: dict[int, None] = {}
 
     def _check(self, session: Session, sql: str) -> Refusal | None:
         for check in self.statement_checks:
@@ -95,11 +96,11 @@ class StatementGate:
                     pieces.append(refusal.replace_parse(data[start:end], sql, raising))
                     if len(self._refused_texts) >= _REFUSED_TEXTS:
                         self._refused_texts.clear()
-                    self._refused_texts[sql] = None
+                    self._refused_texts[hash(sql)] = None
                 position = end
                 self.refused += 1
                 log.info("session %s: refused %s", session.id, found.label)
-            elif kind == EV_EXECUTE and event[2] in self._refused_texts:
+            elif kind == EV_EXECUTE and hash(event[2]) in self._refused_texts:
                 # An execution of a statement refused at its Parse: the server fails it.
                 sql = event[2]
                 assert isinstance(sql, str)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pglast import parser as pg_parser
 
 from pgwarden import errors
+from pgwarden.policy.analysis import CACHED_TEXT_CHARS
 from pgwarden.statement_gate import Refusal, StatementGate
 
 if TYPE_CHECKING:
@@ -93,9 +94,15 @@ def _describe_call(call: dict[str, Any]) -> str | None:
     return "set_config of the session role"
 
 
-@functools.lru_cache(maxsize=_CACHE_SIZE)
 def role_change(sql: str) -> str | None:
-    """What role change ``sql`` makes (``"SET ROLE"``, ...), or None; "unparsable" too."""
+    """What role change ``sql`` makes (``"SET ROLE"``, ...), or None; "unparsable" too.
+    Cached per text, except texts too long to keep (bulk statements)."""
+    if len(sql) > CACHED_TEXT_CHARS:
+        return _role_change(sql)
+    return _role_change_cached(sql)
+
+
+def _role_change(sql: str) -> str | None:
     try:
         tree_json = pg_parser.parse_sql_json(sql)
     except Exception:  # pglast.parser.ParseError, or the grammar's own limits
@@ -113,6 +120,9 @@ def role_change(sql: str) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+_role_change_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(_role_change)
 
 
 @functools.lru_cache(maxsize=8)

@@ -46,6 +46,9 @@ OTHER: Final = "other"
 CLASSES: Final = (READ, WRITE, DDL, ADMIN, CODE, TRANSACTION, SESSION, OTHER)
 
 _CACHE_SIZE: Final = 16384
+#: Longer texts (multi-row INSERTs, generated batches) are analysed each time rather than
+#: kept: caches of 16k entries must not hold 16k bulk statements.
+CACHED_TEXT_CHARS: Final = 16384
 
 _WRITE_NODES: Final = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 _BY_NODE: Final[dict[str, str]] = {
@@ -317,10 +320,15 @@ def _statement(node: str, body: dict[str, Any]) -> tuple[Statement, int]:
     return statement, highest
 
 
-@functools.lru_cache(maxsize=_CACHE_SIZE)
 def analyse(sql: str) -> Analysis:
-    """The statements of ``sql`` (cached per text); :data:`UNPARSABLE` when the grammar
-    cannot read it."""
+    """The statements of ``sql`` (cached per text up to :data:`CACHED_TEXT_CHARS`);
+    :data:`UNPARSABLE` when the grammar cannot read it."""
+    if len(sql) > CACHED_TEXT_CHARS:
+        return _analyse(sql)  # a bulk statement: not kept (the cache holds 16k texts)
+    return _analyse_cached(sql)
+
+
+def _analyse(sql: str) -> Analysis:
     try:
         tree = json.loads(pg_parser.parse_sql_json(sql))
     except Exception:  # pglast.parser.ParseError, or the grammar's own limits
@@ -336,3 +344,6 @@ def analyse(sql: str) -> Analysis:
         statements.append(statement)
         parameters = max(parameters, highest)
     return Analysis(statements=tuple(statements), parameters=parameters)
+
+
+_analyse_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(_analyse)

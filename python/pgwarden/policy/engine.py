@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pgwarden import _wire, errors
-from pgwarden.policy.analysis import CODE, Statement, analyse
+from pgwarden.policy.analysis import CACHED_TEXT_CHARS, CODE, Statement, analyse
 from pgwarden.policy.rules import LoadedPolicy, Rule
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ class PolicyEngine:
             if len(self._decisions) >= _MAX_DECISIONS:
                 self._decisions.clear()
             decision = self._decide(rules.rules, sql)
-            self._decisions[key] = decision
+            if len(sql) <= CACHED_TEXT_CHARS:
+                self._decisions[key] = decision
         return decision
 
     def _decide(self, rules: tuple[Rule, ...], sql: str) -> Decision:
