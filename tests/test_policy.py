@@ -106,7 +106,7 @@ def test_tables_functions_and_parameters_are_read_from_the_tree() -> None:
         "with c as (select * from a.one) select pg_catalog.pg_read_file($2) from c, two"
     )
     (statement,) = analysis.statements
-    assert statement.tables == ("a.one", "two")  # the WITH query's name is not a table
+    assert sorted(statement.tables) == ["a.one", "two"]  # the WITH query's name is not a table
     assert statement.functions == ("pg_read_file",)
     assert analysis.parameters == 2
     assert analyse("drop schema s cascade").statements[0].tables == ("s.*",)
@@ -508,3 +508,15 @@ def test_bulk_texts_are_decided_but_not_kept() -> None:
     assert not engine.decide(rules, bulk.replace("policy_items", "vault_secrets")).allowed
     assert analysis._analyse_cached.cache_info().currsize == before
     assert not engine._decisions
+
+
+def test_the_example_policy_in_deploy_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "policy.example.toml"
+    engine = PolicyEngine(parse_policy(example.read_bytes(), str(example)))
+    agents = engine.rules_for("someone", ("agents",), "app_ro")
+    assert engine.decide(agents, "select * from app.orders").allowed
+    assert not engine.decide(agents, "delete from app.orders").allowed
+    assert not engine.decide(agents, "select pg_read_file('/etc/passwd')").allowed
+    service = engine.rules_for("svc", (), "app_rw")
+    assert engine.decide(service, "update app.orders set status = 'paid' where id = 1").allowed
+    assert not engine.decide(service, "drop table app.orders").allowed

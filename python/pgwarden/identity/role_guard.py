@@ -33,13 +33,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from pglast import parser as pg_parser
 
 from pgwarden import errors
-from pgwarden.policy.analysis import CACHED_TEXT_CHARS
+from pgwarden.policy.analysis import CACHED_TEXT_CHARS, walk
 from pgwarden.statement_gate import Refusal, StatementGate
 
 if TYPE_CHECKING:
@@ -60,18 +59,6 @@ GUARD_RULE: Final = "role-change guard"
 ROLE_CHANGE_HINT: Final = (
     "The gateway chooses the role from your identity; ask for a grant to use another role."
 )
-
-
-def _walk(node: Any) -> Iterator[dict[str, Any]]:
-    """Every dict in a parse tree (JSON form), depth first, in statement order."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            yield item
-            stack.extend(reversed(list(item.values())))
-        elif isinstance(item, list):
-            stack.extend(reversed(item))
 
 
 def _describe_set(statement: dict[str, Any]) -> str | None:
@@ -109,7 +96,7 @@ def _role_change(sql: str) -> str | None:
         return "unparsable"
     if not any(marker in tree_json for marker in _TREE_MARKERS):
         return None  # the common case: no tree walk
-    for node in _walk(json.loads(tree_json)):
+    for node in walk(json.loads(tree_json)):
         for kind, body in node.items():
             if kind in _SET_STATEMENT_KEYS and isinstance(body, dict):
                 found = _describe_set(body)

@@ -173,16 +173,16 @@ class Analysis:
 UNPARSABLE: Final = Analysis(statements=(), parameters=0, parsed=False)
 
 
-def _walk(node: Any) -> Iterator[dict[str, Any]]:
-    """Every dict of a parse tree (JSON form), depth first."""
+def walk(node: Any) -> Iterator[dict[str, Any]]:
+    """Every dict in a parse tree (JSON form), depth first, in statement order."""
     stack = [node]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             yield item
-            stack.extend(item.values())
+            stack.extend(reversed(list(item.values())))
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend(reversed(item))
 
 
 def _names(parts: Any) -> list[str]:
@@ -216,26 +216,25 @@ def _option_on(options: Any, name: str) -> bool:
     return on
 
 
+def _inner_kind(body: dict[str, Any], default: str) -> str:
+    """The class of the statement in ``body``'s ``query`` (EXPLAIN, PREPARE, DECLARE)."""
+    inner = body.get("query")
+    if not isinstance(inner, dict) or not inner:
+        return default
+    inner_node, inner_body = next(iter(inner.items()))
+    return _kind(inner_node, inner_body if isinstance(inner_body, dict) else {})
+
+
 def _kind(node: str, body: dict[str, Any]) -> str:
     """The class of one top-level statement (before the tree-wide checks)."""
     if node == "ExplainStmt":
-        inner = body.get("query") or {}
-        if _option_on(body.get("options"), "analyze") and isinstance(inner, dict) and inner:
-            inner_node, inner_body = next(iter(inner.items()))
-            return _kind(inner_node, inner_body if isinstance(inner_body, dict) else {})
+        if _option_on(body.get("options"), "analyze"):
+            return _inner_kind(body, READ)
         return READ
     if node == "PrepareStmt":
-        inner = body.get("query") or {}
-        if isinstance(inner, dict) and inner:
-            inner_node, inner_body = next(iter(inner.items()))
-            return _kind(inner_node, inner_body if isinstance(inner_body, dict) else {})
-        return SESSION
+        return _inner_kind(body, SESSION)
     if node == "DeclareCursorStmt":
-        inner = body.get("query") or {}
-        if isinstance(inner, dict) and inner:
-            inner_node, inner_body = next(iter(inner.items()))
-            return _kind(inner_node, inner_body if isinstance(inner_body, dict) else {})
-        return READ
+        return _inner_kind(body, READ)
     if node == "SelectStmt":
         if body.get("intoClause"):
             return DDL  # SELECT INTO creates a table
@@ -285,7 +284,7 @@ def _statement(node: str, body: dict[str, Any]) -> tuple[Statement, int]:
     functions: list[str] = []
     writes = False
     highest = 0
-    for item in _walk(body):
+    for item in walk(body):
         for key, value in item.items():
             if key in _WRITE_NODES:
                 writes = True
