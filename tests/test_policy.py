@@ -61,7 +61,7 @@ action = "deny"
 name = "{CLIENT_USER} works on the policy tables"
 users = ["{CLIENT_USER}"]
 statements = ["read", "write", "transaction", "session"]
-tables = ["public.policy_*", "policy_*"]
+tables = ["public.policy_*", "policy_*", "pg_catalog.*"]
 action = "allow"
 """
 
@@ -520,3 +520,22 @@ def test_the_example_policy_in_deploy_is_valid() -> None:
     service = engine.rules_for("svc", (), "app_rw")
     assert engine.decide(service, "update app.orders set status = 'paid' where id = 1").allowed
     assert not engine.decide(service, "drop table app.orders").allowed
+
+
+def test_a_refused_fast_path_call_ends_the_session(guarded: GatewayProcess, tmp_path: Path) -> None:
+    # psql's \lo_import writes the large object through libpq's fast-path interface
+    # (FunctionCall messages): a code statement the policy cannot name, refused here.
+    source = tmp_path / "blob.txt"
+    source.write_text("contents")
+    result = run_tool(
+        ["psql", "--no-psqlrc", "-At", "-v", "VERBOSITY=verbose", "-c", f"\\lo_import {source}"],
+        guarded.env(),
+    )
+    assert result.returncode != 0
+    assert (
+        'FATAL:  42501: permission denied by pgwarden policy: rule "no ddl" refuses this code '
+        "statement" in result.stderr
+    ), result.stderr
+    assert "refused a fast-path call" in guarded.stderr
+    with guarded.connect(autocommit=True) as conn:  # other sessions go on
+        assert conn.execute("select count(*) from policy_items").fetchone() is not None
