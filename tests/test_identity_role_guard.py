@@ -205,3 +205,16 @@ def test_syntax_errors_still_reach_the_client(guarded_gateway: GatewayProcess, t
         with pytest.raises(psycopg.errors.SyntaxError):
             conn.execute("selec 1")
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_verdicts_are_shared_by_texts_differing_in_numbers() -> None:
+    from pgwarden.identity import role_guard
+
+    role_guard._verdicts.clear()
+    assert role_change("select * from t where id = 1") is None
+    assert role_change("select * from t where id = 2") is None
+    assert len(role_guard._verdicts) == 1
+    assert role_change(f"set role {PRIVILEGED_ROLE}1") == "SET ROLE"  # digits in a name
+    assert role_change("select set_config('role', 'r2', false)") is not None
+    assert role_change("select set_config('work_mem', '64', false)") is None
+    assert len(role_guard._verdicts) == 4

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pglast import parser as pg_parser
 
-from pgwarden import errors
+from pgwarden import _wire, errors
 from pgwarden.policy.analysis import CACHED_TEXT_CHARS, walk
 from pgwarden.statement_gate import Refusal, StatementGate
 
@@ -81,12 +81,28 @@ def _describe_call(call: dict[str, Any]) -> str | None:
     return "set_config of the session role"
 
 
+_verdicts: dict[str, str | None] = {}
+
+
 def role_change(sql: str) -> str | None:
     """What role change ``sql`` makes (``"SET ROLE"``, ...), or None; "unparsable" too.
-    Cached per text, except texts too long to keep (bulk statements)."""
+
+    Cached per text, texts that differ only in their numeric constants sharing a verdict
+    (:func:`pgwarden._wire.number_blind_key`: the verdict reads names and the string
+    ``'role'``, never a number); texts too long to keep (bulk statements) are not cached.
+    """
     if len(sql) > CACHED_TEXT_CHARS:
         return _role_change(sql)
-    return _role_change_cached(sql)
+    key = _wire.number_blind_key(sql) or sql
+    try:
+        return _verdicts[key]
+    except KeyError:
+        pass
+    verdict = _role_change(sql)
+    if len(_verdicts) >= _CACHE_SIZE:
+        _verdicts.clear()
+    _verdicts[key] = verdict
+    return verdict
 
 
 def _role_change(sql: str) -> str | None:
@@ -107,9 +123,6 @@ def _role_change(sql: str) -> str | None:
             if found is not None:
                 return found
     return None
-
-
-_role_change_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(_role_change)
 
 
 @functools.lru_cache(maxsize=8)
