@@ -296,6 +296,22 @@ def run_tool(
     )
 
 
+def run_pgwarden(
+    *args: str, env: Mapping[str, str] | None = None, stdin: str = "", timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run a ``pgwarden`` command to its end (the suite's environment unless ``env``), its
+    output captured as text; never raises on a non-zero exit."""
+    return subprocess.run(
+        gateway_command(*args),
+        env=dict(env) if env is not None else gateway_environment(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -24,6 +24,7 @@ from harness import (
     StartGateway,
     gateway_command,
     gateway_environment,
+    run_pgwarden,
     run_tool,
     wait_until,
 )
@@ -49,13 +50,7 @@ select count(*) as total from replay_t;
 
 def pgwarden(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Runs a pgwarden command to its end, its output captured as text."""
-    return subprocess.run(
-        gateway_command(*args),
-        env=env if env is not None else gateway_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_pgwarden(*args, env=env)
 
 
 def recorded_sessions(directory: Path, count: int = 1) -> list[str]:

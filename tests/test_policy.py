@@ -25,8 +25,8 @@ from harness import (
     GatewayLauncher,
     GatewayProcess,
     StartGateway,
-    gateway_command,
     gateway_environment,
+    run_pgwarden,
     run_tool,
     settings_env,
     stop_and_check,
@@ -367,14 +367,7 @@ def test_serve_refuses_a_broken_policy_file(
     broken.write_text('[[rule]]\nname = "x"\naction = "deny"\nstatements = ["writes"]\n')
     for path, problem in ((broken, "unknown statement class"), (tmp_path / "none", "cannot read")):
         settings = {**gateway_launcher.default_settings(), "policy_file": str(path)}
-        result = subprocess.run(
-            gateway_command("serve"),
-            env=gateway_environment(settings_env(settings)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_pgwarden("serve", env=gateway_environment(settings_env(settings)))
         assert result.returncode == 2, result.stderr
         assert "invalid setting policy_file" in result.stderr and problem in result.stderr
 
@@ -435,14 +428,7 @@ def test_refusals_reach_the_audit_with_the_decision(
         assert span["attributes"]["pgwarden.policy.rule"] == "(default)"
     session_id = attributes["pgwarden.session.id"]
     stop_and_check(gateway)
-    replay = subprocess.run(
-        gateway_command("replay", session_id, "--dir", str(directory)),
-        env=gateway_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    replay = run_pgwarden("replay", session_id, "--dir", str(directory))
     assert replay.returncode == 0, replay.stderr
     assert "· deny · " in replay.stdout
     assert (
@@ -453,15 +439,7 @@ def test_refusals_reach_the_audit_with_the_decision(
 
 def test_policy_check_command(policy_file: Path, tmp_path: Path) -> None:
     def check(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            gateway_command("policy", "check", *args),
-            env=gateway_environment(),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_pgwarden("policy", "check", *args, stdin=stdin)
 
     allowed = check(str(policy_file), "--user", CLIENT_USER, "-c", "select * from policy_items")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr

@@ -22,6 +22,7 @@ EV_QUERY: Final = _wire.EV_QUERY
 EV_PARSE: Final = _wire.EV_PARSE
 EV_EXECUTE: Final = _wire.EV_EXECUTE
 EV_FUNCTION_CALL: Final = _wire.EV_FUNCTION_CALL
+_STATEMENT_KINDS: Final = frozenset({EV_QUERY, EV_PARSE})
 #: Refused statement texts remembered (by hash) for their Executes: a prepared statement
 #: refused at Parse is executed later, and each execution gets its decision record.  A
 #: hash that collides only costs a check.
@@ -77,7 +78,7 @@ class StatementGate:
         position = 0
         for event in events:
             kind = event[0]
-            if kind in (EV_QUERY, EV_PARSE):
+            if kind in _STATEMENT_KINDS:
                 sql = event[1] if kind == EV_QUERY else event[2]
                 assert isinstance(sql, str)
                 found = self._check(session, sql)
@@ -100,7 +101,9 @@ class StatementGate:
                 position = end
                 self.refused += 1
                 log.info("session %s: refused %s", session.id, found.label)
-            elif kind == EV_EXECUTE and hash(event[2]) in self._refused_texts:
+            elif (
+                kind == EV_EXECUTE and self._refused_texts and hash(event[2]) in self._refused_texts
+            ):
                 # An execution of a statement refused at its Parse: the server fails it.
                 sql = event[2]
                 assert isinstance(sql, str)

@@ -22,7 +22,6 @@ from pgwarden.policy.rules import LoadedPolicy, Rule
 log = logging.getLogger(__name__)
 
 _MAX_DECISIONS: Final = 65536
-_MAX_SUBJECTS: Final = 4096
 NO_RULE_HINT: Final = "Ask for a policy rule that allows it."
 UNPARSABLE_MESSAGE: Final = "pgwarden refused a statement the PostgreSQL grammar cannot parse"
 UNPARSABLE_HINT: Final = "Check the statement for a syntax error."
@@ -86,7 +85,6 @@ class PolicyEngine:
 
     def __init__(self, loaded: LoadedPolicy) -> None:
         self.loaded = loaded
-        self._subjects: dict[tuple[str, tuple[str, ...], str], Rules] = {}
         self._rule_sets: dict[tuple[int, ...], Rules] = {}
         self._decisions: dict[tuple[int, str], Decision] = {}
 
@@ -97,25 +95,18 @@ class PolicyEngine:
     def replace(self, loaded: LoadedPolicy) -> None:
         """Use ``loaded`` from now on (cached decisions of the old policy are dropped)."""
         self.loaded = loaded
-        self._subjects = {}
         self._rule_sets = {}
         self._decisions = {}
 
     def rules_for(self, user: str, groups: tuple[str, ...], role: str) -> Rules:
-        """The rules that apply to a subject, in order (cached per subject; subjects with
-        the same rules share one :class:`Rules`, and its decisions)."""
-        key = (user, groups, role)
-        rules = self._subjects.get(key)
+        """The rules that apply to a subject, in order; subjects with the same rules share
+        one :class:`Rules`, and so its cached decisions."""
+        every = self.loaded.policy.rule
+        picked = tuple(i for i, r in enumerate(every) if r.applies_to(user, groups, role))
+        rules = self._rule_sets.get(picked)
         if rules is None:
-            if len(self._subjects) >= _MAX_SUBJECTS:
-                self._subjects.clear()
-            every = self.loaded.policy.rule
-            picked = tuple(i for i, r in enumerate(every) if r.applies_to(user, groups, role))
-            rules = self._rule_sets.get(picked)
-            if rules is None:
-                rules = Rules(len(self._rule_sets), tuple(every[i] for i in picked))
-                self._rule_sets[picked] = rules
-            self._subjects[key] = rules
+            rules = Rules(len(self._rule_sets), tuple(every[i] for i in picked))
+            self._rule_sets[picked] = rules
         return rules
 
     def decide(self, rules: Rules, sql: str) -> Decision:
@@ -139,20 +130,21 @@ class PolicyEngine:
                 message=UNPARSABLE_MESSAGE,
                 hint=UNPARSABLE_HINT,
             )
-        allow_by_default = self.loaded.policy.default == "allow"
         for statement in analysis.statements:
-            rule = next((r for r in rules if r.matches(statement)), None)
-            allowed = rule.action == "allow" if rule is not None else allow_by_default
-            if not allowed:
-                return _refusal(statement, rule)
+            refused = self._verdict(rules, statement)
+            if refused is not None:
+                return refused
         return ALLOWED
 
     def decide_call(self, rules: Rules, oid: int) -> Decision:
         """The verdict on a fast-path FunctionCall (function ``oid``): a ``code`` statement
         whose function the policy cannot name."""
         statement = Statement(kind=CODE, node="FunctionCall", tables=(), functions=())
-        rule = next((r for r in rules.rules if r.matches(statement)), None)
-        allowed = (
-            rule.action == "allow" if rule is not None else (self.loaded.policy.default == "allow")
-        )
-        return ALLOWED if allowed else _refusal(statement, rule)
+        return self._verdict(rules.rules, statement) or ALLOWED
+
+    def _verdict(self, rules: tuple[Rule, ...], statement: Statement) -> Decision | None:
+        """The refusal of one statement (the first matching rule, else the default), or
+        None when it is allowed."""
+        rule = next((r for r in rules if r.matches(statement)), None)
+        action = rule.action if rule is not None else self.loaded.policy.default
+        return None if action == "allow" else _refusal(statement, rule)

@@ -43,13 +43,7 @@ class PolicyGate:
         loaded = load_policy(path)
         self.engine = PolicyEngine(loaded)
         self._session_rules: dict[str, Rules] = {}
-        log.info(
-            "statement policy %s loaded from %s (%d rules, default %s)",
-            loaded.version,
-            path,
-            len(loaded.policy.rule),
-            loaded.policy.default,
-        )
+        self._announce("loaded")
 
     def _rules(self, session: Session) -> Rules:
         """The rules for the session: who it is (identity name and groups) and the role it
@@ -85,11 +79,16 @@ class PolicyGate:
             return False
         self.engine.replace(loaded)
         self._session_rules = {}
+        self._announce("reloaded")
+        return True
+
+    def _announce(self, what: str) -> None:
+        loaded = self.engine.loaded
         log.info(
-            "statement policy %s reloaded from %s (%d rules, default %s)",
+            "statement policy %s %s from %s (%d rules, default %s)",
             loaded.version,
+            what,
             self.path,
             len(loaded.policy.rule),
             loaded.policy.default,
         )
-        return True

@@ -125,21 +125,26 @@ class Rule(BaseModel):
         if ANY not in self.statements and statement.kind not in self.statements:
             return False
         every = self.action == "allow"  # an allow rule must cover all the statement does
-        if self.tables is not None:
-            hits = [
+        if self.tables is not None and not _covered(
+            [
                 any(table_matches(t, p, deny=not every) for p in self.tables)
                 for t in statement.tables
-            ]
-            if not (all(hits) if every else any(hits)):
-                return False
-        if self.functions is not None:
-            hits = [
+            ],
+            every,
+        ):
+            return False
+        return self.functions is None or _covered(
+            [
                 any(fnmatchcase(f.lower(), p.lower()) for p in self.functions)
                 for f in statement.functions
-            ]
-            if not (all(hits) if every else any(hits)):
-                return False
-        return True
+            ],
+            every,
+        )
+
+
+def _covered(hits: list[bool], every: bool) -> bool:
+    """An allow rule needs every relation (or call) matched, a deny rule any one."""
+    return all(hits) if every else any(hits)
 
 
 def table_matches(table: str, pattern: str, *, deny: bool) -> bool:
