@@ -91,7 +91,7 @@ class Gateway:
         """The policy's checks, after the identity's role-change guard when identity is on."""
         from pgwarden.statement_gate import StatementGate
 
-        statement_checks = [policy.check_statement]
+        statement_checks = [policy.check_statement, policy.check_masking]
         function_checks = [policy.check_function_call]
         if self.identity is not None:
             from pgwarden.identity import role_guard

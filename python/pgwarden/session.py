@@ -36,6 +36,7 @@ from pgwarden.transport import PgStream
 
 if TYPE_CHECKING:
     from pgwarden.gateway import Gateway
+    from pgwarden.policy.mask_check import MaskScope
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class Session:
         self._accepted_us = time.time_ns() // 1000
         self._stage = "startup"  # where a refusal happened, for the audit record
         self._audit_started = False  # the session record is in the audit spool
+        #: The session's masked columns (policy masks), looked up after the upstream login.
+        self.mask_scope: MaskScope | None = None
+        self._masked_columns: list[tuple[int, int, bytes | None]] = []
 
     def __repr__(self) -> str:
         who = self.identity.name if self.identity is not None else "?"
@@ -262,6 +266,15 @@ class Session:
         self._upstream = await upstream.login(
             settings, login, max_message_len=_UPSTREAM_STARTUP_MESSAGE_LIMIT
         )
+        policy = self.gateway.policy
+        masks = policy.masks_for(self) if policy is not None else ()
+        if masks:
+            from pgwarden.policy import mask_catalog
+
+            found = await mask_catalog.resolve(self._upstream.stream, masks)
+            self.mask_scope = found.scope
+            self._masked_columns = found.columns
+            log.debug("session %s: masked columns %s", self.id, ", ".join(found.names))
 
     def _greeting(self, request: StartupRequest, conn: upstream.UpstreamConnection) -> bytes:
         """AuthenticationOk, ParameterStatus*, the gateway's BackendKeyData, ReadyForQuery."""
@@ -306,6 +319,8 @@ class Session:
             max_param_bytes=settings.statement_log_max_param_bytes,
             **(gateway.audit.codec_options(self.id) if gateway.audit is not None else {}),
         )
+        if self._masked_columns:
+            codec.mask_columns(self._masked_columns)
         relay = Relay(
             self,
             codec,

@@ -197,7 +197,7 @@ def _names(parts: Any) -> list[str]:
     return out
 
 
-def _option_on(options: Any, name: str) -> bool:
+def option_on(options: Any, name: str) -> bool:
     """Whether an EXPLAIN-style option list turns ``name`` on: ``ANALYZE``, ``ANALYZE true``
     and anything else PostgreSQL would not read as off (``false``, ``off``, ``0``), so an
     option the server refuses counts as on (fail closed)."""
@@ -228,7 +228,7 @@ def _inner_kind(body: dict[str, Any], default: str) -> str:
 def _kind(node: str, body: dict[str, Any]) -> str:
     """The class of one top-level statement (before the tree-wide checks)."""
     if node == "ExplainStmt":
-        if _option_on(body.get("options"), "analyze"):
+        if option_on(body.get("options"), "analyze"):
             return _inner_kind(body, READ)
         return READ
     if node == "PrepareStmt":
@@ -303,7 +303,7 @@ def _statement(node: str, body: dict[str, Any]) -> tuple[Statement, int]:
         names = _names(item.get("funcname"))
         if names:
             functions.append(names[-1])
-    explained = node == "ExplainStmt" and not _option_on(body.get("options"), "analyze")
+    explained = node == "ExplainStmt" and not option_on(body.get("options"), "analyze")
     if writes and kind == READ and not explained:
         kind = WRITE  # a data-modifying WITH query, or EXPLAIN ANALYZE of one
     seen: dict[str, None] = {}

@@ -8,8 +8,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from pgwarden import errors
 from pgwarden.policy.engine import Decision, PolicyEngine, Rules
-from pgwarden.policy.rules import PolicyError, load_policy
+from pgwarden.policy.mask_check import refusal_reason
+from pgwarden.policy.rules import Mask, PolicyError, load_policy
 from pgwarden.statement_gate import Refusal
 
 if TYPE_CHECKING:
@@ -20,6 +22,18 @@ log = logging.getLogger(__name__)
 #: Sessions whose rules are remembered by session id (a session's identity and role do
 #: not change); the memo is emptied when it reaches this size, or on a reload.
 _SESSIONS_REMEMBERED: Final = 8192
+
+
+MASKING_RULE: Final = "(masking)"
+MASKING_HINT: Final = (
+    "Masked columns can be selected as they are (their values come back masked), "
+    "not computed with, filtered, sorted, grouped, copied or written elsewhere."
+)
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """Identifiers from the statement, made safe for the refusal's message."""
+    return "".join(ch if " " <= ch <= "~" and ch != "$" else "?" for ch in text)[:limit]
 
 
 def _refusal(decision: Decision, version: str) -> Refusal:
@@ -62,6 +76,33 @@ class PolicyGate:
     def check_statement(self, session: Session, sql: str) -> Refusal | None:
         decision = self.engine.decide(self._rules(session), sql)
         return None if decision.allowed else _refusal(decision, self.engine.version)
+
+    def masks_for(self, session: Session) -> tuple[Mask, ...]:
+        """The masks that apply to the session (looked up when it starts)."""
+        identity = session.identity
+        user = identity.name if identity is not None else ""
+        groups = identity.roles if identity is not None else ()
+        role = session.upstream_user or ""
+        return tuple(m for m in self.engine.loaded.policy.mask if m.applies_to(user, groups, role))
+
+    def check_masking(self, session: Session, sql: str) -> Refusal | None:
+        """Refuses a statement that would read one of the session's masked columns
+        around the mask (:mod:`pgwarden.policy.mask_check`)."""
+        scope = session.mask_scope
+        if scope is None:
+            return None
+        reason = refusal_reason(sql, scope)
+        if reason is None:
+            return None
+        reason = _printable(reason)
+        return Refusal(
+            errors.INSUFFICIENT_PRIVILEGE,
+            f"permission denied by pgwarden masking: {reason}",
+            MASKING_HINT,
+            f"by masking: {reason}",
+            rule=MASKING_RULE,
+            policy_version=self.engine.version,
+        )
 
     def check_function_call(self, session: Session, oid: int) -> Refusal | None:
         decision = self.engine.decide_call(self._rules(session), oid)

@@ -52,13 +52,11 @@ def _plain_text(value: str, what: str) -> str:
     return value
 
 
-class Rule(BaseModel):
-    """One rule: who it applies to, which statements it matches, and the verdict."""
+class Subjects(BaseModel):
+    """Who a rule or a mask applies to: each list given must match."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(description="Shown in the error of a statement the rule refuses, and logged.")
-    action: Literal["allow", "deny"] = Field(description="The verdict when the rule matches.")
     users: tuple[str, ...] | None = Field(
         default=None, description="Identity names (glob patterns); unset: anyone."
     )
@@ -70,6 +68,23 @@ class Rule(BaseModel):
         default=None,
         description="PostgreSQL roles the session logs in as (glob patterns); unset: any.",
     )
+
+    def applies_to(self, user: str, groups: tuple[str, ...], role: str) -> bool:
+        """Whether this is about the subject (identity name, groups, upstream role)."""
+        if self.users is not None and not any(fnmatchcase(user, p) for p in self.users):
+            return False
+        if self.groups is not None and not any(
+            fnmatchcase(g, p) for g in groups for p in self.groups
+        ):
+            return False
+        return self.roles is None or any(fnmatchcase(role, p) for p in self.roles)
+
+
+class Rule(Subjects):
+    """One rule: who it applies to, which statements it matches, and the verdict."""
+
+    name: str = Field(description="Shown in the error of a statement the rule refuses, and logged.")
+    action: Literal["allow", "deny"] = Field(description="The verdict when the rule matches.")
     statements: tuple[str, ...] = Field(
         default=(ANY,),
         description=f"Statement classes: {', '.join(CLASSES)}, or 'any' (the default).",
@@ -109,16 +124,6 @@ class Rule(BaseModel):
                 f"known: {', '.join((*CLASSES, ANY))}"
             )
         return value
-
-    def applies_to(self, user: str, groups: tuple[str, ...], role: str) -> bool:
-        """Whether the rule is about this subject."""
-        if self.users is not None and not any(fnmatchcase(user, p) for p in self.users):
-            return False
-        if self.groups is not None and not any(
-            fnmatchcase(g, p) for g in groups for p in self.groups
-        ):
-            return False
-        return self.roles is None or any(fnmatchcase(role, p) for p in self.roles)
 
     def matches(self, statement: Statement) -> bool:
         """Whether the rule decides ``statement`` (its subject already checked)."""
@@ -168,6 +173,55 @@ def table_matches(table: str, pattern: str, *, deny: bool) -> bool:
     return fnmatchcase(schema, p_schema) and fnmatchcase(name, p_name)
 
 
+_IDENTIFIER_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_$")
+
+
+def _column_name(value: str) -> str:
+    """``schema.table.column`` (``column`` may be ``*``), lower-case identifiers as the
+    catalog stores unquoted names."""
+    parts = value.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{value!r}: columns are named schema.table.column")
+    for part in parts[:2] + ([] if parts[2] == "*" else parts[2:]):
+        if not set(part) <= _IDENTIFIER_CHARS or part[0].isdigit():
+            raise ValueError(
+                f"{value!r}: {part!r} is not a lower-case identifier (letters, digits, _)"
+            )
+    return value
+
+
+class Mask(Subjects):
+    """Columns whose values the subjects it applies to see masked."""
+
+    name: str = Field(description="Names the mask in the log.")
+    columns: tuple[str, ...] = Field(
+        description="'schema.table.column' ('schema.table.*' for every column), lower case.",
+        min_length=1,
+    )
+    style: Literal["redact", "null"] = Field(
+        default="redact",
+        description="'redact': text columns show `replacement`, others NULL; 'null': NULL.",
+    )
+    replacement: str = Field(default="****", description="The text a redacted text value shows.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _plain_text(value, "name")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_column_name(v) for v in value)
+
+    @field_validator("replacement")
+    @classmethod
+    def _replacement(cls, value: str) -> str:
+        if len(value.encode()) > _MAX_TEXT:
+            raise ValueError(f"replacement must be at most {_MAX_TEXT} bytes")
+        return value
+
+
 class Policy(BaseModel):
     """A whole policy file."""
 
@@ -181,6 +235,7 @@ class Policy(BaseModel):
         description="Recorded with each refusal; unset: the file's SHA-256 (12 hex digits).",
     )
     rule: tuple[Rule, ...] = Field(default=(), description="The rules, tried in order.")
+    mask: tuple[Mask, ...] = Field(default=(), description="Masked columns, and for whom.")
 
     @field_validator("version")
     @classmethod
@@ -213,10 +268,10 @@ def parse_policy(data: bytes, source: str = "policy") -> LoadedPolicy:
             for err in exc.errors()
         )
         raise PolicyError(f"{source}: invalid policy: {problems}") from None
-    names = [r.name for r in policy.rule]
+    names = [r.name for r in policy.rule] + [m.name for m in policy.mask]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise PolicyError(f"{source}: rule names must be unique: {', '.join(duplicates)}")
+        raise PolicyError(f"{source}: rule and mask names must be unique: {', '.join(duplicates)}")
     version = policy.version or hashlib.sha256(data).hexdigest()[:12]
     return LoadedPolicy(policy, version)
 

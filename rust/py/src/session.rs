@@ -4,8 +4,8 @@
 use pgwarden_wire::backend::TransactionStatus;
 use pgwarden_wire::events::kind;
 use pgwarden_wire::{
-    AuditConfig, CaptureLimits, ClientEvent, Forward, ServerEvent, SessionConfig,
-    DEFAULT_MAX_MESSAGE_LEN,
+    AuditConfig, CaptureLimits, ClientEvent, ColumnMasker, Forward, MaskStyle, MaskedColumn,
+    ServerEvent, SessionConfig, DEFAULT_MAX_MESSAGE_LEN,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
@@ -132,6 +132,25 @@ impl SessionCodec {
             }),
             ready_events: [ready("I")?, ready("T")?, ready("E")?],
         })
+    }
+
+    /// Masks these table columns in every result from now on: `(table_oid, attnum,
+    /// replacement)`, the replacement text for text-typed columns, `None` for NULL.
+    fn mask_columns(&mut self, columns: Vec<(u32, i16, Option<Vec<u8>>)>) {
+        let masker =
+            ColumnMasker::new(
+                columns
+                    .into_iter()
+                    .map(|(table_oid, attnum, text)| MaskedColumn {
+                        table_oid,
+                        attnum,
+                        style: match text {
+                            Some(t) => MaskStyle::Replace(t.into()),
+                            None => MaskStyle::Null,
+                        },
+                    }),
+            );
+        self.inner.set_masker(Some(Box::new(masker)));
     }
 
     fn feed_client<'py>(

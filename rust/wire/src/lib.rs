@@ -40,7 +40,7 @@ pub use events::{ClientEvent, ServerEvent};
 pub use forward::Forward;
 pub use framer::{Frame, FrameIter, MessageFramer};
 pub use limits::{Limits, DEFAULT_MAX_MESSAGE_LEN, DEFAULT_MAX_STARTUP_LEN};
-pub use masker::DataRowMasker;
+pub use masker::{ColumnMasker, DataRowMasker, MaskStyle, MaskedColumn};
 pub use session::{SessionCodec, SessionConfig};
 pub use session_audit::AuditConfig;
 pub use startup::{read_startup, StartupMessage, StartupPacket};

@@ -1,30 +1,431 @@
 //! The row-rewrite hook: a [`DataRowMasker`] sees the rows it asks for and may replace
-//! them.  Without one, DataRows stream through unassembled.
+//! them.  Without one, DataRows stream through unassembled.  [`ColumnMasker`] is the
+//! masker pgwarden installs: it masks table columns, named by the origin every
+//! RowDescription field carries (table OID and attribute number).
+
+use std::sync::Arc;
+
+use ahash::AHashMap as HashMap;
 
 use crate::backend::RowDescription;
 
 /// Rewrites DataRow messages on their way to the client.
 ///
-/// The server relay calls [`describe`](DataRowMasker::describe) for every
-/// RowDescription, then asks [`wants_rows`](DataRowMasker::wants_rows) at each DataRow
-/// header: only when it answers `true` is the row assembled whole and passed to
+/// The server relay calls [`describes`](DataRowMasker::describes) at each
+/// RowDescription header, with the statement text when it answers a Describe, then
+/// [`describe`](DataRowMasker::describe) with the whole message.  At each DataRow header
+/// it asks [`wants_rows`](DataRowMasker::wants_rows), with the text of the statement an
+/// Execute runs (rows of an Execute come without a RowDescription of their own): only
+/// when that answers `true` is the row assembled and passed to
 /// [`mask_row`](DataRowMasker::mask_row); otherwise it keeps streaming at no cost.
 ///
-/// Implementations must also account for results that arrive without a RowDescription
-/// right before them (an Execute of a statement described earlier), for COPY TO
-/// STDOUT (CopyData, not DataRow) and for FunctionCallResponse.
+/// COPY TO STDOUT (CopyData, not DataRow) and FunctionCallResponse are not offered: the
+/// statements that would produce them must be decided before they run.
 pub trait DataRowMasker: Send + Sync {
-    /// The columns of the rows that follow.
+    /// A RowDescription is arriving: it answers a Describe of `statement` (the text of
+    /// the prepared statement or portal described), or, with `None`, starts a result.
+    fn describes(&mut self, _statement: Option<&str>) {}
+
+    /// The columns of the RowDescription announced by `describes`.
     fn describe(&mut self, description: &RowDescription<'_>);
 
     /// Whether the current result's rows must be assembled and offered to `mask_row`.
-    fn wants_rows(&self) -> bool;
+    /// `statement` is the text the current Execute runs (`None` for a simple Query).
+    fn wants_rows(&mut self, statement: Option<&str>) -> bool;
 
     /// Offered one whole DataRow body.  Returns `true` after writing the replacement
     /// body (column count and values, without tag or length) into `out`; `false` to
     /// forward the row unchanged.
     fn mask_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool;
 
-    /// Called at every ReadyForQuery: the result context is over.
+    /// The current result is over (CommandComplete, EmptyQueryResponse,
+    /// PortalSuspended, ErrorResponse).
+    fn result_end(&mut self) {}
+
+    /// Called at every ReadyForQuery.
     fn reset(&mut self) {}
+}
+
+/// What a masked column's values become.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MaskStyle {
+    /// NULL, whatever the type.
+    Null,
+    /// This text for columns of a text type (`text`, `varchar`, `char(n)`, `name`), whose
+    /// text and binary formats are the same bytes; NULL for any other type.
+    Replace(Box<[u8]>),
+}
+
+/// One masked table column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskedColumn {
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub style: MaskStyle,
+}
+
+/// Type OIDs whose binary format is the text itself.
+const TEXT_TYPES: [u32; 4] = [
+    25,   // text
+    1043, // varchar
+    1042, // bpchar
+    19,   // name
+];
+
+/// What happens to one column of a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Action {
+    Null,
+    Replace(Box<[u8]>),
+}
+
+/// The masked columns of one row shape, by position.
+#[derive(Debug, PartialEq, Eq)]
+struct Shape {
+    columns: Vec<(usize, Action)>,
+}
+
+/// The rows of the current result.
+#[derive(Debug, Clone)]
+enum Current {
+    /// Not known yet: decided at the first DataRow.
+    Unresolved,
+    /// Nothing to mask.
+    Clear,
+    Masked(Arc<Shape>),
+    /// Rows whose columns the gateway never saw described: every value is masked.
+    Unknown,
+}
+
+/// Most statement texts a session keeps a description of.  Beyond it the table is
+/// cleared: a statement executed again without a new Describe then has every value of
+/// its rows masked, which errs on the side of the mask.
+const MAX_DESCRIBED: usize = 4096;
+
+/// Masks table columns in every result of one session.
+#[derive(Debug)]
+pub struct ColumnMasker {
+    columns: HashMap<(u32, i16), MaskStyle>,
+    /// The masked columns of each statement text described in this session (`None`:
+    /// nothing to mask, or no rows).
+    described: HashMap<Arc<str>, Option<Arc<Shape>>>,
+    /// The text whose Describe the RowDescription being assembled answers.
+    describing: Option<Option<Arc<str>>>,
+    current: Current,
+    /// Rows rewritten, and values masked, since the masker was installed.
+    rows_masked: u64,
+    values_masked: u64,
+    unknown_rows: u64,
+}
+
+impl ColumnMasker {
+    pub fn new(columns: impl IntoIterator<Item = MaskedColumn>) -> Self {
+        ColumnMasker {
+            columns: columns
+                .into_iter()
+                .map(|c| ((c.table_oid, c.attnum), c.style))
+                .collect(),
+            described: HashMap::new(),
+            describing: None,
+            current: Current::Unresolved,
+            rows_masked: 0,
+            values_masked: 0,
+            unknown_rows: 0,
+        }
+    }
+
+    /// (rows rewritten, values masked, rows of an undescribed shape masked whole).
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (self.rows_masked, self.values_masked, self.unknown_rows)
+    }
+
+    fn shape_of(&self, description: &RowDescription<'_>) -> Option<Arc<Shape>> {
+        let columns: Vec<(usize, Action)> = description
+            .fields()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let style = self.columns.get(&(f.table_oid, f.column_attnum))?;
+                Some((
+                    i,
+                    match style {
+                        MaskStyle::Replace(text) if TEXT_TYPES.contains(&f.type_oid) => {
+                            Action::Replace(text.clone())
+                        }
+                        _ => Action::Null,
+                    },
+                ))
+            })
+            .collect();
+        (!columns.is_empty()).then(|| Arc::new(Shape { columns }))
+    }
+}
+
+impl DataRowMasker for ColumnMasker {
+    fn describes(&mut self, statement: Option<&str>) {
+        self.describing = Some(statement.map(Arc::from));
+    }
+
+    fn describe(&mut self, description: &RowDescription<'_>) {
+        let shape = self.shape_of(description);
+        match self.describing.take() {
+            Some(Some(text)) => {
+                if self.described.len() >= MAX_DESCRIBED && !self.described.contains_key(&text) {
+                    self.described.clear();
+                }
+                self.described.insert(text, shape);
+            }
+            _ => {
+                self.current = match shape {
+                    Some(s) => Current::Masked(s),
+                    None => Current::Clear,
+                }
+            }
+        }
+    }
+
+    fn wants_rows(&mut self, statement: Option<&str>) -> bool {
+        if let Current::Unresolved = self.current {
+            self.current = match statement.map(|s| self.described.get(s)) {
+                Some(Some(Some(shape))) => Current::Masked(shape.clone()),
+                Some(Some(None)) => Current::Clear,
+                // Rows the gateway cannot place: a statement never described.
+                _ => Current::Unknown,
+            };
+        }
+        !matches!(self.current, Current::Clear)
+    }
+
+    fn mask_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool {
+        let shape = match &self.current {
+            Current::Masked(s) => Some(s.clone()),
+            Current::Unknown => None,
+            Current::Unresolved | Current::Clear => return false,
+        };
+        let Some(values) = Values::read(row) else {
+            // A row that does not parse is the server's problem: it goes as it came,
+            // without a masked column's value, since every value is dropped.
+            out.extend_from_slice(&0i16.to_be_bytes());
+            self.unknown_rows += 1;
+            return true;
+        };
+        out.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        let mut next = shape.as_ref().map(|s| s.columns.iter().peekable());
+        let mut masked = 0;
+        for (i, value) in values.iter().enumerate() {
+            let action = match &mut next {
+                Some(it) => match it.peek() {
+                    Some((at, _)) if *at == i => it.next().map(|(_, a)| a),
+                    _ => None,
+                },
+                None => Some(&Action::Null),
+            };
+            match (action, value) {
+                (None, v) | (Some(Action::Null), v @ None) => write_value(out, v),
+                (Some(Action::Null), Some(_)) => {
+                    write_value(out, None);
+                    masked += 1;
+                }
+                (Some(Action::Replace(_)), None) => write_value(out, None),
+                (Some(Action::Replace(text)), Some(_)) => {
+                    write_value(out, Some(text));
+                    masked += 1;
+                }
+            }
+        }
+        self.rows_masked += 1;
+        self.values_masked += masked;
+        if shape.is_none() {
+            self.unknown_rows += 1;
+        }
+        true
+    }
+
+    fn result_end(&mut self) {
+        self.current = Current::Unresolved;
+    }
+
+    fn reset(&mut self) {
+        self.current = Current::Unresolved;
+        self.describing = None;
+    }
+}
+
+fn write_value(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        Some(v) => {
+            out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            out.extend_from_slice(v);
+        }
+    }
+}
+
+/// A DataRow body's values, in place.
+struct Values<'a> {
+    count: usize,
+    body: &'a [u8],
+}
+
+impl<'a> Values<'a> {
+    /// `None` when the body is not a well-formed DataRow.
+    fn read(body: &'a [u8]) -> Option<Self> {
+        let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+        let count = usize::try_from(count).ok()?;
+        let v = Values {
+            count,
+            body: &body[2..],
+        };
+        let mut seen = 0;
+        let mut rest = v.body;
+        while seen < count {
+            let (_, after) = split_value(rest)?;
+            rest = after;
+            seen += 1;
+        }
+        rest.is_empty().then_some(v)
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Option<&'a [u8]>> + 'a {
+        let mut rest = self.body;
+        let mut left = self.count;
+        std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            left -= 1;
+            let (value, after) = split_value(rest)?;
+            rest = after;
+            Some(value)
+        })
+    }
+}
+
+/// One value (`None` for NULL) and what follows it.
+fn split_value(bytes: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
+    let len = i32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
+    let rest = &bytes[4..];
+    if len == -1 {
+        return Some((None, rest));
+    }
+    let len = usize::try_from(len).ok()?;
+    (rest.len() >= len).then(|| (Some(&rest[..len]), &rest[len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::FieldDescription;
+
+    fn description(fields: &[(u32, i16, u32)]) -> Vec<u8> {
+        let fields: Vec<FieldDescription<'_>> = fields
+            .iter()
+            .map(|&(table_oid, column_attnum, type_oid)| FieldDescription {
+                name: b"c",
+                table_oid,
+                column_attnum,
+                type_oid,
+                type_len: -1,
+                type_modifier: -1,
+                format: 0,
+            })
+            .collect();
+        let mut buf = Vec::new();
+        RowDescription::encode_fields(&mut buf, &fields);
+        buf[5..].to_vec()
+    }
+
+    fn row(values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut out = (values.len() as i16).to_be_bytes().to_vec();
+        for v in values {
+            write_value(&mut out, *v);
+        }
+        out
+    }
+
+    fn masker() -> ColumnMasker {
+        ColumnMasker::new([
+            MaskedColumn {
+                table_oid: 100,
+                attnum: 2,
+                style: MaskStyle::Replace(b"****".to_vec().into()),
+            },
+            MaskedColumn {
+                table_oid: 100,
+                attnum: 3,
+                style: MaskStyle::Replace(b"****".to_vec().into()),
+            },
+        ])
+    }
+
+    #[test]
+    fn masks_described_columns_by_origin() {
+        let mut m = masker();
+        let rd = description(&[(100, 1, 23), (100, 2, 25), (100, 3, 23), (200, 2, 25)]);
+        m.describes(None);
+        m.describe(&RowDescription::decode(&rd).unwrap());
+        assert!(m.wants_rows(None));
+        let mut out = Vec::new();
+        let input = row(&[Some(b"1"), Some(b"a@b"), Some(b"42"), Some(b"x")]);
+        assert!(m.mask_row(&input, &mut out));
+        // text column replaced, int column NULL, another table's column 2 untouched
+        assert_eq!(out, row(&[Some(b"1"), Some(b"****"), None, Some(b"x")]));
+        let mut out = Vec::new();
+        m.mask_row(&row(&[Some(b"1"), None, None, None]), &mut out);
+        assert_eq!(out, row(&[Some(b"1"), None, None, None]));
+        assert_eq!(m.counts(), (2, 2, 0));
+    }
+
+    #[test]
+    fn results_without_masked_columns_stream() {
+        let mut m = masker();
+        let rd = description(&[(100, 1, 23), (0, 0, 25)]);
+        m.describes(None);
+        m.describe(&RowDescription::decode(&rd).unwrap());
+        assert!(!m.wants_rows(None));
+    }
+
+    #[test]
+    fn executes_use_the_description_of_their_statement() {
+        let mut m = masker();
+        let rd = description(&[(100, 2, 1043)]);
+        m.describes(Some("SELECT email FROM t"));
+        m.describe(&RowDescription::decode(&rd).unwrap());
+        m.describes(Some("SELECT 1"));
+        m.describe(&RowDescription::decode(&description(&[(0, 0, 23)])).unwrap());
+        assert!(m.wants_rows(Some("SELECT email FROM t")));
+        let mut out = Vec::new();
+        assert!(m.mask_row(&row(&[Some(b"a@b")]), &mut out));
+        assert_eq!(out, row(&[Some(b"****")]));
+        m.result_end();
+        assert!(!m.wants_rows(Some("SELECT 1")));
+        m.result_end();
+        // Never described: every value is masked.
+        assert!(m.wants_rows(Some("SELECT secret FROM t")));
+        let mut out = Vec::new();
+        assert!(m.mask_row(&row(&[Some(b"s"), Some(b"2")]), &mut out));
+        assert_eq!(out, row(&[None, None]));
+        assert_eq!(m.counts().2, 1);
+    }
+
+    #[test]
+    fn null_style_and_malformed_rows() {
+        let mut m = ColumnMasker::new([MaskedColumn {
+            table_oid: 7,
+            attnum: 1,
+            style: MaskStyle::Null,
+        }]);
+        m.describes(None);
+        m.describe(&RowDescription::decode(&description(&[(7, 1, 25)])).unwrap());
+        assert!(m.wants_rows(None));
+        let mut out = Vec::new();
+        assert!(m.mask_row(&row(&[Some(b"secret")]), &mut out));
+        assert_eq!(out, row(&[None]));
+        let mut out = Vec::new();
+        assert!(m.mask_row(&[0, 1, 0, 0, 0, 9, b'x'], &mut out));
+        assert_eq!(out, 0i16.to_be_bytes());
+    }
 }

@@ -121,6 +121,7 @@ impl SessionCodec {
             clock: &mut self.clock,
             emit_events: self.emit_client_events,
             max_param_bytes: self.max_param_bytes,
+            masking: self.masker.is_some(),
         };
         let r = self
             .client
@@ -234,11 +235,13 @@ struct ClientHandler<'a> {
     clock: &'a mut FeedClock,
     emit_events: bool,
     max_param_bytes: usize,
+    /// A row masker needs the text each Describe and Execute refers to.
+    masking: bool,
 }
 
 impl ClientHandler<'_> {
     fn wants_text(&self) -> bool {
-        self.emit_events || self.tracker.recording()
+        self.emit_events || self.masking || self.tracker.recording()
     }
 
     /// One complete client message; `Some` is a message to forward in its place.
@@ -363,6 +366,8 @@ impl ClientHandler<'_> {
                     (None, None)
                 };
                 let text = if self.emit_events { sql.clone() } else { None };
+                let masked = if self.masking { sql.clone() } else { None };
+                let before = self.tracker.queued();
                 let n = self.tracker.sent(
                     Kind::Execute,
                     self.clock,
@@ -370,6 +375,9 @@ impl ClientHandler<'_> {
                     params,
                     None,
                 )?;
+                if let Some(masked) = masked {
+                    self.tracker.label_last(before, masked);
+                }
                 if self.emit_events {
                     self.events.push(ClientEvent::Execute {
                         portal: String::from_utf8_lossy(e.portal).into(),
@@ -382,7 +390,7 @@ impl ClientHandler<'_> {
             }
             frontend::tag::DESCRIBE => {
                 let d = Describe::decode(body)?;
-                let sql = if recording {
+                let sql = if recording || self.masking {
                     match d.target {
                         Target::Statement => self.names.statement(d.name).cloned(),
                         Target::Portal => self.names.portal(d.name).map(|p| p.sql.clone()),
@@ -390,8 +398,18 @@ impl ClientHandler<'_> {
                 } else {
                     None
                 };
-                self.tracker
-                    .sent(Kind::Describe, self.clock, sql, None, None)?;
+                let masked = if self.masking { sql.clone() } else { None };
+                let before = self.tracker.queued();
+                self.tracker.sent(
+                    Kind::Describe,
+                    self.clock,
+                    sql.filter(|_| recording),
+                    None,
+                    None,
+                )?;
+                if let Some(masked) = masked {
+                    self.tracker.label_last(before, masked);
+                }
             }
             frontend::tag::CLOSE => {
                 let c = Close::decode(body)?;
@@ -518,12 +536,26 @@ impl ServerSink for ServerHandler<'_> {
         use backend::tag as t;
         // Before anything below can finish the statement this message belongs to.
         self.tracker.capture_header(tag, body_len);
+        if matches!(
+            tag,
+            t::COMMAND_COMPLETE | t::EMPTY_QUERY_RESPONSE | t::PORTAL_SUSPENDED | t::ERROR_RESPONSE
+        ) {
+            if let Some(m) = self.masker.as_deref_mut() {
+                m.result_end();
+            }
+        }
         Ok(match tag {
             t::DATA_ROW => {
                 self.tracker.data_row();
-                match &self.masker {
-                    Some(m) if m.wants_rows() => BodyUse::Hold,
-                    _ => BodyUse::Skip,
+                let statement = self.tracker.front_execute_text();
+                let wanted = match self.masker.as_deref_mut() {
+                    Some(m) => m.wants_rows(statement),
+                    None => false,
+                };
+                if wanted {
+                    BodyUse::Hold
+                } else {
+                    BodyUse::Skip
                 }
             }
             t::ERROR_RESPONSE if self.tracker.refusal_answer_due() => BodyUse::Hold,
@@ -533,6 +565,9 @@ impl ServerSink for ServerHandler<'_> {
                 BodyUse::Assemble
             }
             t::ROW_DESCRIPTION => {
+                if let Some(m) = self.masker.as_deref_mut() {
+                    m.describes(self.tracker.front_describe_text());
+                }
                 self.tracker.row_description();
                 if self.masker.is_some() {
                     BodyUse::Assemble

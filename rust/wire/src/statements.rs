@@ -121,6 +121,8 @@ struct Pending {
     refused: bool,
     /// Boxed so a deep pipeline costs 16 bytes per queued message when not recording.
     draft: Option<Box<Draft>>,
+    /// The statement text a Describe or Execute refers to, for a row masker.
+    text: Option<Arc<str>>,
 }
 
 /// The FIFO of client messages awaiting their response, and the finished records.
@@ -353,8 +355,40 @@ impl StatementTracker {
             kind,
             refused: false,
             draft,
+            text: None,
         });
         Ok(audit_n)
+    }
+
+    /// Messages awaiting their response.
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Names the statement text of the message just queued (when the queue grew from
+    /// `before`: a message the server will skip is not queued).
+    pub(crate) fn label_last(&mut self, before: usize, text: Arc<str>) {
+        if self.queue.len() > before {
+            if let Some(p) = self.queue.back_mut() {
+                p.text = Some(text);
+            }
+        }
+    }
+
+    /// The text of the Describe at the front (`Some("")` when it was not named).
+    pub(crate) fn front_describe_text(&self) -> Option<&str> {
+        match self.queue.front() {
+            Some(p) if p.kind == Kind::Describe => Some(p.text.as_deref().unwrap_or("")),
+            _ => None,
+        }
+    }
+
+    /// The text of the Execute whose rows are arriving (`None` for a simple Query).
+    pub(crate) fn front_execute_text(&self) -> Option<&str> {
+        match self.queue.front() {
+            Some(p) if p.kind == Kind::Execute => Some(p.text.as_deref().unwrap_or("")),
+            _ => None,
+        }
     }
 
     // --- server side ------------------------------------------------------------------

@@ -867,7 +867,7 @@ impl DataRowMasker for Shout {
     fn describe(&mut self, description: &RowDescription<'_>) {
         self.wanted = description.fields().any(|f| f.name == b"secret");
     }
-    fn wants_rows(&self) -> bool {
+    fn wants_rows(&mut self, _statement: Option<&str>) -> bool {
         self.wanted
     }
     fn mask_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool {

@@ -16,7 +16,7 @@ impl DataRowMasker for Reverse {
     fn describe(&mut self, description: &RowDescription<'_>) {
         self.want = description.len() % 2 == 1;
     }
-    fn wants_rows(&self) -> bool {
+    fn wants_rows(&mut self, _statement: Option<&str>) -> bool {
         self.want
     }
     fn mask_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool {

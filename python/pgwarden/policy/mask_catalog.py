@@ -1,0 +1,165 @@
+"""Where a session's masked columns are: their table OIDs and attribute numbers, read from
+the catalog of the session's own database when it starts, and the views that read them.
+
+RowDescription names a result column's origin by table OID and attribute number, which
+is what the wire masker matches (``SessionCodec.mask_columns``).  The lookup runs on the
+session's upstream connection, as its role, after login and before the client's first
+message: one round trip per session that has masks.  Views and materialized views that
+read a masked column (directly or through other views, from ``pg_depend``) are listed
+too: their columns' origin is the view, so statements naming them are refused
+(:mod:`pgwarden.policy.mask_check`).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pgwarden import _wire, errors
+from pgwarden.errors import ConnectionClosed, GatewayError
+from pgwarden.policy.mask_check import MaskScope
+from pgwarden.policy.rules import Mask
+from pgwarden.transport import PgStream
+
+log = logging.getLogger(__name__)
+
+_Q, _D, _C, _T, _Z, _E, _N, _S = (ord(c) for c in "QDCTZENS")
+
+#: Masked columns of the session (``mask_columns``' argument): table OID, attribute
+#: number, the replacement text (None: NULL).
+WireColumns = list[tuple[int, int, bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMasks:
+    """What one session has masked."""
+
+    scope: MaskScope
+    columns: WireColumns
+    names: tuple[str, ...]  # "schema.table.column", for the log
+
+
+def _literal(value: str) -> str:
+    # Names are validated lower-case identifiers (rules.Mask); quoting stays correct for
+    # any text under standard_conforming_strings.
+    return "'" + value.replace("'", "''") + "'"
+
+
+def lookup_sql(masks: Sequence[Mask]) -> str:
+    """One query listing each masked column (``c`` rows: table OID, attnum, schema,
+    table, column, mask index) and each view reading one (``v`` rows)."""
+    wanted = []
+    for index, mask in enumerate(masks):
+        for column in mask.columns:
+            schema, table, name = column.split(".")
+            wanted.append(f"({_literal(schema)},{_literal(table)},{_literal(name)},{index})")
+    return (
+        "WITH RECURSIVE wanted(nsp, rel, col, mask) AS (VALUES " + ",".join(wanted) + "), cols AS ("
+        "SELECT c.oid AS reloid, a.attnum, n.nspname, c.relname, a.attname, min(w.mask) AS mask "
+        "FROM wanted w "
+        "JOIN pg_catalog.pg_namespace n ON n.nspname = w.nsp "
+        "JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+        "AND NOT a.attisdropped AND (w.col = '*' OR a.attname = w.col) "
+        "GROUP BY 1, 2, 3, 4, 5"
+        "), views(oid) AS ("
+        "SELECT r.ev_class FROM pg_catalog.pg_depend d "
+        "JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid "
+        "JOIN cols ON d.refobjid = cols.reloid AND d.refobjsubid = cols.attnum "
+        "WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+        "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "AND r.ev_class <> cols.reloid "
+        "UNION "
+        "SELECT r.ev_class FROM views v JOIN pg_catalog.pg_depend d ON d.refobjid = v.oid "
+        "JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid "
+        "WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+        "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "AND r.ev_class <> v.oid"
+        ") "
+        "SELECT 'c', reloid::int8, attnum::int4, nspname::text, relname::text, attname::text, "
+        "mask FROM cols "
+        "UNION ALL "
+        "SELECT 'v', c.oid::int8, 0, n.nspname::text, c.relname::text, '', -1 "
+        "FROM (SELECT DISTINCT oid FROM views) v JOIN pg_catalog.pg_class c ON c.oid = v.oid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    )
+
+
+def _values(body: bytes) -> list[str | None]:
+    (count,) = struct.unpack_from("!h", body)
+    at = 2
+    out: list[str | None] = []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", body, at)
+        at += 4
+        if length < 0:
+            out.append(None)
+            continue
+        out.append(body[at : at + length].decode("utf-8", "replace"))
+        at += length
+    return out
+
+
+def _failed(reason: str) -> GatewayError:
+    log.error("masking: the catalog lookup failed: %s", reason)
+    return GatewayError(
+        errors.INTERNAL_ERROR,
+        "pgwarden could not look up the columns this session must see masked",
+        hint="The session is refused rather than shown unmasked data; see the gateway log.",
+    )
+
+
+async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
+    """Looks the masked columns up on a logged-in upstream connection (ReadyForQuery
+    received, nothing else pending); leaves it ready for the client's first message.
+    Any failure is a :class:`GatewayError`: the session does not start unmasked."""
+    sql = lookup_sql(masks)
+    stream.write(_wire.encode_message(_Q, sql.encode() + b"\0"))
+    rows: list[list[str | None]] = []
+    error: str | None = None
+    while True:
+        try:
+            tag, body = await stream.read_message()
+        except ConnectionClosed:
+            raise _failed("the server closed the connection") from None
+        if tag == _D:
+            try:
+                rows.append(_values(body))
+            except (struct.error, UnicodeDecodeError) as exc:
+                raise _failed(f"malformed DataRow ({exc})") from None
+        elif tag == _E:
+            error = _wire.decode_fields(body).get("M", "(no message)")
+        elif tag == _Z:
+            break
+        elif tag not in (_T, _C, _N, _S):
+            raise _failed(f"unexpected message {chr(tag)!r}")
+    if error is not None:
+        raise _failed(error)
+    tables: dict[tuple[str, str], set[str]] = {}
+    views: set[tuple[str, str]] = set()
+    columns: WireColumns = []
+    names = []
+    for kind, oid, attnum, schema, table, column, index in rows:
+        if oid is None or schema is None or table is None:
+            continue
+        if kind == "v":
+            views.add((schema, table))
+            continue
+        if attnum is None or column is None or index is None:
+            continue
+        mask = masks[int(index)]
+        replacement = mask.replacement.encode() if mask.style == "redact" else None
+        columns.append((int(oid), int(attnum), replacement))
+        tables.setdefault((schema, table), set()).add(column)
+        names.append(f"{schema}.{table}.{column}")
+    # Configured names the catalog does not have (yet) are still kept from being read
+    # around the mask by name.
+    for mask in masks:
+        for spec in mask.columns:
+            schema, table, column = spec.split(".")
+            if column != "*":
+                tables.setdefault((schema, table), set()).add(column)
+    scope = MaskScope({k: frozenset(v) for k, v in tables.items()}, frozenset(views))
+    return SessionMasks(scope=scope, columns=columns, names=tuple(names))

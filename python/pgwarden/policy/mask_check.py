@@ -1,0 +1,356 @@
+"""The statements that would read a masked column around the mask.
+
+On the wire pgwarden masks a column where the server says a result column comes from it:
+each RowDescription field carries its origin (table OID and attribute number), and
+PostgreSQL follows that origin through subqueries, WITH queries, joins and views in FROM
+as long as the column is selected as it is.  Anything that computes with the value
+loses the origin, so a statement that touches a masked table is read with the
+PostgreSQL grammar (libpg_query) and refused when a masked column, or a whole row of a
+masked table, is used anywhere but as a plain output column of a SELECT:
+
+* in an expression, a function call or a cast (``lower(email)``, ``email || ''``,
+  ``row_to_json(c)``, ``to_jsonb(c.*)``), a scalar subquery or a set operation
+  (``UNION`` keeps no origin);
+* in WHERE, JOIN ... ON / USING, GROUP BY, HAVING, ORDER BY (by name or position),
+  DISTINCT ON, window definitions or LIMIT (each would let the value be inferred);
+* anywhere in a statement that writes or creates (INSERT ... SELECT, UPDATE ... SET x =
+  email, RETURNING, CREATE TABLE AS, SELECT INTO, CREATE VIEW);
+* in ``COPY ... TO`` (CopyData carries no origin) unless its column list leaves every
+  masked column out;
+* through a view or materialized view that reads a masked column (the gateway lists them
+  when the session starts), or a subquery or WITH query whose columns are renamed by a
+  column list (``AS s(x)``).
+
+A name the grammar cannot tie to a table (``email`` with two tables in FROM) counts as
+masked when any masked table in the statement has a column of that name.  Results of
+functions are not looked into: keep functions that read masked tables out of reach with a
+policy rule.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, Final
+
+from pglast import parser as pg_parser
+
+from pgwarden.policy.analysis import option_on, walk
+
+_CACHE_SIZE: Final = 16384
+_CACHED_TEXT_CHARS: Final = 16384
+
+
+class MaskScope:
+    """What one session sees masked: the masked columns of each table, and the views
+    that read them, by (schema, name), lower-case as the catalog has them.  Sessions with
+    the same scope share their checks' cache."""
+
+    __slots__ = ("_hash", "_key", "tables", "views")
+
+    def __init__(
+        self, tables: dict[tuple[str, str], frozenset[str]], views: frozenset[tuple[str, str]]
+    ) -> None:
+        self.tables = tables
+        self.views = views
+        self._key = (tuple(sorted((k, tuple(sorted(v))) for k, v in tables.items())), views)
+        self._hash = hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MaskScope) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __bool__(self) -> bool:
+        return bool(self.tables or self.views)
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _sval(node: Any) -> str | None:
+    if isinstance(node, dict):
+        value = node.get("String", {}).get("sval")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _fields(column_ref: dict[str, Any]) -> list[str | None]:
+    """A ColumnRef's names; ``None`` stands for ``*``."""
+    out: list[str | None] = []
+    for field in column_ref.get("fields") or []:
+        if isinstance(field, dict) and "A_Star" in field:
+            out.append(None)
+        else:
+            out.append(_sval(field))
+    return out
+
+
+def _relations(body: Any) -> Iterator[dict[str, Any]]:
+    """Every relation a statement names (RangeVar nodes)."""
+    for item in walk(body):
+        if isinstance(item.get("relname"), str) and "inh" in item:
+            yield item
+
+
+class _Statement:
+    """One statement checked against a scope."""
+
+    def __init__(self, scope: MaskScope) -> None:
+        self.scope = scope
+        self.columns: set[str] = set()  # masked column names in play
+        self.rows: set[str] = set()  # names whose whole row carries masked values
+        self.tables: list[str] = []  # the masked tables named, for the message
+
+    def _table(self, relation: dict[str, Any]) -> frozenset[str] | None:
+        name = str(relation.get("relname", "")).lower()
+        schema = relation.get("schemaname")
+        if isinstance(schema, str):
+            found = self.scope.tables.get((schema.lower(), name))
+            if found is not None:
+                self.tables.append(f"{schema.lower()}.{name}")
+            return found
+        # Without a schema the name resolves through search_path: any schema counts.
+        hits = [(s, cols) for (s, t), cols in self.scope.tables.items() if t == name]
+        if not hits:
+            return None
+        self.tables.extend(f"{s}.{name}" for s, _ in hits)
+        return frozenset().union(*(cols for _, cols in hits))
+
+    def _view(self, relation: dict[str, Any]) -> str | None:
+        name = str(relation.get("relname", "")).lower()
+        schema = relation.get("schemaname")
+        for s, v in self.scope.views:
+            if v == name and (not isinstance(schema, str) or schema.lower() == s):
+                return f"{s}.{v}"
+        return None
+
+    def touches(self, body: dict[str, Any]) -> bool:
+        """Whether the statement names a masked table (and so must be read closely); a
+        view over masked columns refuses it outright."""
+        touched = False
+        for relation in _relations(body):
+            view = self._view(relation)
+            if view is not None:
+                raise _Refused(f"the view {view} reads masked columns")
+            columns = self._table(relation)
+            if columns is None:
+                continue
+            touched = True
+            self.columns |= {c.lower() for c in columns}
+            self.rows.add(str(relation.get("relname", "")).lower())
+            alias = relation.get("alias")
+            if isinstance(alias, dict) and isinstance(alias.get("aliasname"), str):
+                self.rows.add(alias["aliasname"].lower())
+        if touched:
+            self._names_in_play(body)
+        return touched
+
+    def _names_in_play(self, body: dict[str, Any]) -> None:
+        """Output names that carry a masked column under another name (``email AS e`` in
+        a subquery), and the names of subqueries and WITH queries, whose whole rows may
+        carry masked values."""
+        for item in walk(body):
+            target = item.get("ResTarget")
+            if isinstance(target, dict) and isinstance(target.get("name"), str):
+                val = target.get("val")
+                if isinstance(val, dict) and "ColumnRef" in val and self._masked_ref(val):
+                    self.columns.add(target["name"].lower())
+            sub = item.get("RangeSubselect")
+            if isinstance(sub, dict):
+                alias = sub.get("alias")
+                if isinstance(alias, dict):
+                    if alias.get("colnames"):
+                        raise _Refused("a subquery's columns are renamed by a column list")
+                    if isinstance(alias.get("aliasname"), str):
+                        self.rows.add(alias["aliasname"].lower())
+            cte = item.get("CommonTableExpr")
+            if isinstance(cte, dict):
+                if cte.get("aliascolnames"):
+                    raise _Refused("a WITH query's columns are renamed by a column list")
+                if isinstance(cte.get("ctename"), str):
+                    self.rows.add(cte["ctename"].lower())
+
+    def _masked_ref(self, node: dict[str, Any]) -> bool:
+        """A ColumnRef node that may read a masked column, a whole masked row or ``*``."""
+        fields = _fields(node["ColumnRef"])
+        if not fields:
+            return False
+        last = fields[-1]
+        if last is None:
+            return True  # * or t.*
+        if len(fields) == 1 and last.lower() in self.rows:
+            return True  # a whole row
+        return last.lower() in self.columns
+
+    def _whole_row(self, node: dict[str, Any]) -> bool:
+        fields = _fields(node["ColumnRef"])
+        return len(fields) == 1 and fields[0] is not None and fields[0].lower() in self.rows
+
+    def nowhere(self, node: Any, where: str) -> None:
+        """Refuses any masked column read in ``node`` (a position with no origin)."""
+        for item in walk(node):
+            column_ref = item.get("ColumnRef")
+            if isinstance(column_ref, dict) and self._masked_ref(item):
+                fields = _fields(column_ref)
+                name = ".".join("*" if f is None else f for f in fields)
+                raise _Refused(f"{name} is used {where}")
+            join = item.get("JoinExpr")
+            if isinstance(join, dict):
+                self._join(join)
+
+    def _join(self, join: dict[str, Any]) -> None:
+        if join.get("isNatural"):
+            raise _Refused("a NATURAL JOIN compares columns of a masked table")
+        for name in join.get("usingClause") or []:
+            value = _sval(name)
+            if value is not None and value.lower() in self.columns:
+                raise _Refused(f"{value} is used in JOIN ... USING")
+
+    def select(self, node: Any, plain: bool) -> None:
+        """A SELECT whose plain output columns keep their origin when ``plain``."""
+        if not isinstance(node, dict):
+            return
+        body = node.get("SelectStmt")
+        if not isinstance(body, dict):
+            self.nowhere(node, "in a statement that writes")
+            return
+        if body.get("op", "SETOP_NONE") != "SETOP_NONE":
+            # The arms are SelectStmt bodies without their node name.
+            self.select({"SelectStmt": body.get("larg")}, False)
+            self.select({"SelectStmt": body.get("rarg")}, False)
+            self.nowhere(body.get("sortClause"), "in ORDER BY")
+            return
+        with_clause = body.get("withClause")
+        if isinstance(with_clause, dict):
+            for cte in with_clause.get("ctes") or []:
+                query = cte.get("CommonTableExpr", {}).get("ctequery")
+                self.select(query, plain)
+        for item in body.get("fromClause") or []:
+            self._from(item, plain)
+        targets = body.get("targetList") or []
+        for target in targets:
+            val = target.get("ResTarget", {}).get("val")
+            if isinstance(val, dict) and "ColumnRef" in val:
+                if not plain and self._masked_ref(val):
+                    self.nowhere(val, "where its origin is lost (set operation or subquery)")
+                if self._whole_row(val):
+                    self.nowhere(val, "as a whole row")
+                continue
+            self.nowhere(val, "in an expression")
+        self.nowhere(body.get("whereClause"), "in WHERE")
+        self.nowhere(body.get("havingClause"), "in HAVING")
+        self.nowhere(body.get("windowClause"), "in a window")
+        self.nowhere(body.get("limitCount"), "in LIMIT")
+        self.nowhere(body.get("limitOffset"), "in OFFSET")
+        self.nowhere(body.get("valuesLists"), "in VALUES")
+        distinct = [d for d in body.get("distinctClause") or [] if d]
+        self.nowhere(distinct, "in DISTINCT ON")
+        self._ordered(body.get("groupClause"), targets, "in GROUP BY")
+        self._ordered(body.get("sortClause"), targets, "in ORDER BY")
+
+    def _ordered(self, items: Any, targets: list[Any], where: str) -> None:
+        """GROUP BY / ORDER BY, whose items may name an output column by position."""
+        for item in items or []:
+            expr = item.get("SortBy", {}).get("node", item) if isinstance(item, dict) else item
+            position = (
+                expr.get("A_Const", {}).get("ival", {}).get("ival")
+                if isinstance(expr, dict)
+                else None
+            )
+            if isinstance(position, int) and 0 < position <= len(targets):
+                self.nowhere(targets[position - 1].get("ResTarget", {}).get("val"), where)
+            else:
+                self.nowhere(expr, where)
+
+    def _from(self, item: Any, plain: bool) -> None:
+        if not isinstance(item, dict):
+            return
+        if "RangeSubselect" in item:
+            self.select(item["RangeSubselect"].get("subquery"), plain)
+        elif "JoinExpr" in item:
+            join = item["JoinExpr"]
+            self._join(join)
+            self._from(join.get("larg"), plain)
+            self._from(join.get("rarg"), plain)
+            self.nowhere(join.get("quals"), "in JOIN ... ON")
+        elif "RangeVar" not in item:
+            self.nowhere(item, "in FROM")  # functions, TABLESAMPLE, JSON_TABLE, ...
+
+    def copy(self, body: dict[str, Any]) -> None:
+        if body.get("is_from"):
+            return  # COPY FROM writes the table, reads nothing
+        if body.get("query") is not None:
+            self.nowhere(body.get("query"), "in COPY (CopyData is not masked)")
+            return
+        relation = body.get("relation")
+        columns = self._table(relation) if isinstance(relation, dict) else None
+        if not columns:
+            return
+        listed = [_sval(a) for a in body.get("attlist") or []]
+        if not listed or any(c is not None and c.lower() in columns for c in listed):
+            raise _Refused("COPY TO sends masked columns as CopyData, which is not masked")
+
+
+def refusal_reason(sql: str, scope: MaskScope) -> str | None:
+    """Why ``sql`` would read a masked column of ``scope`` around the mask, or None.
+    Unparsable texts are the statement policy's to refuse."""
+    if len(sql) > _CACHED_TEXT_CHARS:
+        return _reason(sql, scope)
+    key = (scope, sql)
+    found = _CACHE.get(key, _MISSING)
+    if found is _MISSING:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.clear()
+        found = _CACHE[key] = _reason(sql, scope)
+    return found if isinstance(found, str) else None
+
+
+_MISSING: Final = object()
+_CACHE: dict[tuple[MaskScope, str], object] = {}
+
+
+def _reason(sql: str, scope: MaskScope) -> str | None:
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(sql))
+    except Exception:  # the policy refuses what the grammar cannot read
+        return None
+    for raw in tree.get("stmts") or []:
+        stmt = raw.get("stmt") if isinstance(raw, dict) else None
+        if not isinstance(stmt, dict) or not stmt:
+            continue
+        node, body = next(iter(stmt.items()))
+        if not isinstance(body, dict):
+            continue
+        check = _Statement(scope)
+        try:
+            if not check.touches(body):
+                continue
+            _check(check, node, body)
+        except _Refused as refused:
+            tables = ", ".join(dict.fromkeys(check.tables))
+            return f"{refused.reason} ({tables})" if tables else refused.reason
+    return None
+
+
+def _check(check: _Statement, node: str, body: dict[str, Any]) -> None:
+    if node == "SelectStmt" and not body.get("intoClause"):
+        check.select({"SelectStmt": body}, True)
+    elif node in ("DeclareCursorStmt", "PrepareStmt"):
+        check.select(body.get("query"), True)
+    elif node == "ExplainStmt":
+        # A plan, not rows; EXPLAIN ANALYZE runs its statement, which must pass too.
+        inner = body.get("query")
+        if option_on(body.get("options"), "analyze") and isinstance(inner, dict) and inner:
+            inner_node, inner_body = next(iter(inner.items()))
+            if isinstance(inner_body, dict):
+                _check(check, inner_node, inner_body)
+    elif node == "CopyStmt":
+        check.copy(body)
+    else:
+        check.nowhere(body, "in a statement that writes or creates")

@@ -1,0 +1,298 @@
+"""Column masking: the policy's masked columns come back masked to the identities they
+apply to, with psql, psycopg (text and binary, prepared), asyncpg and a raw client; the
+statements that would read them around the mask are refused with 42501; others see the
+real values; the session recording holds what the caller saw."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import psycopg
+import pytest
+
+import pgproto
+from harness import (
+    CLIENT_PASSWORD,
+    CLIENT_USER,
+    OTHER_CLIENT_PASSWORD,
+    OTHER_CLIENT_USER,
+    SCRAM_ROLE,
+    GatewayLauncher,
+    GatewayProcess,
+    StartGateway,
+    run_pgwarden,
+    run_tool,
+)
+from pgwarden.policy.mask_catalog import lookup_sql
+from pgwarden.policy.mask_check import MaskScope, refusal_reason
+from pgwarden.policy.rules import PolicyError, parse_policy
+
+POLICY = f"""
+default = "allow"
+version = "mask-1"
+
+[[mask]]
+name = "customer contact"
+columns = ["public.mask_customers.email", "public.mask_customers.phone",
+           "public.mask_customers.ssn_last4"]
+users = ["{CLIENT_USER}"]
+
+[[mask]]
+name = "notes vanish"
+columns = ["public.mask_customers.note"]
+users = ["{CLIENT_USER}"]
+style = "null"
+"""
+
+ROWS = [
+    (1, "Ada", "ada@example.com", "+44 20 7946 0001", 1234, "vip"),
+    (2, "Grace", "grace@example.com", None, 5678, None),
+]
+MASKED = [
+    (1, "Ada", "****", "****", None, None),
+    (2, "Grace", "****", None, None, None),
+]
+
+
+@pytest.fixture(scope="module")
+def mask_tables(gateway_launcher: GatewayLauncher) -> None:
+    cluster = gateway_launcher.cluster
+    with psycopg.connect(cluster.dsn(dbname="gwtest"), autocommit=True) as conn:
+        conn.execute(
+            "drop view if exists mask_contacts, mask_contacts2;"
+            "drop table if exists mask_customers, mask_copy;"
+            "create table mask_customers (id int primary key, name text, email text,"
+            " phone varchar(20), ssn_last4 int, note text);"
+            "create table mask_copy (v text);"
+            "create view mask_contacts as select id, email from mask_customers;"
+            "create view mask_contacts2 as select * from mask_contacts;"
+            f"grant all on mask_customers, mask_copy, mask_contacts, mask_contacts2 to {SCRAM_ROLE}"
+        )
+        with conn.cursor() as cur:
+            cur.executemany("insert into mask_customers values (%s, %s, %s, %s, %s, %s)", ROWS)
+
+
+@pytest.fixture
+def masked(
+    start_gateway: StartGateway, mask_tables: None, tmp_path: Path
+) -> Iterator[GatewayProcess]:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    yield start_gateway({"policy_file": str(policy)})
+
+
+SELECT_ALL = "select * from mask_customers order by id"
+
+
+def test_psql_sees_masked_values_and_refused_workarounds(masked: GatewayProcess) -> None:
+    script = "\n".join(
+        [
+            SELECT_ALL + ";",
+            "select lower(email) from mask_customers;",
+            "select id from mask_customers where email like 'ada%';",
+            "\\copy mask_customers to stdout",
+            "select * from mask_contacts;",
+            "select count(*) from mask_customers;",
+        ]
+    )
+    result = run_tool(
+        ["psql", "--no-psqlrc", "-At", "-F", ",", "-v", "VERBOSITY=verbose"],
+        masked.env(),
+        input=script,
+    )
+    lines = result.stdout.splitlines()
+    assert lines == ["1,Ada,****,****,,", "2,Grace,****,,,", "2"], result.stdout
+    errors = result.stderr
+    assert "ERROR:  42501: permission denied by pgwarden masking: email is used in an " in errors
+    assert "email is used in WHERE (public.mask_customers)" in errors
+    assert "COPY TO sends masked columns as CopyData" in errors
+    assert "the view public.mask_contacts reads masked columns" in errors
+    assert "HINT:  Masked columns can be selected as they are" in errors
+
+
+def test_other_identities_see_the_real_values(masked: GatewayProcess) -> None:
+    with masked.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
+        assert conn.execute(SELECT_ALL).fetchall() == ROWS
+        assert conn.execute("select lower(email) from mask_customers where id = 1").fetchone() == (
+            "ada@example.com",
+        )
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("prepare", [False, True])
+def test_psycopg_extended_protocol(masked: GatewayProcess, binary: bool, prepare: bool) -> None:
+    with masked.connect(autocommit=True) as conn:
+        for _ in range(3):  # prepared: executed again without a new Parse
+            rows = conn.execute(
+                "select * from mask_customers where id >= %s order by id",
+                (1,),
+                binary=binary,
+                prepare=prepare,
+            ).fetchall()
+            assert rows == MASKED
+        # Plain columns keep their origin through subqueries, WITH queries and joins.
+        got = conn.execute(
+            "with c as (select id, email from mask_customers)"
+            " select s.e, c.email from (select id, email as e from mask_customers) s"
+            " join c using (id) where s.id = %s",
+            (2,),
+            binary=binary,
+        ).fetchone()
+        assert got == ("****", "****")
+        for sql in [
+            "select email || '' from mask_customers where id = %s",
+            "select row_to_json(c) from mask_customers c where id = %s",
+            "select email from mask_customers where id = %s union select 'x'",
+            "select (select email from mask_customers where id = %s)",
+            "select id from mask_customers where id = %s order by email",
+            "insert into mask_copy select email from mask_customers where id = %s",
+        ]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgwarden masking"):
+                conn.execute(sql, (1,), binary=binary)
+        assert conn.execute("select count(*) from mask_copy").fetchone() == (0,)
+
+
+def test_asyncpg_executes_described_statements(masked: GatewayProcess) -> None:
+    async def main() -> None:
+        conn = await masked.connect_asyncpg()
+        try:
+            for _ in range(2):  # the second time from asyncpg's statement cache
+                rows = await conn.fetch(SELECT_ALL)
+                assert [tuple(r) for r in rows] == MASKED
+            stmt = await conn.prepare("select email, ssn_last4 from mask_customers where id = $1")
+            assert tuple(await stmt.fetchrow(1)) == ("****", None)
+            with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError, match="masking"):
+                await conn.fetch("select to_jsonb(c.*) from mask_customers c")
+            assert await conn.fetchval("select name from mask_customers where id = $1", 2) == (
+                "Grace"
+            )
+        finally:
+            await conn.close()
+
+    anyio.run(main)
+
+
+def _rows(messages: list[pgproto.Message]) -> list[list[bytes | None]]:
+    out = []
+    for m in messages:
+        if m.tag != b"D":
+            continue
+        (count,) = struct.unpack_from("!h", m.body)
+        at, values = 2, []
+        for _ in range(count):
+            (length,) = struct.unpack_from("!i", m.body, at)
+            at += 4
+            values.append(None if length < 0 else m.body[at : at + length])
+            at += max(length, 0)
+        out.append(values)
+    return out
+
+
+def test_rows_of_a_statement_never_described_are_masked_whole(masked: GatewayProcess) -> None:
+    """A client that executes without ever describing: the gateway cannot tell which
+    columns are which, so every value is masked."""
+    conn = pgproto.RawConnection.open(masked.host, masked.port)
+    conn.startup(CLIENT_USER, "gwtest")
+    conn.authenticate(CLIENT_PASSWORD)
+    conn.send(
+        pgproto.parse("select id, name from mask_customers where id = 1")
+        + pgproto.bind()
+        + pgproto.execute()
+        + pgproto.sync()
+    )
+    assert _rows(conn.read_until(b"Z")) == [[None, None]]
+    # Described first (by portal): only the masked columns are.
+    conn.send(
+        pgproto.parse("select id, email from mask_customers where id = 1")
+        + pgproto.bind()
+        + pgproto.describe_portal()
+        + pgproto.execute()
+        + pgproto.sync()
+    )
+    assert _rows(conn.read_until(b"Z")) == [[b"1", b"****"]]
+    conn.send(pgproto.terminate())
+
+
+def test_cursors_and_sql_prepared_statements(masked: GatewayProcess) -> None:
+    with masked.connect() as conn:
+        conn.execute("declare c cursor for select id, email from mask_customers order by id")
+        assert conn.execute("fetch all from c").fetchall() == [(1, "****"), (2, "****")]
+        conn.rollback()
+        conn.execute("prepare p as select email, note from mask_customers where id = 1")
+        assert conn.execute("execute p").fetchone() == ("****", None)
+    with masked.connect() as conn, conn.cursor(name="server_side") as cur:
+        cur.execute("select email from mask_customers order by id")
+        assert cur.fetchall() == [("****",), ("****",)]
+
+
+def test_recording_holds_what_the_caller_saw(
+    start_gateway: StartGateway, mask_tables: None, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    audit_dir = tmp_path / "audit"
+    gateway = start_gateway(
+        {
+            "policy_file": str(policy),
+            "audit": {"directory": str(audit_dir), "exporter": "console"},
+        }
+    )
+    with gateway.connect() as conn:
+        assert conn.execute(SELECT_ALL).fetchall() == MASKED
+    gateway.terminate()
+    spool = " ".join(p.read_bytes().decode("latin-1") for p in audit_dir.rglob("*.seg"))
+    assert spool, "no spool segments"
+    sessions = run_pgwarden("replay", "--list", env=gateway.env())
+    assert sessions.returncode == 0 or sessions.stdout or sessions.stderr
+
+
+def test_masks_in_the_policy_file_are_checked() -> None:
+    with pytest.raises(PolicyError, match="columns are named schema.table.column"):
+        parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["customers.email"]\n')
+    with pytest.raises(PolicyError, match="not a lower-case identifier"):
+        parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["public.Customers.email"]\n')
+    with pytest.raises(PolicyError, match="must be unique"):
+        parse_policy(
+            b'[[rule]]\nname = "m"\naction = "allow"\n'
+            b'[[mask]]\nname = "m"\ncolumns = ["public.t.c"]\n'
+        )
+    loaded = parse_policy(POLICY.encode())
+    assert "'public','mask_customers','email',0" in lookup_sql(loaded.policy.mask)
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        ("select * from customers", False),
+        ("select c.email from customers c join orders o on o.cid = c.id", False),
+        ("select e from (select email as e from customers) s", False),
+        ("copy customers (id) to stdout", False),
+        ("copy customers from stdin", False),
+        ("update customers set email = 'x' where id = 1", False),
+        ("explain select lower(email) from customers", False),
+        ("select * from other.customers", False),
+        ("select upper(e) from (select email as e from customers) s", True),
+        ("select x from (select email from customers) s(x)", True),
+        ("select email from customers order by 1", True),
+        ("select id from customers group by email", True),
+        ("select distinct on (email) id from customers", True),
+        ("select 1 from customers join t using (email)", True),
+        ("select * from customers natural join t", True),
+        ("select jsonb_agg(c) from customers c", True),
+        ("select * from customers, lateral (select upper(email)) z", True),
+        ("delete from customers where id = 1 returning *", True),
+        ("create view v as select * from customers", True),
+        ("explain analyze insert into t select email from customers", True),
+        ("select * from contacts", True),
+    ],
+)
+def test_statements_that_read_around_the_mask(sql: str, refused: bool) -> None:
+    scope = MaskScope(
+        {("public", "customers"): frozenset({"email"})}, frozenset({("public", "contacts")})
+    )
+    assert (refusal_reason(sql, scope) is not None) == refused
