@@ -5,10 +5,10 @@ real values; the session recording holds what the caller saw."""
 
 from __future__ import annotations
 
+import base64
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import asyncpg
@@ -27,7 +27,9 @@ from harness import (
     StartGateway,
     run_pgwarden,
     run_tool,
+    wait_until,
 )
+from pgwarden.audit.recording import INDEX
 from pgwarden.policy.mask_catalog import lookup_sql
 from pgwarden.policy.mask_check import MaskScope, refusal_reason
 from pgwarden.policy.rules import PolicyError, parse_policy
@@ -230,29 +232,57 @@ def test_cursors_and_sql_prepared_statements(masked: GatewayProcess) -> None:
         assert cur.fetchall() == [("****",), ("****",)]
 
 
-def test_recording_holds_what_the_caller_saw(
+def test_the_audit_holds_what_the_caller_saw(
     start_gateway: StartGateway, mask_tables: None, tmp_path: Path
 ) -> None:
+    """The session recording is taken after masking: the replay shows the masked values,
+    and no real value of a masked column is anywhere in the spool or the export."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
-    audit_dir = tmp_path / "audit"
+    directory = tmp_path / "audit"
+    export = tmp_path / "trail.jsonl"
     gateway = start_gateway(
         {
             "policy_file": str(policy),
-            "audit": {"directory": str(audit_dir), "exporter": "console"},
+            "audit": {
+                "directory": str(directory),
+                "exporter": "file",
+                "export_path": str(export),
+                "poll_interval_ms": 50,
+            },
         }
     )
-    with gateway.connect() as conn:
+    with gateway.connect(autocommit=True) as conn:
         assert conn.execute(SELECT_ALL).fetchall() == MASKED
-    gateway.terminate()
-    spool = " ".join(p.read_bytes().decode("latin-1") for p in audit_dir.rglob("*.seg"))
-    assert spool, "no spool segments"
-    sessions = run_pgwarden("replay", "--list", env=gateway.env())
-    assert sessions.returncode == 0 or sessions.stdout or sessions.stderr
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select upper(email) from mask_customers")
+
+    def recorded() -> list[str]:
+        return [
+            line.split()[0]
+            for index in directory.glob(f"recorded/*/{INDEX}")
+            for line in index.read_text().splitlines()
+        ]
+
+    assert wait_until(lambda: bool(recorded()) and export.exists(), 30)
+    (session,) = recorded()
+    assert wait_until(
+        lambda: "upper(email)" in run_pgwarden("replay", session, "--dir", str(directory)).stdout,
+        30,
+    )
+    transcript = run_pgwarden("replay", session, "--dir", str(directory)).stdout
+    assert "ada@example.com" not in transcript
+    assert "  1 | Ada   | ****  | ****  |           | " in transcript, transcript
+    assert "deny" in transcript and "permission denied by pgwarden masking" in transcript
+    stored = b"".join(p.read_bytes() for p in directory.rglob("*") if p.is_file())
+    stored += export.read_bytes()
+    for secret in (b"ada@example.com", b"grace@example.com", b"+44 20 7946", b"1234", b"vip"):
+        assert secret not in stored
+        assert base64.b64encode(secret)[:8] not in stored
 
 
 def test_masks_in_the_policy_file_are_checked() -> None:
-    with pytest.raises(PolicyError, match="columns are named schema.table.column"):
+    with pytest.raises(PolicyError, match=r"columns are named schema\.table\.column"):
         parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["customers.email"]\n')
     with pytest.raises(PolicyError, match="not a lower-case identifier"):
         parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["public.Customers.email"]\n')
