@@ -6,6 +6,7 @@ real values; the session recording holds what the caller saw."""
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,7 +237,8 @@ def test_the_audit_holds_what_the_caller_saw(
     start_gateway: StartGateway, mask_tables: None, tmp_path: Path
 ) -> None:
     """The session recording is taken after masking: the replay shows the masked values,
-    and no real value of a masked column is anywhere in the spool or the export."""
+    and no real value of a masked column is anywhere in the spool or the spans; the
+    statement's span names the columns it masked."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     directory = tmp_path / "audit"
@@ -246,7 +248,7 @@ def test_the_audit_holds_what_the_caller_saw(
             "policy_file": str(policy),
             "audit": {
                 "directory": str(directory),
-                "exporter": "file",
+                "exporter": "console",
                 "export_path": str(export),
                 "poll_interval_ms": 50,
             },
@@ -274,6 +276,14 @@ def test_the_audit_holds_what_the_caller_saw(
     assert "ada@example.com" not in transcript
     assert "  1 | Ada   | ****  | ****  |           | " in transcript, transcript
     assert "deny" in transcript and "permission denied by pgwarden masking" in transcript
+    spans = [json.loads(x) for x in export.read_text().splitlines() if x.startswith("{")]
+    (select,) = [s for s in spans if s["attributes"].get("db.query.text") == SELECT_ALL]
+    assert select["attributes"]["pgwarden.masked_columns"] == [
+        f"public.mask_customers.{c}" for c in ("email", "phone", "ssn_last4", "note")
+    ]
+    (refused,) = [s for s in spans if "upper(email)" in s["attributes"].get("db.query.text", "")]
+    assert refused["attributes"]["pgwarden.policy.decision"] == "deny"
+    assert refused["attributes"]["pgwarden.policy.rule"] == "(masking)"
     stored = b"".join(p.read_bytes() for p in directory.rglob("*") if p.is_file())
     stored += export.read_bytes()
     for secret in (b"ada@example.com", b"grace@example.com", b"+44 20 7946", b"1234", b"vip"):

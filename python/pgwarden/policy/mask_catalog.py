@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 _Q, _D, _C, _T, _Z, _E, _N, _S = (ord(c) for c in "QDCTZENS")
 
 #: Masked columns of the session (``mask_columns``' argument): table OID, attribute
-#: number, the replacement text (None: NULL).
-WireColumns = list[tuple[int, int, bytes | None]]
+#: number, the replacement text (None: NULL), "schema.table.column".
+WireColumns = list[tuple[int, int, bytes | None, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +151,10 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
             continue
         mask = masks[int(index)]
         replacement = mask.replacement.encode() if mask.style == "redact" else None
-        columns.append((int(oid), int(attnum), replacement))
+        name = f"{schema}.{table}.{column}"
+        columns.append((int(oid), int(attnum), replacement, name))
         tables.setdefault((schema, table), set()).add(column)
-        names.append(f"{schema}.{table}.{column}")
+        names.append(name)
     # Configured names the catalog does not have (yet) are still kept from being read
     # around the mask by name.
     for mask in masks:

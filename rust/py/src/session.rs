@@ -135,22 +135,22 @@ impl SessionCodec {
     }
 
     /// Masks these table columns in every result from now on: `(table_oid, attnum,
-    /// replacement)`, the replacement text for text-typed columns, `None` for NULL.
-    fn mask_columns(&mut self, columns: Vec<(u32, i16, Option<Vec<u8>>)>) {
-        let masker =
-            ColumnMasker::new(
-                columns
-                    .into_iter()
-                    .map(|(table_oid, attnum, text)| MaskedColumn {
-                        table_oid,
-                        attnum,
-                        style: match text {
-                            Some(t) => MaskStyle::Replace(t.into()),
-                            None => MaskStyle::Null,
-                        },
-                    }),
-            );
-        self.inner.set_masker(Some(Box::new(masker)));
+    /// replacement, name)`, the replacement text for text-typed columns (`None`: NULL),
+    /// and the name the audit's `end` records give the column.
+    fn mask_columns(&mut self, columns: Vec<(u32, i16, Option<Vec<u8>>, String)>) {
+        let columns = columns
+            .into_iter()
+            .map(|(table_oid, attnum, text, name)| MaskedColumn {
+                table_oid,
+                attnum,
+                style: match text {
+                    Some(t) => MaskStyle::Replace(t.into()),
+                    None => MaskStyle::Null,
+                },
+                name: name.into(),
+            });
+        self.inner
+            .set_masker(Some(Box::new(ColumnMasker::new(columns))));
     }
 
     fn feed_client<'py>(

@@ -383,7 +383,7 @@ impl StreamAssembler {
                         Some(Cow::Borrowed(session)) => fresh.remove(&(*session, n)),
                         _ => None,
                     };
-                    let stmt = opened.unwrap_or_else(|| {
+                    let mut stmt = opened.unwrap_or_else(|| {
                         statement_key_into(&mut key, sid, n);
                         match work.open_statements.remove(key.as_str()) {
                             Some(stmt) => *stmt,
@@ -397,6 +397,10 @@ impl StreamAssembler {
                             },
                         }
                     });
+                    if line.masked_columns.is_some() {
+                        // The columns its results had masked (docs/audit.md).
+                        stmt.masked_columns.clone_from(&line.masked_columns);
+                    }
                     let ok = verified && !stmt.unverified;
                     let ids =
                         self.statement_span(&work, &stmt, Some(&line), ok, 0, analyzer, &mut built);

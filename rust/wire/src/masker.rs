@@ -39,8 +39,11 @@ pub trait DataRowMasker: Send + Sync {
     fn mask_row(&mut self, row: &[u8], out: &mut Vec<u8>) -> bool;
 
     /// The current result is over (CommandComplete, EmptyQueryResponse,
-    /// PortalSuspended, ErrorResponse).
-    fn result_end(&mut self) {}
+    /// PortalSuspended, ErrorResponse): the names of the columns it masked, for the
+    /// statement's audit record (empty when it masked nothing).
+    fn result_end(&mut self) -> Vec<Arc<str>> {
+        Vec::new()
+    }
 
     /// Called at every ReadyForQuery.
     fn reset(&mut self) {}
@@ -62,7 +65,12 @@ pub struct MaskedColumn {
     pub table_oid: u32,
     pub attnum: i16,
     pub style: MaskStyle,
+    /// How the audit names it (`schema.table.column`).
+    pub name: Arc<str>,
 }
+
+/// The name recorded when rows are masked whole (their columns were never described).
+pub const EVERY_COLUMN: &str = "*";
 
 /// Type OIDs whose binary format is the text itself.
 const TEXT_TYPES: [u32; 4] = [
@@ -79,10 +87,11 @@ enum Action {
     Replace(Box<[u8]>),
 }
 
-/// The masked columns of one row shape, by position.
+/// The masked columns of one row shape, by position, and their names.
 #[derive(Debug, PartialEq, Eq)]
 struct Shape {
     columns: Vec<(usize, Action)>,
+    names: Vec<Arc<str>>,
 }
 
 /// The rows of the current result.
@@ -105,13 +114,15 @@ const MAX_DESCRIBED: usize = 4096;
 /// Masks table columns in every result of one session.
 #[derive(Debug)]
 pub struct ColumnMasker {
-    columns: HashMap<(u32, i16), MaskStyle>,
+    columns: HashMap<(u32, i16), (MaskStyle, Arc<str>)>,
     /// The masked columns of each statement text described in this session (`None`:
     /// nothing to mask, or no rows).
     described: HashMap<Arc<str>, Option<Arc<Shape>>>,
     /// The text whose Describe the RowDescription being assembled answers.
     describing: Option<Option<Arc<str>>>,
     current: Current,
+    /// The current result has had a row masked.
+    masked_any: bool,
     /// Rows rewritten, and values masked, since the masker was installed.
     rows_masked: u64,
     values_masked: u64,
@@ -123,11 +134,12 @@ impl ColumnMasker {
         ColumnMasker {
             columns: columns
                 .into_iter()
-                .map(|c| ((c.table_oid, c.attnum), c.style))
+                .map(|c| ((c.table_oid, c.attnum), (c.style, c.name)))
                 .collect(),
             described: HashMap::new(),
             describing: None,
             current: Current::Unresolved,
+            masked_any: false,
             rows_masked: 0,
             values_masked: 0,
             unknown_rows: 0,
@@ -140,23 +152,26 @@ impl ColumnMasker {
     }
 
     fn shape_of(&self, description: &RowDescription<'_>) -> Option<Arc<Shape>> {
-        let columns: Vec<(usize, Action)> = description
-            .fields()
-            .enumerate()
-            .filter_map(|(i, f)| {
-                let style = self.columns.get(&(f.table_oid, f.column_attnum))?;
-                Some((
-                    i,
-                    match style {
-                        MaskStyle::Replace(text) if TEXT_TYPES.contains(&f.type_oid) => {
-                            Action::Replace(text.clone())
-                        }
-                        _ => Action::Null,
-                    },
-                ))
-            })
-            .collect();
-        (!columns.is_empty()).then(|| Arc::new(Shape { columns }))
+        let mut columns = Vec::new();
+        let mut names: Vec<Arc<str>> = Vec::new();
+        for (i, f) in description.fields().enumerate() {
+            let Some((style, name)) = self.columns.get(&(f.table_oid, f.column_attnum)) else {
+                continue;
+            };
+            columns.push((
+                i,
+                match style {
+                    MaskStyle::Replace(text) if TEXT_TYPES.contains(&f.type_oid) => {
+                        Action::Replace(text.clone())
+                    }
+                    _ => Action::Null,
+                },
+            ));
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        (!columns.is_empty()).then(|| Arc::new(Shape { columns, names }))
     }
 }
 
@@ -206,6 +221,7 @@ impl DataRowMasker for ColumnMasker {
             // without a masked column's value, since every value is dropped.
             out.extend_from_slice(&0i16.to_be_bytes());
             self.unknown_rows += 1;
+            self.masked_any = true;
             return true;
         };
         out.extend_from_slice(&(values.len() as i16).to_be_bytes());
@@ -234,18 +250,27 @@ impl DataRowMasker for ColumnMasker {
         }
         self.rows_masked += 1;
         self.values_masked += masked;
+        self.masked_any = true;
         if shape.is_none() {
             self.unknown_rows += 1;
         }
         true
     }
 
-    fn result_end(&mut self) {
-        self.current = Current::Unresolved;
+    fn result_end(&mut self) -> Vec<Arc<str>> {
+        let current = std::mem::replace(&mut self.current, Current::Unresolved);
+        if !std::mem::take(&mut self.masked_any) {
+            return Vec::new();
+        }
+        match current {
+            Current::Masked(shape) => shape.names.clone(),
+            _ => vec![Arc::from(EVERY_COLUMN)],
+        }
     }
 
     fn reset(&mut self) {
         self.current = Current::Unresolved;
+        self.masked_any = false;
         self.describing = None;
     }
 }
@@ -352,11 +377,13 @@ mod tests {
                 table_oid: 100,
                 attnum: 2,
                 style: MaskStyle::Replace(b"****".to_vec().into()),
+                name: Arc::from("s.t.email"),
             },
             MaskedColumn {
                 table_oid: 100,
                 attnum: 3,
                 style: MaskStyle::Replace(b"****".to_vec().into()),
+                name: Arc::from("s.t.n"),
             },
         ])
     }
@@ -377,6 +404,11 @@ mod tests {
         m.mask_row(&row(&[Some(b"1"), None, None, None]), &mut out);
         assert_eq!(out, row(&[Some(b"1"), None, None, None]));
         assert_eq!(m.counts(), (2, 2, 0));
+        let names = m.result_end();
+        assert_eq!(
+            names.iter().map(|n| &**n).collect::<Vec<_>>(),
+            ["s.t.email", "s.t.n"]
+        );
     }
 
     #[test]
@@ -400,15 +432,16 @@ mod tests {
         let mut out = Vec::new();
         assert!(m.mask_row(&row(&[Some(b"a@b")]), &mut out));
         assert_eq!(out, row(&[Some(b"****")]));
-        m.result_end();
+        assert_eq!(m.result_end().len(), 1);
         assert!(!m.wants_rows(Some("SELECT 1")));
-        m.result_end();
+        assert!(m.result_end().is_empty());
         // Never described: every value is masked.
         assert!(m.wants_rows(Some("SELECT secret FROM t")));
         let mut out = Vec::new();
         assert!(m.mask_row(&row(&[Some(b"s"), Some(b"2")]), &mut out));
         assert_eq!(out, row(&[None, None]));
         assert_eq!(m.counts().2, 1);
+        assert_eq!(&*m.result_end()[0], EVERY_COLUMN);
     }
 
     #[test]
@@ -417,6 +450,7 @@ mod tests {
             table_oid: 7,
             attnum: 1,
             style: MaskStyle::Null,
+            name: Arc::from("s.u.a"),
         }]);
         m.describes(None);
         m.describe(&RowDescription::decode(&description(&[(7, 1, 25)])).unwrap());

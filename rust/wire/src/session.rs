@@ -541,7 +541,10 @@ impl ServerSink for ServerHandler<'_> {
             t::COMMAND_COMPLETE | t::EMPTY_QUERY_RESPONSE | t::PORTAL_SUSPENDED | t::ERROR_RESPONSE
         ) {
             if let Some(m) = self.masker.as_deref_mut() {
-                m.result_end();
+                let masked = m.result_end();
+                if !masked.is_empty() {
+                    self.tracker.masked_columns(masked);
+                }
             }
         }
         Ok(match tag {

@@ -59,6 +59,9 @@ pub(crate) struct StatementEnd<'a> {
     /// A RowDescription sent earlier for this statement's text (Describe), when the
     /// result itself has none.
     pub(crate) columns: Option<&'a [u8]>,
+    /// Table columns masked in the results (`schema.table.column`, `*` for rows masked
+    /// whole).
+    pub(crate) masked_columns: &'a [std::sync::Arc<str>],
 }
 
 #[derive(Debug)]
@@ -169,6 +172,17 @@ fn end_members(b: &mut RecordBody, session: &str, e: &StatementEnd<'_>, capture:
             b.str("error", message);
         }
         None => b.raw("sqlstate", b"null"),
+    }
+    if !e.masked_columns.is_empty() {
+        let v = b.key("masked_columns");
+        v.push(b'[');
+        for (i, name) in e.masked_columns.iter().enumerate() {
+            if i > 0 {
+                v.push(b',');
+            }
+            crate::record::json_str(v, name);
+        }
+        v.push(b']');
     }
     if let Some(c) = capture {
         let bytes = c.bytes();

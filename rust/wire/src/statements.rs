@@ -46,6 +46,8 @@ pub(crate) struct Draft {
     capture: Option<Capture>,
     /// A capture buffer kept from an earlier statement, for the next one.
     spare_capture: Option<Capture>,
+    /// The table columns whose values were masked in this statement's results.
+    masked_columns: Vec<Arc<str>>,
     /// The RowDescription a Describe of this statement's text returned (a prepared
     /// statement's rows come without one), for replay: recorded with the first execution
     /// that ends after the Describe only, the reader keeps it for the later ones.
@@ -436,6 +438,17 @@ impl StatementTracker {
         self.answered(Kind::Describe);
     }
 
+    /// The current result of the statement at the front had these columns masked.
+    pub(crate) fn masked_columns(&mut self, names: Vec<Arc<str>>) {
+        if let Some(d) = self.front_draft() {
+            for name in names {
+                if !d.masked_columns.contains(&name) {
+                    d.masked_columns.push(name);
+                }
+            }
+        }
+    }
+
     pub(crate) fn data_row(&mut self) {
         if let Some(d) = self.front_draft() {
             d.rows_in_command += 1;
@@ -744,6 +757,7 @@ impl StatementTracker {
                         data_rows: d.data_rows,
                         error: d.error.as_ref().map(|(s, m)| (&**s, &**m)),
                         columns: d.columns.as_deref(),
+                        masked_columns: &d.masked_columns,
                     },
                     d.capture.as_ref(),
                 );
@@ -825,6 +839,7 @@ impl Default for Draft {
             data_rows: 0,
             capture: None,
             spare_capture: None,
+            masked_columns: Vec::new(),
             columns: None,
         }
     }
@@ -862,6 +877,7 @@ impl Draft {
         self.audit_n = 0;
         self.data_rows = 0;
         self.columns = None;
+        self.masked_columns.clear();
         if let Some(mut c) = self.capture.take() {
             if c.capacity() <= SPARE_CAPTURE_BYTES {
                 c.clear();
