@@ -462,4 +462,46 @@ mod tests {
         assert!(m.mask_row(&[0, 1, 0, 0, 0, 9, b'x'], &mut out));
         assert_eq!(out, 0i16.to_be_bytes());
     }
+
+    proptest::proptest! {
+        /// Any row, any description: the masked row has the same column count, the
+        /// masked columns are NULL or the replacement, every other value is untouched.
+        #[test]
+        fn masked_rows_keep_their_shape(
+            values in proptest::collection::vec(
+                proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..20)),
+                0..12,
+            ),
+            origins in proptest::collection::vec((0u32..3, 0i16..4, proptest::bool::ANY), 12),
+        ) {
+            let mut m = masker();
+            let fields: Vec<(u32, i16, u32)> = origins[..values.len()]
+                .iter()
+                .map(|&(oid, attnum, text)| (oid + 99, attnum, if text { 25 } else { 23 }))
+                .collect();
+            m.describes(None);
+            m.describe(&RowDescription::decode(&description(&fields)).unwrap());
+            let refs: Vec<Option<&[u8]>> = values.iter().map(|v| v.as_deref()).collect();
+            let input = row(&refs);
+            let mut out = Vec::new();
+            let wanted = m.wants_rows(None);
+            let rewritten = wanted && m.mask_row(&input, &mut out);
+            let got: Vec<Option<Vec<u8>>> = if rewritten {
+                Values::read(&out).unwrap().iter().map(|v| v.map(<[u8]>::to_vec)).collect()
+            } else {
+                values.clone()
+            };
+            proptest::prop_assert_eq!(got.len(), values.len());
+            for (i, &(oid, attnum, text)) in fields.iter().enumerate() {
+                let masked = oid == 100 && (attnum == 2 || attnum == 3);
+                let expected = match (&values[i], masked) {
+                    (v, false) => v.clone(),
+                    (None, true) => None,
+                    (Some(_), true) if text == 25 => Some(b"****".to_vec()),
+                    (Some(_), true) => None,
+                };
+                proptest::prop_assert_eq!(&got[i], &expected);
+            }
+        }
+    }
 }

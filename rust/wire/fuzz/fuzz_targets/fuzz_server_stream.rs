@@ -1,11 +1,14 @@
-//! Arbitrary server bytes in arbitrary chunkings, with and without a row masker: never
-//! a panic; without a masker every byte is forwarded exactly as received.
+//! Arbitrary server bytes in arbitrary chunkings, with and without a row masker (an
+//! arbitrary rewrite, or pgwarden's column masker): never a panic; without a masker
+//! every byte is forwarded exactly as received.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pgwarden_wire::backend::RowDescription;
 use pgwarden_wire::masker::DataRowMasker;
-use pgwarden_wire::{ClientEvent, SessionCodec, SessionConfig};
+use pgwarden_wire::{
+    ClientEvent, ColumnMasker, MaskStyle, MaskedColumn, SessionCodec, SessionConfig,
+};
 
 /// Wants every other result and reverses row bodies (an arbitrary rewrite).
 struct Reverse {
@@ -36,7 +39,22 @@ fuzz_target!(|data: &[u8]| {
         ..SessionConfig::default()
     });
     let masking = seed & 1 != 0;
-    if masking {
+    if masking && seed & 2 != 0 {
+        // pgwarden's own masker: any column 1 or 2 of tables 0 and 1 (0 is the origin
+        // of computed columns, so most arbitrary descriptions hit it).
+        codec.set_masker(Some(Box::new(ColumnMasker::new((0..4).map(|i| {
+            MaskedColumn {
+                table_oid: i / 2,
+                attnum: (i % 2 + 1) as i16,
+                style: if i % 2 == 0 {
+                    MaskStyle::Null
+                } else {
+                    MaskStyle::Replace(b"****".to_vec().into())
+                },
+                name: "t.c".into(),
+            }
+        })))));
+    } else if masking {
         codec.set_masker(Some(Box::new(Reverse { want: true })));
     }
     // Queue some statements so server messages have something to match.
@@ -53,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
 
     let mut forwarded = Vec::new();
     let mut pos = 0;
-    let mut step = usize::from(seed >> 1) + 1;
+    let mut step = usize::from(seed >> 2) + 1;
     let mut ok = true;
     while pos < data.len() {
         let end = (pos + step).min(data.len());
