@@ -63,6 +63,15 @@ def test_demo_walkthrough() -> None:
             ["psql", "-Atc", "select count(*) from shop.orders", command.group(2)], env
         )
         assert result.returncode == 0 and int(result.stdout) == 5000, result.stderr
+        # The customers' email and phone come back masked; reading around it is refused.
+        assert "1 | Customer 1 | ****  | ****" in text, text
+        assert "customer1@example.com" not in text
+        assert "permission denied by pgwarden masking: email is used in WHERE" in text
+        result = run_tool(
+            ["psql", "-Atc", "select email from shop.customers where id = 2", command.group(2)],
+            env,
+        )
+        assert result.stdout.strip() == "****", result.stdout
         directory = log_path.parent
     finally:
         process.send_signal(signal.SIGINT)

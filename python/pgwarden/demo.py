@@ -98,7 +98,7 @@ class DemoStep:
     explanation: str
 
 
-#: The walkthrough, in order. Blocked statements and masked columns join this list.
+#: The walkthrough, in order.
 DEMO_STEPS: tuple[DemoStep, ...] = (
     DemoStep(
         title="An ordinary query",
@@ -118,6 +118,19 @@ DEMO_STEPS: tuple[DemoStep, ...] = (
         explanation='Refused by the statement policy (42501, rule "no schema changes"): the '
         "server raises the gateway's error in the statement's place, and the audit keeps "
         "the statement the client sent.",
+    ),
+    DemoStep(
+        title="A masked column",
+        sql="select id, name, email, phone from shop.customers order by id limit 3",
+        explanation='The policy masks the customers\' email and phone for the demo group (mask '
+        '"customer contact details"): the gateway rewrites those values in the result rows, '
+        "and the audit records that it did (masked_columns).",
+    ),
+    DemoStep(
+        title="Reading around the mask",
+        sql="select name from shop.customers where email like 'customer1@%'",
+        explanation="Refused (42501): a masked column may be selected as it is, not filtered, "
+        "computed with, sorted or copied elsewhere.",
     ),
     DemoStep(
         title="A role change",
@@ -345,6 +358,11 @@ groups = ["{DEMO_GROUP}"]
 statements = ["read", "write", "transaction", "session"]
 tables = ["shop.*", "pg_catalog.*", "information_schema.*"]
 action = "allow"
+
+[[mask]]
+name = "customer contact details"
+columns = ["shop.customers.email", "shop.customers.phone"]
+groups = ["{DEMO_GROUP}"]
 """
 
 
