@@ -291,6 +291,47 @@ def test_the_audit_holds_what_the_caller_saw(
         assert base64.b64encode(secret)[:8] not in stored
 
 
+def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
+    start_gateway: StartGateway,
+    gateway_launcher: GatewayLauncher,
+    mask_tables: None,
+    tmp_path: Path,
+) -> None:
+    admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
+    with admin:
+        admin.execute(
+            "drop table if exists mask_parts, mask_kid;"
+            "create table mask_parts (id int, email text) partition by range (id);"
+            "create table mask_parts_low partition of mask_parts for values from (0) to (100);"
+            "create table mask_kid (extra int, email text) inherits (mask_customers);"
+            "insert into mask_parts values (1, 'p@example.com');"
+            f"grant select on mask_parts, mask_parts_low, mask_kid to {SCRAM_ROLE}"
+        )
+        try:
+            policy = tmp_path / "policy.toml"
+            policy.write_text(
+                POLICY.replace('"public.mask_customers.note"]', '"public.mask_parts.email"]')
+            )
+            gateway = start_gateway({"policy_file": str(policy)})
+            admin.execute("insert into mask_kid values (9, 'Kid', 'kid@example.com')")
+            with gateway.connect(autocommit=True) as conn:
+                # The child's email is at another attribute number than the parent's.
+                assert conn.execute("select name, email from mask_kid").fetchall() == [
+                    ("Kid", "****")
+                ]
+                assert conn.execute("select * from mask_parts_low").fetchall() == [(1, None)]
+                assert conn.execute("select email from mask_parts").fetchall() == [(None,)]
+                for sql in [
+                    "alter table mask_customers rename column email to contact",
+                    "alter table mask_customers rename to mask_people",
+                    "create table mask_child () inherits (mask_customers)",
+                ]:
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masked table"):
+                        conn.execute(sql)
+        finally:
+            admin.execute("drop table if exists mask_parts, mask_kid")
+
+
 def test_masks_in_the_policy_file_are_checked() -> None:
     with pytest.raises(PolicyError, match=r"columns are named schema\.table\.column"):
         parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["customers.email"]\n')
@@ -336,3 +377,16 @@ def test_statements_that_read_around_the_mask(sql: str, refused: bool) -> None:
         {("public", "customers"): frozenset({"email"})}, frozenset({("public", "contacts")})
     )
     assert (refusal_reason(sql, scope) is not None) == refused
+
+
+def test_verdicts_are_shared_across_numbers_but_not_column_positions() -> None:
+    scope = MaskScope({("public", "people"): frozenset({"email"})}, frozenset())
+    assert refusal_reason("select email, id from people where id = 1", scope) is None
+    assert refusal_reason("select email, id from people where id = 2", scope) is None
+    assert refusal_reason("select lower(email) from people where id = 1", scope)
+    assert refusal_reason("select lower(email) from people where id = 2", scope)
+    # The same text with another number names another output column.
+    assert refusal_reason("select email, id from people order by 2", scope) is None
+    assert refusal_reason("select email, id from people order by 1", scope)
+    assert refusal_reason("select email, id from people order by 2", scope) is None
+    assert refusal_reason("select distinct on (1) email, id from people", scope)

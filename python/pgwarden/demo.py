@@ -122,7 +122,7 @@ DEMO_STEPS: tuple[DemoStep, ...] = (
     DemoStep(
         title="A masked column",
         sql="select id, name, email, phone from shop.customers order by id limit 3",
-        explanation='The policy masks the customers\' email and phone for the demo group (mask '
+        explanation="The policy masks the customers' email and phone for the demo group (mask "
         '"customer contact details"): the gateway rewrites those values in the result rows, '
         "and the audit records that it did (masked_columns).",
     ),

@@ -1,5 +1,7 @@
 """Where a session's masked columns are: their table OIDs and attribute numbers, read from
-the catalog of the session's own database when it starts, and the views that read them.
+the catalog of the session's own database when it starts (with the inheritance children
+and partitions of the masked tables, whose columns of the same name are masked too), and
+the views that read them.
 
 RowDescription names a result column's origin by table OID and attribute number, which
 is what the wire masker matches (``SessionCodec.mask_columns``).  The lookup runs on the
@@ -56,13 +58,27 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
             schema, table, name = column.split(".")
             wanted.append(f"({_literal(schema)},{_literal(table)},{_literal(name)},{index})")
     return (
-        "WITH RECURSIVE wanted(nsp, rel, col, mask) AS (VALUES " + ",".join(wanted) + "), cols AS ("
-        "SELECT c.oid AS reloid, a.attnum, n.nspname, c.relname, a.attname, min(w.mask) AS mask "
+        "WITH RECURSIVE wanted(nsp, rel, col, mask) AS (VALUES " + ",".join(wanted) + "), base AS ("
+        "SELECT c.oid AS reloid, a.attname, min(w.mask) AS mask "
         "FROM wanted w "
         "JOIN pg_catalog.pg_namespace n ON n.nspname = w.nsp "
         "JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel "
         "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
         "AND NOT a.attisdropped AND (w.col = '*' OR a.attname = w.col) "
+        "GROUP BY 1, 2"
+        # Inheritance children and partitions hold the same columns (by name, maybe at
+        # other attribute numbers) and can be selected directly.
+        "), rels(reloid, attname, mask) AS ("
+        "SELECT reloid, attname, mask FROM base "
+        "UNION "
+        "SELECT i.inhrelid, r.attname, r.mask FROM rels r "
+        "JOIN pg_catalog.pg_inherits i ON i.inhparent = r.reloid"
+        "), cols AS ("
+        "SELECT r.reloid, a.attnum, n.nspname, c.relname, a.attname, min(r.mask) AS mask "
+        "FROM rels r JOIN pg_catalog.pg_class c ON c.oid = r.reloid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = r.reloid AND a.attname = r.attname "
+        "AND NOT a.attisdropped "
         "GROUP BY 1, 2, 3, 4, 5"
         "), views(oid) AS ("
         "SELECT r.ev_class FROM pg_catalog.pg_depend d "

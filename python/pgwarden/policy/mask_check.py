@@ -19,7 +19,10 @@ masked table, is used anywhere but as a plain output column of a SELECT:
   masked column out;
 * through a view or materialized view that reads a masked column (the gateway lists them
   when the session starts), or a subquery or WITH query whose columns are renamed by a
-  column list (``AS s(x)``).
+  column list (``AS s(x)``);
+* and any statement that would change or extend a masked table's definition (ALTER,
+  DROP, RENAME, CREATE TABLE ... INHERITS / PARTITION OF, GRANT, COMMENT, ...): a table
+  or column renamed would no longer be known by the name the mask gives it.
 
 A name the grammar cannot tie to a table (``email`` with two tables in FROM) counts as
 masked when any masked table in the statement has a column of that name.  Results of
@@ -35,6 +38,7 @@ from typing import Any, Final
 
 from pglast import parser as pg_parser
 
+from pgwarden import _wire
 from pgwarden.policy.analysis import option_on, walk
 
 _CACHE_SIZE: Final = 16384
@@ -106,6 +110,7 @@ class _Statement:
         self.columns: set[str] = set()  # masked column names in play
         self.rows: set[str] = set()  # names whose whole row carries masked values
         self.tables: list[str] = []  # the masked tables named, for the message
+        self.positional = False  # an output column was named by its position
 
     def _table(self, relation: dict[str, Any]) -> frozenset[str] | None:
         name = str(relation.get("relname", "")).lower()
@@ -250,7 +255,7 @@ class _Statement:
         self.nowhere(body.get("limitOffset"), "in OFFSET")
         self.nowhere(body.get("valuesLists"), "in VALUES")
         distinct = [d for d in body.get("distinctClause") or [] if d]
-        self.nowhere(distinct, "in DISTINCT ON")
+        self._ordered(distinct, targets, "in DISTINCT ON")
         self._ordered(body.get("groupClause"), targets, "in GROUP BY")
         self._ordered(body.get("sortClause"), targets, "in ORDER BY")
 
@@ -263,6 +268,8 @@ class _Statement:
                 if isinstance(expr, dict)
                 else None
             )
+            if isinstance(position, int):
+                self.positional = True
             if isinstance(position, int) and 0 < position <= len(targets):
                 self.nowhere(targets[position - 1].get("ResTarget", {}).get("val"), where)
             else:
@@ -299,27 +306,43 @@ class _Statement:
 
 def refusal_reason(sql: str, scope: MaskScope) -> str | None:
     """Why ``sql`` would read a masked column of ``scope`` around the mask, or None.
-    Unparsable texts are the statement policy's to refuse."""
+    Unparsable texts are the statement policy's to refuse.
+
+    Cached per scope and number-blind key (texts differing only in numeric constants
+    share a verdict), except for texts that use an output column's position (``ORDER BY
+    1``), whose numbers matter: those are cached by their exact text."""
     if len(sql) > _CACHED_TEXT_CHARS:
-        return _reason(sql, scope)
-    key = (scope, sql)
+        return _reason(sql, scope)[0]
+    blind = _wire.number_blind_key(sql)
+    key = (scope, blind if blind is not None else sql)
     found = _CACHE.get(key, _MISSING)
+    if found is _POSITIONAL:
+        key = (scope, sql)
+        found = _CACHE.get(key, _MISSING)
     if found is _MISSING:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.clear()
-        found = _CACHE[key] = _reason(sql, scope)
+        found, positional = _reason(sql, scope)
+        if positional and key[1] != sql:
+            _CACHE[key] = _POSITIONAL
+            key = (scope, sql)
+        _CACHE[key] = found
     return found if isinstance(found, str) else None
 
 
 _MISSING: Final = object()
+_POSITIONAL: Final = object()
 _CACHE: dict[tuple[MaskScope, str], object] = {}
 
 
-def _reason(sql: str, scope: MaskScope) -> str | None:
+def _reason(sql: str, scope: MaskScope) -> tuple[str | None, bool]:
+    """The refusal reason, and whether an output column was named by its position (its
+    number then matters to the verdict)."""
     try:
         tree = json.loads(pg_parser.parse_sql_json(sql))
     except Exception:  # the policy refuses what the grammar cannot read
-        return None
+        return None, False
+    positional = False
     for raw in tree.get("stmts") or []:
         stmt = raw.get("stmt") if isinstance(raw, dict) else None
         if not isinstance(stmt, dict) or not stmt:
@@ -334,11 +357,37 @@ def _reason(sql: str, scope: MaskScope) -> str | None:
             _check(check, node, body)
         except _Refused as refused:
             tables = ", ".join(dict.fromkeys(check.tables))
-            return f"{refused.reason} ({tables})" if tables else refused.reason
-    return None
+            reason = f"{refused.reason} ({tables})" if tables else refused.reason
+            return reason, positional or check.positional
+        positional = positional or check.positional
+    return None, positional
+
+
+#: Statements that may name a masked table without changing what it is: reads (checked
+#: closely), writes (whose reads are checked), and maintenance.  Any other statement
+#: naming one (ALTER, DROP, CREATE ... INHERITS, RENAME, GRANT, COMMENT, ...) is refused:
+#: a renamed table or column would no longer be known by its masked name.
+_DATA_STATEMENTS: Final = frozenset(
+    {
+        "SelectStmt",
+        "InsertStmt",
+        "UpdateStmt",
+        "DeleteStmt",
+        "MergeStmt",
+        "CopyStmt",
+        "ExplainStmt",
+        "DeclareCursorStmt",
+        "PrepareStmt",
+        "TruncateStmt",
+        "LockStmt",
+        "VacuumStmt",
+    }
+)
 
 
 def _check(check: _Statement, node: str, body: dict[str, Any]) -> None:
+    if node not in _DATA_STATEMENTS:
+        raise _Refused("the statement would change or extend a masked table")
     if node == "SelectStmt" and not body.get("intoClause"):
         check.select({"SelectStmt": body}, True)
     elif node in ("DeclareCursorStmt", "PrepareStmt"):
