@@ -390,3 +390,25 @@ def test_verdicts_are_shared_across_numbers_but_not_column_positions() -> None:
     assert refusal_reason("select email, id from people order by 1", scope)
     assert refusal_reason("select email, id from people order by 2", scope) is None
     assert refusal_reason("select distinct on (1) email, id from people", scope)
+
+
+def test_policy_check_applies_the_masks(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    args = ["policy", "check", str(policy), "--user", CLIENT_USER]
+    result = run_pgwarden(*args, "-c", SELECT_ALL, "-c", "select upper(email) from mask_customers")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "2 masks, default allow" in result.stdout
+    assert "masks for user alice" in result.stdout and "customer contact (" in result.stdout
+    assert f"allow  [read] {SELECT_ALL}" in result.stdout
+    assert "42501 (masking): email is used in an expression" in result.stdout
+    other = run_pgwarden(
+        "policy",
+        "check",
+        str(policy),
+        "--user",
+        OTHER_CLIENT_USER,
+        "-c",
+        "select upper(email) from mask_customers",
+    )
+    assert other.returncode == 0 and "masks for user bob, groups -, role -: none" in other.stdout

@@ -443,7 +443,7 @@ def test_policy_check_command(policy_file: Path, tmp_path: Path) -> None:
 
     allowed = check(str(policy_file), "--user", CLIENT_USER, "-c", "select * from policy_items")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
-    assert "policy test-1, 4 rules, default deny" in allowed.stdout
+    assert "policy test-1, 4 rules, 0 masks, default deny" in allowed.stdout
     assert "allow  [read] select * from policy_items" in allowed.stdout
     refused = check(str(policy_file), "--user", OTHER_CLIENT_USER, stdin="select 1\ndrop table t\n")
     assert refused.returncode == 1

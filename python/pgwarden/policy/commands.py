@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from pgwarden.policy.mask_check import MaskScope
+    from pgwarden.policy.rules import Mask
 
 EXIT_CONFIG: Final = 2
 
@@ -14,6 +18,7 @@ EXIT_CONFIG: Final = 2
 def cmd_check(args: argparse.Namespace) -> int:
     from pgwarden.policy.analysis import analyse
     from pgwarden.policy.engine import PolicyEngine
+    from pgwarden.policy.mask_check import refusal_reason
     from pgwarden.policy.rules import PolicyError, load_policy
 
     try:
@@ -24,7 +29,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     policy = loaded.policy
     print(
         f"{args.policy}: policy {loaded.version}, {len(policy.rule)} rules, "
-        f"default {policy.default}"
+        f"{len(policy.mask)} masks, default {policy.default}"
     )
     statements = list(args.command or [])
     if not statements and not sys.stdin.isatty():
@@ -33,15 +38,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     rules = engine.rules_for(args.user or "", tuple(args.group or ()), args.role or "")
     who = f"user {args.user or '-'}, groups {', '.join(args.group or ()) or '-'}, "
     who += f"role {args.role or '-'}"
+    masks = [
+        m
+        for m in policy.mask
+        if m.applies_to(args.user or "", tuple(args.group or ()), args.role or "")
+    ]
     if statements:
         names = ", ".join(r.name for r in rules.rules) or "none"
         print(f"rules for {who}: {names}")
+        masked = "; ".join(f"{m.name} ({', '.join(m.columns)})" for m in masks) or "none"
+        print(f"masks for {who}: {masked}")
+    # Without a database, the masked tables are known by the names the policy gives
+    # (views reading them are found by a gateway; `table.*` counts every column name).
+    scope = _scope(masks)
     refused = 0
     for sql in statements:
         decision = engine.decide(rules, sql)
         kinds = ", ".join(s.kind for s in analyse(sql).statements) or "unparsable"
         if decision.allowed:
-            print(f"allow  [{kinds}] {sql}")
+            reason = refusal_reason(sql, scope) if scope else None
+            if reason is None:
+                print(f"allow  [{kinds}] {sql}")
+                continue
+            refused += 1
+            print(f"deny   [{kinds}] {sql}\n       42501 (masking): {reason}")
             continue
         refused += 1
         by = f'rule "{decision.rule}"' if decision.rule else "default"
@@ -49,6 +69,17 @@ def cmd_check(args: argparse.Namespace) -> int:
             by = "unparsable"
         print(f"deny   [{kinds}] {sql}\n       {decision.sqlstate} ({by}): {decision.message}")
     return 1 if refused else 0
+
+
+def _scope(masks: list[Mask]) -> MaskScope:
+    from pgwarden.policy.mask_check import MaskScope
+
+    tables: dict[tuple[str, str], set[str]] = {}
+    for mask in masks:
+        for spec in mask.columns:
+            schema, table, column = spec.split(".")
+            tables.setdefault((schema, table), set()).add(column)
+    return MaskScope({k: frozenset(v) for k, v in tables.items()}, frozenset())
 
 
 def add_commands(commands: Any) -> None:

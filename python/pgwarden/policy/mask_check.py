@@ -191,7 +191,8 @@ class _Statement:
             return True  # * or t.*
         if len(fields) == 1 and last.lower() in self.rows:
             return True  # a whole row
-        return last.lower() in self.columns
+        # "*": a mask of every column, before the catalog named them (policy check).
+        return last.lower() in self.columns or "*" in self.columns
 
     def _whole_row(self, node: dict[str, Any]) -> bool:
         fields = _fields(node["ColumnRef"])
