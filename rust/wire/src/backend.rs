@@ -308,6 +308,11 @@ impl<'a> RowDescription<'a> {
         self.count == 0
     }
 
+    /// The field descriptions as received (after the field count).
+    pub fn raw_fields(&self) -> &'a [u8] {
+        self.raw
+    }
+
     pub fn fields(&self) -> impl Iterator<Item = FieldDescription<'a>> + 'a {
         let mut r = BodyReader::new(self.raw, "RowDescription");
         let mut left = self.count;

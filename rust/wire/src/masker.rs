@@ -24,7 +24,7 @@ use crate::backend::RowDescription;
 pub trait DataRowMasker: Send + Sync {
     /// A RowDescription is arriving: it answers a Describe of `statement` (the text of
     /// the prepared statement or portal described), or, with `None`, starts a result.
-    fn describes(&mut self, _statement: Option<&str>) {}
+    fn describes(&mut self, _statement: Option<&Arc<str>>) {}
 
     /// The columns of the RowDescription announced by `describes`.
     fn describe(&mut self, description: &RowDescription<'_>);
@@ -121,6 +121,9 @@ pub struct ColumnMasker {
     /// The text whose Describe the RowDescription being assembled answers.
     describing: Option<Option<Arc<str>>>,
     current: Current,
+    /// The last RowDescription seen and its shape: a statement run again describes its
+    /// result the same way, byte for byte.
+    last_description: Option<(Box<[u8]>, Option<Arc<Shape>>)>,
     /// The current result has had a row masked.
     masked_any: bool,
     /// Rows rewritten, and values masked, since the masker was installed.
@@ -139,6 +142,7 @@ impl ColumnMasker {
             described: HashMap::new(),
             describing: None,
             current: Current::Unresolved,
+            last_description: None,
             masked_any: false,
             rows_masked: 0,
             values_masked: 0,
@@ -176,12 +180,20 @@ impl ColumnMasker {
 }
 
 impl DataRowMasker for ColumnMasker {
-    fn describes(&mut self, statement: Option<&str>) {
-        self.describing = Some(statement.map(Arc::from));
+    fn describes(&mut self, statement: Option<&Arc<str>>) {
+        self.describing = Some(statement.cloned());
     }
 
     fn describe(&mut self, description: &RowDescription<'_>) {
-        let shape = self.shape_of(description);
+        let raw = description.raw_fields();
+        let shape = match &self.last_description {
+            Some((bytes, shape)) if **bytes == *raw => shape.clone(),
+            _ => {
+                let shape = self.shape_of(description);
+                self.last_description = Some((raw.into(), shape.clone()));
+                shape
+            }
+        };
         match self.describing.take() {
             Some(Some(text)) => {
                 if self.described.len() >= MAX_DESCRIBED && !self.described.contains_key(&text) {
@@ -424,9 +436,9 @@ mod tests {
     fn executes_use_the_description_of_their_statement() {
         let mut m = masker();
         let rd = description(&[(100, 2, 1043)]);
-        m.describes(Some("SELECT email FROM t"));
+        m.describes(Some(&Arc::from("SELECT email FROM t")));
         m.describe(&RowDescription::decode(&rd).unwrap());
-        m.describes(Some("SELECT 1"));
+        m.describes(Some(&Arc::from("SELECT 1")));
         m.describe(&RowDescription::decode(&description(&[(0, 0, 23)])).unwrap());
         assert!(m.wants_rows(Some("SELECT email FROM t")));
         let mut out = Vec::new();

@@ -398,7 +398,10 @@ impl ClientHandler<'_> {
                 } else {
                     None
                 };
-                let masked = if self.masking { sql.clone() } else { None };
+                // An unknown name gets "", never described: its rows are masked whole.
+                let masked = self
+                    .masking
+                    .then(|| sql.clone().unwrap_or_else(|| Arc::from("")));
                 let before = self.tracker.queued();
                 self.tracker.sent(
                     Kind::Describe,

@@ -377,10 +377,10 @@ impl StatementTracker {
         }
     }
 
-    /// The text of the Describe at the front (`Some("")` when it was not named).
-    pub(crate) fn front_describe_text(&self) -> Option<&str> {
+    /// The text of the Describe at the front (labelled by [`label_last`]).
+    pub(crate) fn front_describe_text(&self) -> Option<&Arc<str>> {
         match self.queue.front() {
-            Some(p) if p.kind == Kind::Describe => Some(p.text.as_deref().unwrap_or("")),
+            Some(p) if p.kind == Kind::Describe => p.text.as_ref(),
             _ => None,
         }
     }
