@@ -94,6 +94,9 @@ struct Shape {
     names: Vec<Arc<str>>,
 }
 
+/// A result's masked columns, `None` when it has none.
+type MaybeShape = Option<Arc<Shape>>;
+
 /// The rows of the current result.
 #[derive(Debug, Clone)]
 enum Current {
@@ -123,7 +126,7 @@ pub struct ColumnMasker {
     current: Current,
     /// The last RowDescription seen and its shape: a statement run again describes its
     /// result the same way, byte for byte.
-    last_description: Option<(Box<[u8]>, Option<Arc<Shape>>)>,
+    last_description: Option<(Box<[u8]>, MaybeShape)>,
     /// The current result has had a row masked.
     masked_any: bool,
     /// Rows rewritten, and values masked, since the masker was installed.
