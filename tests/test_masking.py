@@ -69,7 +69,7 @@ def mask_tables(gateway_launcher: GatewayLauncher) -> None:
         conn.execute(
             "drop view if exists mask_contacts, mask_contacts2;"
             "drop table if exists mask_customers, mask_copy;"
-            "create table mask_customers (id int primary key, name text, email text,"
+            "create table mask_customers (id int primary key, name text not null, email text,"
             " phone varchar(20), ssn_last4 int, note text);"
             "create table mask_copy (v text);"
             "create view mask_contacts as select id, email from mask_customers;"
@@ -194,6 +194,24 @@ def _rows(messages: list[pgproto.Message]) -> list[list[bytes | None]]:
             at += max(length, 0)
         out.append(values)
     return out
+
+
+def test_errors_about_a_masked_table_keep_their_detail_to_themselves(
+    masked: GatewayProcess,
+) -> None:
+    """A constraint violation's DETAIL shows the failing row ("Failing row contains (1,
+    null, ada@example.com, ...)"): for a masked table it is withheld."""
+    with masked.connect(autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.NotNullViolation) as caught:
+            conn.execute("update mask_customers set name = null where id = 1")
+        diag = caught.value.diag
+        assert diag.message_detail is not None
+        assert "withheld" in diag.message_detail and "ada@" not in diag.message_detail
+        assert diag.table_name == "mask_customers" and diag.column_name == "name"
+    with masked.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
+        with pytest.raises(psycopg.errors.NotNullViolation) as caught:
+            conn.execute("update mask_customers set name = null where id = 1")
+        assert "ada@example.com" in (caught.value.diag.message_detail or "")
 
 
 def test_rows_of_a_statement_never_described_are_masked_whole(masked: GatewayProcess) -> None:

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ahash::AHashMap as HashMap;
 
-use crate::backend::RowDescription;
+use crate::backend::{field, Fields, RowDescription};
 
 /// Rewrites DataRow messages on their way to the client.
 ///
@@ -47,7 +47,22 @@ pub trait DataRowMasker: Send + Sync {
 
     /// Called at every ReadyForQuery.
     fn reset(&mut self) {}
+
+    /// Whether ErrorResponses must be offered to `mask_error`.
+    fn wants_errors(&self) -> bool {
+        false
+    }
+
+    /// Offered one whole ErrorResponse body.  Returns `true` after writing a replacement
+    /// body into `out`; `false` to forward it unchanged.
+    fn mask_error(&mut self, _body: &[u8], _out: &mut Vec<u8>) -> bool {
+        false
+    }
 }
+
+/// What replaces the DETAIL of an error about a masked table.
+pub const WITHHELD_DETAIL: &[u8] =
+    b"pgwarden masking withheld this detail: it may show values of masked columns";
 
 /// What a masked column's values become.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +133,9 @@ const MAX_DESCRIBED: usize = 4096;
 #[derive(Debug)]
 pub struct ColumnMasker {
     columns: HashMap<(u32, i16), (MaskStyle, Arc<str>)>,
+    /// The masked tables, (schema, table), from the columns' names: errors about them
+    /// (a constraint violation's "Failing row contains (...)") lose their DETAIL.
+    tables: Vec<(Box<[u8]>, Box<[u8]>)>,
     /// The masked columns of each statement text described in this session (`None`:
     /// nothing to mask, or no rows).
     described: HashMap<Arc<str>, Option<Arc<Shape>>>,
@@ -137,11 +155,24 @@ pub struct ColumnMasker {
 
 impl ColumnMasker {
     pub fn new(columns: impl IntoIterator<Item = MaskedColumn>) -> Self {
+        let columns: HashMap<(u32, i16), (MaskStyle, Arc<str>)> = columns
+            .into_iter()
+            .map(|c| ((c.table_oid, c.attnum), (c.style, c.name)))
+            .collect();
+        let mut tables: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+        for (_, name) in columns.values() {
+            let mut parts = name.splitn(3, '.');
+            if let (Some(schema), Some(table), Some(_)) = (parts.next(), parts.next(), parts.next())
+            {
+                let key = (schema.as_bytes().into(), table.as_bytes().into());
+                if !tables.contains(&key) {
+                    tables.push(key);
+                }
+            }
+        }
         ColumnMasker {
-            columns: columns
-                .into_iter()
-                .map(|c| ((c.table_oid, c.attnum), (c.style, c.name)))
-                .collect(),
+            columns,
+            tables,
             described: HashMap::new(),
             describing: None,
             current: Current::Unresolved,
@@ -287,6 +318,38 @@ impl DataRowMasker for ColumnMasker {
         self.current = Current::Unresolved;
         self.masked_any = false;
         self.describing = None;
+    }
+
+    fn wants_errors(&self) -> bool {
+        !self.tables.is_empty()
+    }
+
+    fn mask_error(&mut self, body: &[u8], out: &mut Vec<u8>) -> bool {
+        let Ok(fields) = Fields::decode(body, "ErrorResponse") else {
+            return false;
+        };
+        let (Some(schema), Some(table)) = (fields.get(b's'), fields.get(b't')) else {
+            return false;
+        };
+        if fields.get(field::DETAIL).is_none()
+            || !self
+                .tables
+                .iter()
+                .any(|(s, t)| **s == *schema && **t == *table)
+        {
+            return false;
+        }
+        for (code, value) in fields.iter() {
+            out.push(code);
+            out.extend_from_slice(if code == field::DETAIL {
+                WITHHELD_DETAIL
+            } else {
+                value
+            });
+            out.push(0);
+        }
+        out.push(0);
+        true
     }
 }
 
@@ -476,6 +539,35 @@ mod tests {
         let mut out = Vec::new();
         assert!(m.mask_row(&[0, 1, 0, 0, 0, 9, b'x'], &mut out));
         assert_eq!(out, 0i16.to_be_bytes());
+    }
+
+    #[test]
+    fn details_of_errors_about_masked_tables_are_withheld() {
+        let mut m = masker();
+        let error = |table: &str| {
+            let mut b = Vec::new();
+            for (code, value) in [
+                (b'S', "ERROR"),
+                (b'C', "23502"),
+                (b'M', "null value in column \"name\""),
+                (b'D', "Failing row contains (1, null, ada@example.com)."),
+                (b's', "s"),
+                (b't', table),
+            ] {
+                b.push(code);
+                b.extend_from_slice(value.as_bytes());
+                b.push(0);
+            }
+            b.push(0);
+            b
+        };
+        let mut out = Vec::new();
+        assert!(m.mask_error(&error("t"), &mut out));
+        let fields = Fields::decode(&out, "ErrorResponse").unwrap();
+        assert_eq!(fields.get(field::DETAIL), Some(WITHHELD_DETAIL));
+        assert_eq!(fields.get(b'C'), Some(&b"23502"[..]));
+        assert_eq!(fields.get(b't'), Some(&b"t"[..]));
+        assert!(!m.mask_error(&error("other"), &mut Vec::new()));
     }
 
     proptest::proptest! {

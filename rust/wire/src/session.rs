@@ -564,7 +564,12 @@ impl ServerSink for ServerHandler<'_> {
                     BodyUse::Skip
                 }
             }
-            t::ERROR_RESPONSE if self.tracker.refusal_answer_due() => BodyUse::Hold,
+            t::ERROR_RESPONSE
+                if self.tracker.refusal_answer_due()
+                    || self.masker.as_ref().is_some_and(|m| m.wants_errors()) =>
+            {
+                BodyUse::Hold
+            }
             t::COMMAND_COMPLETE | t::ERROR_RESPONSE => BodyUse::Assemble,
             t::READY_FOR_QUERY => {
                 check_fixed_len(tag, body_len)?;
@@ -676,7 +681,7 @@ impl ServerSink for ServerHandler<'_> {
     fn rewrite(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<bool> {
         if tag == backend::tag::ERROR_RESPONSE {
             // The server's answer to a refused statement's replacement.
-            let replaced = match self.tracker.front_refusal() {
+            let mut replaced = match self.tracker.front_refusal() {
                 Some(r) => {
                     let replaced = r.replace_error(body, out)?;
                     r.answered |= replaced;
@@ -684,6 +689,12 @@ impl ServerSink for ServerHandler<'_> {
                 }
                 None => false,
             };
+            if !replaced {
+                // An error about a masked table may show a masked value in its DETAIL.
+                if let Some(m) = self.masker.as_deref_mut() {
+                    replaced = m.mask_error(body, out);
+                }
+            }
             self.on_message(tag, if replaced { out } else { body })?;
             return Ok(replaced);
         }
