@@ -109,6 +109,9 @@ struct Shape {
     names: Vec<Arc<str>>,
 }
 
+/// A table's (schema, name), as ErrorResponse fields carry them.
+type TableName = (Box<[u8]>, Box<[u8]>);
+
 /// A result's masked columns, `None` when it has none.
 type MaybeShape = Option<Arc<Shape>>;
 
@@ -135,7 +138,7 @@ pub struct ColumnMasker {
     columns: HashMap<(u32, i16), (MaskStyle, Arc<str>)>,
     /// The masked tables, (schema, table), from the columns' names: errors about them
     /// (a constraint violation's "Failing row contains (...)") lose their DETAIL.
-    tables: Vec<(Box<[u8]>, Box<[u8]>)>,
+    tables: Vec<TableName>,
     /// The masked columns of each statement text described in this session (`None`:
     /// nothing to mask, or no rows).
     described: HashMap<Arc<str>, Option<Arc<Shape>>>,
@@ -159,7 +162,7 @@ impl ColumnMasker {
             .into_iter()
             .map(|c| ((c.table_oid, c.attnum), (c.style, c.name)))
             .collect();
-        let mut tables: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+        let mut tables: Vec<TableName> = Vec::new();
         for (_, name) in columns.values() {
             let mut parts = name.splitn(3, '.');
             if let (Some(schema), Some(table), Some(_)) = (parts.next(), parts.next(), parts.next())
