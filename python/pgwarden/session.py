@@ -268,10 +268,8 @@ class Session:
         )
         policy = self.gateway.policy
         masks = policy.masks_for(self) if policy is not None else ()
-        if masks:
-            from pgwarden.policy import mask_catalog
-
-            found = await mask_catalog.resolve(self._upstream.stream, masks)
+        if policy is not None and masks:
+            found = await policy.masked_columns(self.database, masks, self._upstream.stream)
             self.mask_scope = found.scope
             self._masked_columns = found.columns
             log.debug("session %s: masked columns %s", self.id, ", ".join(found.names))

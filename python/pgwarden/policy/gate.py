@@ -5,20 +5,26 @@ go to the :class:`~pgwarden.policy.engine.PolicyEngine`."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from pgwarden import errors
 from pgwarden.policy.engine import Decision, PolicyEngine, Rules
+from pgwarden.policy.mask_catalog import SessionMasks, resolve
 from pgwarden.policy.mask_check import refusal_reason
 from pgwarden.policy.rules import Mask, PolicyError, load_policy
 from pgwarden.statement_gate import Refusal
 
 if TYPE_CHECKING:
     from pgwarden.session import Session
+    from pgwarden.transport import PgStream
 
 log = logging.getLogger(__name__)
 
+#: How long a database's masked columns, once looked up, serve the sessions that start
+#: next (a connection storm costs one catalog query per database, not one per session).
+MASK_LOOKUP_TTL_SECONDS: Final = 10.0
 #: Sessions whose rules are remembered by session id (a session's identity and role do
 #: not change); the memo is emptied when it reaches this size, or on a reload.
 _SESSIONS_REMEMBERED: Final = 8192
@@ -57,6 +63,7 @@ class PolicyGate:
         loaded = load_policy(path)
         self.engine = PolicyEngine(loaded)
         self._session_rules: dict[str, Rules] = {}
+        self._lookups: dict[tuple[str, tuple[Mask, ...]], tuple[float, SessionMasks]] = {}
         self._announce("loaded")
 
     def _rules(self, session: Session) -> Rules:
@@ -84,6 +91,23 @@ class PolicyGate:
         groups = identity.roles if identity is not None else ()
         role = session.upstream_user or ""
         return tuple(m for m in self.engine.loaded.policy.mask if m.applies_to(user, groups, role))
+
+    async def masked_columns(
+        self, database: str, masks: tuple[Mask, ...], stream: PgStream
+    ) -> SessionMasks:
+        """The masked columns in ``database``: looked up on ``stream`` (a logged-in
+        upstream connection), or as looked up by a session that started less than
+        :data:`MASK_LOOKUP_TTL_SECONDS` ago."""
+        key = (database, masks)
+        now = time.monotonic()
+        cached = self._lookups.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await resolve(stream, masks)
+        if len(self._lookups) >= _SESSIONS_REMEMBERED:
+            self._lookups.clear()
+        self._lookups[key] = (now + MASK_LOOKUP_TTL_SECONDS, found)
+        return found
 
     def check_masking(self, session: Session, sql: str) -> Refusal | None:
         """Refuses a statement that would read one of the session's masked columns
@@ -120,6 +144,7 @@ class PolicyGate:
             return False
         self.engine.replace(loaded)
         self._session_rules = {}
+        self._lookups = {}
         self._announce("reloaded")
         return True
 
