@@ -80,10 +80,22 @@ class Subjects(BaseModel):
         return self.roles is None or any(fnmatchcase(role, p) for p in self.roles)
 
 
-class Rule(Subjects):
+class Named(Subjects):
+    """A rule or a mask: its name, and who it applies to."""
+
+    name: str = Field(
+        description="Shown in the error of a statement a rule refuses, logged, and recorded."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _plain_text(value, "name")
+
+
+class Rule(Named):
     """One rule: who it applies to, which statements it matches, and the verdict."""
 
-    name: str = Field(description="Shown in the error of a statement the rule refuses, and logged.")
     action: Literal["allow", "deny"] = Field(description="The verdict when the rule matches.")
     statements: tuple[str, ...] = Field(
         default=(ANY,),
@@ -103,11 +115,6 @@ class Rule(Subjects):
     message: str | None = Field(
         default=None, description="A hint added to the error of a statement this rule refuses."
     )
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _plain_text(value, "name")
 
     @field_validator("message")
     @classmethod
@@ -190,10 +197,9 @@ def _column_name(value: str) -> str:
     return value
 
 
-class Mask(Subjects):
+class Mask(Named):
     """Columns whose values the subjects it applies to see masked."""
 
-    name: str = Field(description="Names the mask in the log.")
     columns: tuple[str, ...] = Field(
         description="'schema.table.column' ('schema.table.*' for every column), lower case.",
         min_length=1,
@@ -203,11 +209,6 @@ class Mask(Subjects):
         description="'redact': text columns show `replacement`, others NULL; 'null': NULL.",
     )
     replacement: str = Field(default="****", description="The text a redacted text value shows.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _plain_text(value, "name")
 
     @field_validator("columns")
     @classmethod
