@@ -293,6 +293,7 @@ def test_the_audit_holds_what_the_caller_saw(
     transcript = run_pgwarden("replay", session, "--dir", str(directory)).stdout
     assert "ada@example.com" not in transcript
     assert "  1 | Ada   | ****  | ****  |           | " in transcript, transcript
+    assert " · masked public.mask_customers.email, public.mask_customers.phone," in transcript
     assert "deny" in transcript and "permission denied by pgwarden masking" in transcript
     spans = [json.loads(x) for x in export.read_text().splitlines() if x.startswith("{")]
     (select,) = [s for s in spans if s["attributes"].get("db.query.text") == SELECT_ALL]

@@ -61,6 +61,9 @@ pub struct EndView<'a> {
     pub columns: Option<Cow<'a, str>>,
     #[serde(default)]
     pub result_omitted: Option<Value>,
+    /// The columns masked in the result (`schema.table.column`).
+    #[serde(default)]
+    pub masked_columns: Option<Vec<String>>,
 }
 
 /// One statement's lines (the last one empty).  `decision`: the decision record's
@@ -100,6 +103,10 @@ pub fn statement(
         if let Some(state) = end.sqlstate.as_deref().filter(|s| !s.is_empty()) {
             head.push_str(" · SQLSTATE ");
             head.push_str(state);
+        }
+        if let Some(masked) = end.masked_columns.as_ref().filter(|m| !m.is_empty()) {
+            head.push_str(" · masked ");
+            head.push_str(&masked.join(", "));
         }
     } else {
         head += " · no end recorded";
