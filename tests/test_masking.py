@@ -214,6 +214,29 @@ def test_errors_about_a_masked_table_keep_their_detail_to_themselves(
         assert "ada@example.com" in (caught.value.diag.message_detail or "")
 
 
+def test_pg_dump_cannot_copy_a_masked_table_out(masked: GatewayProcess) -> None:
+    result = run_tool(["pg_dump", "--data-only", "-t", "mask_customers"], masked.env())
+    assert result.returncode != 0
+    assert "permission denied by pgwarden masking: COPY TO sends masked columns" in result.stderr
+    assert "ada@example.com" not in result.stdout
+    other = run_tool(
+        ["pg_dump", "--data-only", "-t", "mask_customers"],
+        masked.env(OTHER_CLIENT_USER, OTHER_CLIENT_PASSWORD),
+    )
+    assert other.returncode == 0 and "ada@example.com" in other.stdout, other.stderr
+
+
+def test_pipelined_statements_are_masked_in_order(masked: GatewayProcess) -> None:
+    with masked.connect(autocommit=True) as conn, conn.pipeline():
+        cursors = [
+            conn.execute("select email from mask_customers where id = %s", (1,)),
+            conn.execute("select name from mask_customers where id = %s", (1,)),
+            conn.execute("select phone, id from mask_customers where id = %s", (1,), binary=True),
+        ]
+        results = [c.fetchall() for c in cursors]
+    assert results == [[("****",)], [("Ada",)], [("****", 1)]]
+
+
 def test_rows_of_a_statement_never_described_are_masked_whole(masked: GatewayProcess) -> None:
     """A client that executes without ever describing: the gateway cannot tell which
     columns are which, so every value is masked."""
