@@ -412,6 +412,10 @@ def test_masks_in_the_policy_file_are_checked() -> None:
         ("create view v as select * from customers", True),
         ("explain analyze insert into t select email from customers", True),
         ("select * from contacts", True),
+        ("do $$ begin raise notice '%', (select email from customers limit 1); end $$", True),
+        ("create function f() returns text language sql as 'select email from customers'", True),
+        ("create procedure p() language sql begin atomic select 1; end", True),
+        ("call p()", False),
     ],
 )
 def test_statements_that_read_around_the_mask(sql: str, refused: bool) -> None:

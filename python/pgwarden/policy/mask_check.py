@@ -24,10 +24,11 @@ masked table, is used anywhere but as a plain output column of a SELECT:
   DROP, RENAME, CREATE TABLE ... INHERITS / PARTITION OF, GRANT, COMMENT, ...): a table
   or column renamed would no longer be known by the name the mask gives it.
 
-A name the grammar cannot tie to a table (``email`` with two tables in FROM) counts as
-masked when any masked table in the statement has a column of that name.  Results of
-functions are not looked into: keep functions that read masked tables out of reach with a
-policy rule.
+A session with masks cannot create or run code the grammar cannot read (DO, CREATE
+FUNCTION / PROCEDURE).  A name the grammar cannot tie to a table (``email`` with two
+tables in FROM) counts as masked when any masked table in the statement has a column of
+that name.  Existing functions are not looked into: keep functions that read masked
+tables out of reach with a policy rule.
 """
 
 from __future__ import annotations
@@ -353,6 +354,11 @@ def _reason(sql: str, scope: MaskScope) -> tuple[str | None, bool]:
             continue
         check = _Statement(scope)
         try:
+            if node in _OPAQUE_CODE:
+                raise _Refused(
+                    "a session with masked columns cannot create or run server-side code "
+                    "the gateway cannot read (DO, CREATE FUNCTION, CREATE PROCEDURE)"
+                )
             if not check.touches(body):
                 continue
             _check(check, node, body)
@@ -384,6 +390,12 @@ _DATA_STATEMENTS: Final = frozenset(
         "VacuumStmt",
     }
 )
+
+
+#: Code whose body the gateway cannot read (PL/pgSQL, string-bodied SQL functions): it
+#: could select masked columns and hand them back through a notice, an error or a result
+#: without an origin.
+_OPAQUE_CODE: Final = frozenset({"DoStmt", "CreateFunctionStmt"})
 
 
 def _check(check: _Statement, node: str, body: dict[str, Any]) -> None:
