@@ -416,6 +416,13 @@ def test_masks_in_the_policy_file_are_checked() -> None:
         ("create function f() returns text language sql as 'select email from customers'", True),
         ("create procedure p() language sql begin atomic select 1; end", True),
         ("call p()", False),
+        ("select distinct email from customers", True),
+        ("select distinct id from customers", False),
+        (
+            "with recursive t(id) as (select id from customers union all select id + 1 from t)"
+            " search depth first by id set o select * from t",
+            True,
+        ),
     ],
 )
 def test_statements_that_read_around_the_mask(sql: str, refused: bool) -> None:

@@ -12,7 +12,8 @@ masked table, is used anywhere but as a plain output column of a SELECT:
   ``row_to_json(c)``, ``to_jsonb(c.*)``), a scalar subquery or a set operation
   (``UNION`` keeps no origin);
 * in WHERE, JOIN ... ON / USING, GROUP BY, HAVING, ORDER BY (by name or position),
-  DISTINCT ON, window definitions or LIMIT (each would let the value be inferred);
+  DISTINCT and DISTINCT ON, window definitions, a WITH query's SEARCH or CYCLE clause, or
+  LIMIT (each would let the value be inferred);
 * anywhere in a statement that writes or creates (INSERT ... SELECT, UPDATE ... SET x =
   email, RETURNING, CREATE TABLE AS, SELECT INTO, CREATE VIEW);
 * in ``COPY ... TO`` (CopyData carries no origin) unless its column list leaves every
@@ -236,8 +237,10 @@ class _Statement:
         with_clause = body.get("withClause")
         if isinstance(with_clause, dict):
             for cte in with_clause.get("ctes") or []:
-                query = cte.get("CommonTableExpr", {}).get("ctequery")
-                self.select(query, plain)
+                expr = cte.get("CommonTableExpr", {})
+                if expr.get("search_clause") or expr.get("cycle_clause"):
+                    raise _Refused("a WITH query's SEARCH or CYCLE clause compares its columns")
+                self.select(expr.get("ctequery"), plain)
         for item in body.get("fromClause") or []:
             self._from(item, plain)
         targets = body.get("targetList") or []
@@ -256,8 +259,12 @@ class _Statement:
         self.nowhere(body.get("limitCount"), "in LIMIT")
         self.nowhere(body.get("limitOffset"), "in OFFSET")
         self.nowhere(body.get("valuesLists"), "in VALUES")
-        distinct = [d for d in body.get("distinctClause") or [] if d]
-        self._ordered(distinct, targets, "in DISTINCT ON")
+        distinct = body.get("distinctClause") or []
+        on = [d for d in distinct if d]
+        self._ordered(on, targets, "in DISTINCT ON")
+        if distinct and not on:
+            # Plain DISTINCT compares every output column.
+            self.nowhere(targets, "in SELECT DISTINCT")
         self._ordered(body.get("groupClause"), targets, "in GROUP BY")
         self._ordered(body.get("sortClause"), targets, "in ORDER BY")
 
