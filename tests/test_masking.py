@@ -374,6 +374,23 @@ def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
             admin.execute("drop table if exists mask_parts, mask_kid")
 
 
+def test_partial_masks_keep_the_end_of_text_values(
+    start_gateway: StartGateway, mask_tables: None, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        'default = "allow"\n[[mask]]\nname = "ends"\nstyle = "partial"\nkeep_last = 4\n'
+        'replacement = "..."\n'
+        'columns = ["public.mask_customers.phone", "public.mask_customers.name",'
+        ' "public.mask_customers.ssn_last4"]\n'
+    )
+    gateway = start_gateway({"policy_file": str(policy)})
+    with gateway.connect() as conn:
+        rows = conn.execute("select name, phone, ssn_last4 from mask_customers order by id")
+        # "Ada" has no more than four characters: the replacement alone; an int is NULL.
+        assert rows.fetchall() == [("...", "...0001", None), ("...race", None, None)]
+
+
 def test_masks_in_the_policy_file_are_checked() -> None:
     with pytest.raises(PolicyError, match=r"columns are named schema\.table\.column"):
         parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["customers.email"]\n')

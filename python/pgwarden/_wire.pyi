@@ -204,13 +204,15 @@ class SessionCodec:
         record that cannot be stored makes ``feed_client`` raise :class:`AuditSpoolFull`
         or :class:`AuditSpoolError` instead of returning bytes to forward.
         """
-    def mask_columns(self, columns: list[tuple[int, int, bytes | None, str]]) -> None:
-        """Masks these table columns, ``(table_oid, attnum, replacement, name)``, in every
-        result from now on: a column of a text type (text, varchar, char, name) shows
-        ``replacement``, any other, or any column when it is ``None``, NULL.  Rows of a
-        statement executed without its columns ever described are masked whole.  The
-        audit's ``end`` record of a statement lists the ``name`` of each column it masked
-        (``masked_columns``; ``*`` for rows masked whole)."""
+    def mask_columns(self, columns: list[tuple[int, int, bytes | None, str, int]]) -> None:
+        """Masks these table columns, ``(table_oid, attnum, replacement, name,
+        keep_last)``, in every result from now on: a column of a text type (text, varchar,
+        char, name) shows ``replacement`` (followed by the value's last ``keep_last``
+        characters when that is not 0, if the value is longer), any other, or any column
+        when ``replacement`` is ``None``, NULL.  Rows of a statement executed without its
+        columns ever described are masked whole.  The audit's ``end`` record of a
+        statement lists the ``name`` of each column it masked (``masked_columns``; ``*``
+        for rows masked whole); an ErrorResponse about a masked table loses its DETAIL."""
     def feed_client(self, data: bytes) -> tuple[bytes, list[ClientEvent] | None]: ...
     def feed_server(self, data: bytes) -> tuple[bytes, list[ServerEvent] | None]: ...
     def take_records(self) -> bytes:

@@ -74,7 +74,7 @@ class Session:
         self._audit_started = False  # the session record is in the audit spool
         #: The session's masked columns (policy masks), looked up after the upstream login.
         self.mask_scope: MaskScope | None = None
-        self._masked_columns: list[tuple[int, int, bytes | None, str]] = []
+        self._masked_columns: list[tuple[int, int, bytes | None, str, int]] = []
 
     def __repr__(self) -> str:
         who = self.identity.name if self.identity is not None else "?"

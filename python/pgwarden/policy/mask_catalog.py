@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 _Q, _D, _C, _T, _Z, _E, _N, _S = (ord(c) for c in "QDCTZENS")
 
 #: Masked columns of the session (``mask_columns``' argument): table OID, attribute
-#: number, the replacement text (None: NULL), "schema.table.column".
-WireColumns = list[tuple[int, int, bytes | None, str]]
+#: number, the replacement text (None: NULL), "schema.table.column", the characters kept.
+WireColumns = list[tuple[int, int, bytes | None, str, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +166,10 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         if attnum is None or column is None or index is None:
             continue
         mask = masks[int(index)]
-        replacement = mask.replacement.encode() if mask.style == "redact" else None
+        replacement = None if mask.style == "null" else mask.replacement.encode()
+        keep = mask.keep_last if mask.style == "partial" else 0
         name = f"{schema}.{table}.{column}"
-        columns.append((int(oid), int(attnum), replacement, name))
+        columns.append((int(oid), int(attnum), replacement, name, keep))
         tables.setdefault((schema, table), set()).add(column)
         names.append(name)
     # Configured names the catalog does not have (yet) are still kept from being read

@@ -204,11 +204,16 @@ class Mask(Named):
         description="'schema.table.column' ('schema.table.*' for every column), lower case.",
         min_length=1,
     )
-    style: Literal["redact", "null"] = Field(
+    style: Literal["redact", "partial", "null"] = Field(
         default="redact",
-        description="'redact': text columns show `replacement`, others NULL; 'null': NULL.",
+        description="'redact': text columns show `replacement`, others NULL; 'partial': text "
+        "columns show `replacement` and the value's last `keep_last` characters, others "
+        "NULL; 'null': NULL.",
     )
     replacement: str = Field(default="****", description="The text a redacted text value shows.")
+    keep_last: int = Field(
+        default=4, ge=1, le=16, description="Characters a 'partial' mask leaves at the end."
+    )
 
     @field_validator("columns")
     @classmethod

@@ -135,17 +135,22 @@ impl SessionCodec {
     }
 
     /// Masks these table columns in every result from now on: `(table_oid, attnum,
-    /// replacement, name)`, the replacement text for text-typed columns (`None`: NULL),
-    /// and the name the audit's `end` records give the column.
-    fn mask_columns(&mut self, columns: Vec<(u32, i16, Option<Vec<u8>>, String)>) {
+    /// replacement, name, keep_last)`, the replacement text for text-typed columns
+    /// (`None`: NULL) followed by the value's last `keep_last` characters when that is
+    /// not 0, and the name the audit's `end` records give the column.
+    fn mask_columns(&mut self, columns: Vec<(u32, i16, Option<Vec<u8>>, String, usize)>) {
         let columns = columns
             .into_iter()
-            .map(|(table_oid, attnum, text, name)| MaskedColumn {
+            .map(|(table_oid, attnum, text, name, keep_last)| MaskedColumn {
                 table_oid,
                 attnum,
-                style: match text {
-                    Some(t) => MaskStyle::Replace(t.into()),
-                    None => MaskStyle::Null,
+                style: match (text, keep_last) {
+                    (Some(t), 0) => MaskStyle::Replace(t.into()),
+                    (Some(t), keep_last) => MaskStyle::Partial {
+                        prefix: t.into(),
+                        keep_last,
+                    },
+                    (None, _) => MaskStyle::Null,
                 },
                 name: name.into(),
             });

@@ -72,6 +72,10 @@ pub enum MaskStyle {
     /// This text for columns of a text type (`text`, `varchar`, `char(n)`, `name`), whose
     /// text and binary formats are the same bytes; NULL for any other type.
     Replace(Box<[u8]>),
+    /// For a text type, `prefix` followed by the value's last `keep_last` characters
+    /// (`prefix` alone when the value has no more than that many characters, or is not
+    /// UTF-8); NULL for any other type.
+    Partial { prefix: Box<[u8]>, keep_last: usize },
 }
 
 /// One masked table column.
@@ -100,6 +104,7 @@ const TEXT_TYPES: [u32; 4] = [
 enum Action {
     Null,
     Replace(Box<[u8]>),
+    Partial(Box<[u8]>, usize),
 }
 
 /// The masked columns of one row shape, by position, and their names.
@@ -205,6 +210,11 @@ impl ColumnMasker {
                     MaskStyle::Replace(text) if TEXT_TYPES.contains(&f.type_oid) => {
                         Action::Replace(text.clone())
                     }
+                    MaskStyle::Partial { prefix, keep_last }
+                        if TEXT_TYPES.contains(&f.type_oid) =>
+                    {
+                        Action::Partial(prefix.clone(), *keep_last)
+                    }
                     _ => Action::Null,
                 },
             ));
@@ -285,15 +295,14 @@ impl DataRowMasker for ColumnMasker {
                 None => Some(&Action::Null),
             };
             match (action, value) {
-                (None, v) | (Some(Action::Null), v @ None) => write_value(out, v),
-                (Some(Action::Null), Some(_)) => {
-                    write_value(out, None);
+                (None, v) | (Some(_), v @ None) => write_value(out, v),
+                (Some(action), Some(v)) => {
                     masked += 1;
-                }
-                (Some(Action::Replace(_)), None) => write_value(out, None),
-                (Some(Action::Replace(text)), Some(_)) => {
-                    write_value(out, Some(text));
-                    masked += 1;
+                    match action {
+                        Action::Null => write_value(out, None),
+                        Action::Replace(text) => write_value(out, Some(text)),
+                        Action::Partial(prefix, keep) => write_partial(out, prefix, *keep, v),
+                    }
                 }
             }
         }
@@ -354,6 +363,21 @@ impl DataRowMasker for ColumnMasker {
         out.push(0);
         true
     }
+}
+
+/// `prefix` and the last `keep` characters of `value` (`prefix` alone when `value` is not
+/// longer than that, or not UTF-8).
+fn write_partial(out: &mut Vec<u8>, prefix: &[u8], keep: usize, value: &[u8]) {
+    let tail = match std::str::from_utf8(value) {
+        Ok(text) if keep > 0 => match text.char_indices().rev().nth(keep - 1) {
+            Some((0, _)) | None => &[][..], // no more than `keep` characters
+            Some((at, _)) => &value[at..],
+        },
+        _ => &[][..],
+    };
+    out.extend_from_slice(&((prefix.len() + tail.len()) as i32).to_be_bytes());
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(tail);
 }
 
 fn write_value(out: &mut Vec<u8>, value: Option<&[u8]>) {
@@ -542,6 +566,24 @@ mod tests {
         let mut out = Vec::new();
         assert!(m.mask_row(&[0, 1, 0, 0, 0, 9, b'x'], &mut out));
         assert_eq!(out, 0i16.to_be_bytes());
+    }
+
+    #[test]
+    fn partial_keeps_the_last_characters_of_longer_texts() {
+        let mut out = Vec::new();
+        write_partial(&mut out, b"****", 4, "4111 1111 1111 1234".as_bytes());
+        assert_eq!(&out[4..], b"****1234");
+        for (value, expected) in [("1234", "**"), ("12345", "**2345"), ("é1234", "**1234")] {
+            let mut out = Vec::new();
+            write_partial(&mut out, b"**", 4, value.as_bytes());
+            assert_eq!(&out[4..], expected.as_bytes(), "{value}");
+        }
+        let mut out = Vec::new();
+        write_partial(&mut out, b"**", 2, "añé".as_bytes());
+        assert_eq!(&out[4..], "**ñé".as_bytes());
+        let mut out = Vec::new();
+        write_partial(&mut out, b"**", 2, &[0xff, 0xfe, 0xfd]);
+        assert_eq!(&out[4..], b"**");
     }
 
     #[test]
