@@ -13,6 +13,10 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use crate::audit::{feed_err, AuditSpool};
 use crate::wire_err;
 
+/// One masked column as Python gives it: table OID, attribute number, replacement (None:
+/// NULL), name, characters kept at the end.
+type MaskSpec = (u32, i16, Option<Vec<u8>>, String, usize);
+
 /// Both directions of one relayed session after authentication.
 #[pyclass(module = "pgwarden._wire")]
 pub struct SessionCodec {
@@ -138,7 +142,7 @@ impl SessionCodec {
     /// replacement, name, keep_last)`, the replacement text for text-typed columns
     /// (`None`: NULL) followed by the value's last `keep_last` characters when that is
     /// not 0, and the name the audit's `end` records give the column.
-    fn mask_columns(&mut self, columns: Vec<(u32, i16, Option<Vec<u8>>, String, usize)>) {
+    fn mask_columns(&mut self, columns: Vec<MaskSpec>) {
         let columns = columns
             .into_iter()
             .map(|(table_oid, attnum, text, name, keep_last)| MaskedColumn {
