@@ -328,9 +328,22 @@ def test_the_audit_holds_what_the_caller_saw(
     assert refused["attributes"]["pgwarden.policy.rule"] == "(masking)"
     stored = b"".join(p.read_bytes() for p in directory.rglob("*") if p.is_file())
     stored += export.read_bytes()
+    # The recorded results are base64 inside the records: decode every one of them.
+    results = []
+    for line in stored.replace(b"\0", b"").splitlines():
+        if not line.startswith(b"{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        for field in ("result", "columns"):
+            if isinstance(record, dict) and isinstance(record.get(field), str):
+                results.append(base64.b64decode(record[field]))
+    assert any(b"****" in r for r in results), "no recorded result found"
     for secret in (b"ada@example.com", b"grace@example.com", b"+44 20 7946", b"1234", b"vip"):
         assert secret not in stored
-        assert base64.b64encode(secret)[:8] not in stored
+        assert not any(secret in r for r in results)
 
 
 def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
