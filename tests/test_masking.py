@@ -431,6 +431,8 @@ def test_masks_in_the_policy_file_are_checked() -> None:
         ("select * from other.customers", False),
         ("select upper(e) from (select email as e from customers) s", True),
         ("select x from (select email from customers) s(x)", True),
+        ("select c.id, v.x from customers c, (values (1)) v(x)", False),
+        ("with w(x) as (select 1) select email, x from customers, w", False),
         ("select email from customers order by 1", True),
         ("select id from customers group by email", True),
         ("select distinct on (email) id from customers", True),

@@ -172,16 +172,20 @@ class _Statement:
             if isinstance(sub, dict):
                 alias = sub.get("alias")
                 if isinstance(alias, dict):
-                    if alias.get("colnames"):
+                    if alias.get("colnames") and self._reads_masked(sub.get("subquery")):
                         raise _Refused("a subquery's columns are renamed by a column list")
                     if isinstance(alias.get("aliasname"), str):
                         self.rows.add(alias["aliasname"].lower())
             cte = item.get("CommonTableExpr")
             if isinstance(cte, dict):
-                if cte.get("aliascolnames"):
+                if cte.get("aliascolnames") and self._reads_masked(cte.get("ctequery")):
                     raise _Refused("a WITH query's columns are renamed by a column list")
                 if isinstance(cte.get("ctename"), str):
                     self.rows.add(cte["ctename"].lower())
+
+    def _reads_masked(self, node: Any) -> bool:
+        """Whether anything in ``node`` may read a masked column (or ``*``)."""
+        return any("ColumnRef" in item and self._masked_ref(item) for item in walk(node))
 
     def _masked_ref(self, node: dict[str, Any]) -> bool:
         """A ColumnRef node that may read a masked column, a whole masked row or ``*``."""
