@@ -72,14 +72,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _scope(masks: list[Mask]) -> MaskScope:
+    from pgwarden.policy.mask_catalog import named_columns
     from pgwarden.policy.mask_check import MaskScope
 
-    tables: dict[tuple[str, str], set[str]] = {}
-    for mask in masks:
-        for spec in mask.columns:
-            schema, table, column = spec.split(".")
-            tables.setdefault((schema, table), set()).add(column)
-    return MaskScope({k: frozenset(v) for k, v in tables.items()}, frozenset())
+    named = named_columns(masks)
+    return MaskScope({k: frozenset(v) for k, v in named.items()}, frozenset())
 
 
 def add_commands(commands: Any) -> None:

@@ -37,6 +37,14 @@ MASKING_HINT: Final = (
 )
 
 
+def _subject(session: Session) -> tuple[str, tuple[str, ...], str]:
+    """Who the session is, as rules and masks match it: identity name, groups, role."""
+    identity = session.identity
+    user = identity.name if identity is not None else ""
+    groups = identity.roles if identity is not None else ()
+    return user, groups, session.upstream_user or ""
+
+
 def _printable(text: str, limit: int = 300) -> str:
     """Identifiers from the statement, made safe for the refusal's message."""
     return "".join(ch if " " <= ch <= "~" and ch != "$" else "?" for ch in text)[:limit]
@@ -71,10 +79,7 @@ class PolicyGate:
         logs in as, remembered per session."""
         rules = self._session_rules.get(session.id)
         if rules is None:
-            identity = session.identity
-            user = identity.name if identity is not None else ""
-            groups = identity.roles if identity is not None else ()
-            rules = self.engine.rules_for(user, groups, session.upstream_user or "")
+            rules = self.engine.rules_for(*_subject(session))
             if len(self._session_rules) >= _SESSIONS_REMEMBERED:
                 self._session_rules.clear()
             self._session_rules[session.id] = rules
@@ -86,11 +91,8 @@ class PolicyGate:
 
     def masks_for(self, session: Session) -> tuple[Mask, ...]:
         """The masks that apply to the session (looked up when it starts)."""
-        identity = session.identity
-        user = identity.name if identity is not None else ""
-        groups = identity.roles if identity is not None else ()
-        role = session.upstream_user or ""
-        return tuple(m for m in self.engine.loaded.policy.mask if m.applies_to(user, groups, role))
+        subject = _subject(session)
+        return tuple(m for m in self.engine.loaded.policy.mask if m.applies_to(*subject))
 
     async def masked_columns(
         self, database: str, masks: tuple[Mask, ...], stream: PgStream

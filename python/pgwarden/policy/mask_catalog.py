@@ -103,6 +103,16 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
     )
 
 
+def named_columns(masks: Sequence[Mask]) -> dict[tuple[str, str], set[str]]:
+    """The columns the masks name, by (schema, table) (``*``: every column)."""
+    tables: dict[tuple[str, str], set[str]] = {}
+    for mask in masks:
+        for spec in mask.columns:
+            schema, table, column = spec.split(".")
+            tables.setdefault((schema, table), set()).add(column)
+    return tables
+
+
 def _values(body: bytes) -> list[str | None]:
     (count,) = struct.unpack_from("!h", body)
     at = 2
@@ -174,10 +184,7 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         names.append(name)
     # Configured names the catalog does not have (yet) are still kept from being read
     # around the mask by name.
-    for mask in masks:
-        for spec in mask.columns:
-            schema, table, column = spec.split(".")
-            if column != "*":
-                tables.setdefault((schema, table), set()).add(column)
+    for key, named in named_columns(masks).items():
+        tables.setdefault(key, set()).update(named - {"*"})
     scope = MaskScope({k: frozenset(v) for k, v in tables.items()}, frozenset(views))
     return SessionMasks(scope=scope, columns=columns, names=tuple(names))

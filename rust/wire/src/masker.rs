@@ -155,10 +155,6 @@ pub struct ColumnMasker {
     last_description: Option<(Box<[u8]>, MaybeShape)>,
     /// The current result has had a row masked.
     masked_any: bool,
-    /// Rows rewritten, and values masked, since the masker was installed.
-    rows_masked: u64,
-    values_masked: u64,
-    unknown_rows: u64,
 }
 
 impl ColumnMasker {
@@ -186,15 +182,7 @@ impl ColumnMasker {
             current: Current::Unresolved,
             last_description: None,
             masked_any: false,
-            rows_masked: 0,
-            values_masked: 0,
-            unknown_rows: 0,
         }
-    }
-
-    /// (rows rewritten, values masked, rows of an undescribed shape masked whole).
-    pub fn counts(&self) -> (u64, u64, u64) {
-        (self.rows_masked, self.values_masked, self.unknown_rows)
     }
 
     fn shape_of(&self, description: &RowDescription<'_>) -> Option<Arc<Shape>> {
@@ -279,13 +267,11 @@ impl DataRowMasker for ColumnMasker {
             // A row that does not parse is the server's problem: it goes as it came,
             // without a masked column's value, since every value is dropped.
             out.extend_from_slice(&0i16.to_be_bytes());
-            self.unknown_rows += 1;
             self.masked_any = true;
             return true;
         };
         out.extend_from_slice(&(values.len() as i16).to_be_bytes());
         let mut next = shape.as_ref().map(|s| s.columns.iter().peekable());
-        let mut masked = 0;
         for (i, value) in values.iter().enumerate() {
             let action = match &mut next {
                 Some(it) => match it.peek() {
@@ -296,22 +282,14 @@ impl DataRowMasker for ColumnMasker {
             };
             match (action, value) {
                 (None, v) | (Some(_), v @ None) => write_value(out, v),
-                (Some(action), Some(v)) => {
-                    masked += 1;
-                    match action {
-                        Action::Null => write_value(out, None),
-                        Action::Replace(text) => write_value(out, Some(text)),
-                        Action::Partial(prefix, keep) => write_partial(out, prefix, *keep, v),
-                    }
+                (Some(Action::Null), Some(_)) => write_value(out, None),
+                (Some(Action::Replace(text)), Some(_)) => write_value(out, Some(text)),
+                (Some(Action::Partial(prefix, keep)), Some(v)) => {
+                    write_partial(out, prefix, *keep, v)
                 }
             }
         }
-        self.rows_masked += 1;
-        self.values_masked += masked;
         self.masked_any = true;
-        if shape.is_none() {
-            self.unknown_rows += 1;
-        }
         true
     }
 
@@ -508,7 +486,6 @@ mod tests {
         let mut out = Vec::new();
         m.mask_row(&row(&[Some(b"1"), None, None, None]), &mut out);
         assert_eq!(out, row(&[Some(b"1"), None, None, None]));
-        assert_eq!(m.counts(), (2, 2, 0));
         let names = m.result_end();
         assert_eq!(
             names.iter().map(|n| &**n).collect::<Vec<_>>(),
@@ -545,7 +522,6 @@ mod tests {
         let mut out = Vec::new();
         assert!(m.mask_row(&row(&[Some(b"s"), Some(b"2")]), &mut out));
         assert_eq!(out, row(&[None, None]));
-        assert_eq!(m.counts().2, 1);
         assert_eq!(&*m.result_end()[0], EVERY_COLUMN);
     }
 

@@ -366,18 +366,14 @@ impl ClientHandler<'_> {
                     (None, None)
                 };
                 let text = if self.emit_events { sql.clone() } else { None };
-                let masked = if self.masking { sql.clone() } else { None };
-                let before = self.tracker.queued();
-                let n = self.tracker.sent(
+                let label = if self.masking { sql.clone() } else { None };
+                let n = self.tracker.sent_labelled(
                     Kind::Execute,
                     self.clock,
                     sql.filter(|_| recording),
                     params,
-                    None,
+                    label,
                 )?;
-                if let Some(masked) = masked {
-                    self.tracker.label_last(before, masked);
-                }
                 if self.emit_events {
                     self.events.push(ClientEvent::Execute {
                         portal: String::from_utf8_lossy(e.portal).into(),
@@ -399,20 +395,16 @@ impl ClientHandler<'_> {
                     None
                 };
                 // An unknown name gets "", never described: its rows are masked whole.
-                let masked = self
+                let label = self
                     .masking
                     .then(|| sql.clone().unwrap_or_else(|| Arc::from("")));
-                let before = self.tracker.queued();
-                self.tracker.sent(
+                self.tracker.sent_labelled(
                     Kind::Describe,
                     self.clock,
                     sql.filter(|_| recording),
                     None,
-                    None,
+                    label,
                 )?;
-                if let Some(masked) = masked {
-                    self.tracker.label_last(before, masked);
-                }
             }
             frontend::tag::CLOSE => {
                 let c = Close::decode(body)?;

@@ -362,22 +362,28 @@ impl StatementTracker {
         Ok(audit_n)
     }
 
-    /// Messages awaiting their response.
-    pub(crate) fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Names the statement text of the message just queued (when the queue grew from
-    /// `before`: a message the server will skip is not queued).
-    pub(crate) fn label_last(&mut self, before: usize, text: Arc<str>) {
-        if self.queue.len() > before {
+    /// [`sent`](Self::sent) for a Describe or Execute, labelled with the statement text
+    /// it refers to (for a row masker) when `label` is given and the message is queued (a
+    /// message the server will skip is not).
+    pub(crate) fn sent_labelled(
+        &mut self,
+        kind: Kind,
+        clock: &mut FeedClock,
+        sql: Option<Arc<str>>,
+        params: Option<Arc<str>>,
+        label: Option<Arc<str>>,
+    ) -> Result<u64> {
+        let before = self.queue.len();
+        let n = self.sent(kind, clock, sql, params, None)?;
+        if let (Some(text), true) = (label, self.queue.len() > before) {
             if let Some(p) = self.queue.back_mut() {
                 p.text = Some(text);
             }
         }
+        Ok(n)
     }
 
-    /// The text of the Describe at the front (labelled by [`label_last`]).
+    /// The text of the Describe at the front (labelled by [`sent_labelled`](Self::sent_labelled)).
     pub(crate) fn front_describe_text(&self) -> Option<&Arc<str>> {
         match self.queue.front() {
             Some(p) if p.kind == Kind::Describe => p.text.as_ref(),
