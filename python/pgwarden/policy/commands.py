@@ -19,7 +19,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pgwarden.policy.analysis import analyse
     from pgwarden.policy.engine import PolicyEngine
     from pgwarden.policy.mask_check import refusal_reason
-    from pgwarden.policy.rules import PolicyError, load_policy
+    from pgwarden.policy.rules import PolicyError, load_policy, masks_applying
 
     try:
         loaded = load_policy(args.policy)
@@ -38,11 +38,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     rules = engine.rules_for(args.user or "", tuple(args.group or ()), args.role or "")
     who = f"user {args.user or '-'}, groups {', '.join(args.group or ()) or '-'}, "
     who += f"role {args.role or '-'}"
-    masks = [
-        m
-        for m in policy.mask
-        if m.applies_to(args.user or "", tuple(args.group or ()), args.role or "")
-    ]
+    masks = list(
+        masks_applying(policy.mask, args.user or "", tuple(args.group or ()), args.role or "")
+    )
     if statements:
         names = ", ".join(r.name for r in rules.rules) or "none"
         print(f"rules for {who}: {names}")

@@ -13,7 +13,7 @@ from pgwarden import errors
 from pgwarden.policy.engine import Decision, PolicyEngine, Rules
 from pgwarden.policy.mask_catalog import SessionMasks, resolve
 from pgwarden.policy.mask_check import refusal_reason
-from pgwarden.policy.rules import Mask, PolicyError, load_policy
+from pgwarden.policy.rules import Mask, PolicyError, load_policy, masks_applying
 from pgwarden.statement_gate import Refusal
 
 if TYPE_CHECKING:
@@ -91,8 +91,7 @@ class PolicyGate:
 
     def masks_for(self, session: Session) -> tuple[Mask, ...]:
         """The masks that apply to the session (looked up when it starts)."""
-        subject = _subject(session)
-        return tuple(m for m in self.engine.loaded.policy.mask if m.applies_to(*subject))
+        return masks_applying(self.engine.loaded.policy.mask, *_subject(session))
 
     async def masked_columns(
         self, database: str, masks: tuple[Mask, ...], stream: PgStream

@@ -228,6 +228,33 @@ class Mask(Named):
         return value
 
 
+#: PostgreSQL's statistics views show sample values of the columns the session may read
+#: (most common values, histogram bounds): enough to read a masked column's values.  A
+#: session with any mask sees these columns masked too (NULL), and cannot compute with them.
+STATISTICS_MASK: Final = Mask(
+    name="(statistics)",
+    style="null",
+    columns=(
+        "pg_catalog.pg_stats.most_common_vals",
+        "pg_catalog.pg_stats.histogram_bounds",
+        "pg_catalog.pg_stats.most_common_elems",
+        "pg_catalog.pg_stats_ext.most_common_vals",
+        "pg_catalog.pg_stats_ext_exprs.most_common_vals",
+        "pg_catalog.pg_stats_ext_exprs.histogram_bounds",
+        "pg_catalog.pg_stats_ext_exprs.most_common_elems",
+    ),
+)
+
+
+def masks_applying(
+    masks: tuple[Mask, ...], user: str, groups: tuple[str, ...], role: str
+) -> tuple[Mask, ...]:
+    """The masks of a policy that apply to a subject, with :data:`STATISTICS_MASK` when
+    there is one (a session without masks sees the statistics as they are)."""
+    picked = tuple(m for m in masks if m.applies_to(user, groups, role))
+    return (*picked, STATISTICS_MASK) if picked else ()
+
+
 class Policy(BaseModel):
     """A whole policy file."""
 
