@@ -101,6 +101,7 @@ def test_psql_sees_masked_values_and_refused_workarounds(masked: GatewayProcess)
             "\\copy mask_customers to stdout",
             "select * from mask_contacts;",
             "select count(*) from mask_customers;",
+            "select table_to_xml('mask_customers', true, false, '');",
         ]
     )
     result = run_tool(
@@ -116,6 +117,8 @@ def test_psql_sees_masked_values_and_refused_workarounds(masked: GatewayProcess)
     assert "COPY TO sends masked columns as CopyData" in errors
     assert "the view public.mask_contacts reads masked columns" in errors
     assert "HINT:  Masked columns can be selected as they are" in errors
+    assert "cannot call table_to_xml, which reads a table" in errors
+    assert "ada@" not in result.stdout
 
 
 def test_other_identities_see_the_real_values(masked: GatewayProcess) -> None:
@@ -505,6 +508,14 @@ def test_masks_in_the_policy_file_are_checked() -> None:
         ("create function f() returns text language sql as 'select email from customers'", True),
         ("create procedure p() language sql begin atomic select 1; end", True),
         ("call p()", False),
+        ("select table_to_xml('customers', true, false, '')", True),
+        ("select query_to_xml('select email from customers', true, false, '')", True),
+        ("select pg_catalog.cursor_to_xml('c', 10, true, false, '')", True),
+        ("select * from ts_stat('select to_tsvector(email) from customers')", True),
+        ("select ts_rewrite('a'::tsquery, 'select t, s from aliases')", True),
+        ("select ts_rewrite('a'::tsquery, 'a'::tsquery, 'b'::tsquery)", False),
+        ("select * from dblink('dbname=x', 'select email from customers') t(e text)", True),
+        ("select table_to_xmlschema('customers', true, false, '')", False),
         ("select distinct email from customers", True),
         ("select distinct id from customers", False),
         (

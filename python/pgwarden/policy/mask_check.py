@@ -28,7 +28,9 @@ masked table, is used anywhere but as a plain output column of a SELECT:
   or column renamed would no longer be known by the name the mask gives it.
 
 A session with masks cannot create or run code the grammar cannot read (DO, CREATE
-FUNCTION / PROCEDURE).  A name the grammar cannot tie to a table (``email`` with two
+FUNCTION / PROCEDURE), nor call the built-in functions that read a table, a cursor or a
+query named by a text argument (``table_to_xml``, ``query_to_xml``, ``cursor_to_xml``,
+``ts_stat``, dblink).  A name the grammar cannot tie to a table (``email`` with two
 tables in FROM) counts as masked when any masked table in the statement has a column of
 that name.  Existing functions are not looked into: keep functions that read masked
 tables out of reach with a policy rule.
@@ -372,6 +374,12 @@ def _reason(sql: str, scope: MaskScope) -> tuple[str | None, bool]:
                     "a session with masked columns cannot create or run server-side code "
                     "the gateway cannot read (DO, CREATE FUNCTION, CREATE PROCEDURE)"
                 )
+            reader = _text_reader(body)
+            if reader is not None:
+                raise _Refused(
+                    f"a session with masked columns cannot call {reader}, which reads "
+                    "a table, a cursor or a query given as text"
+                )
             if not check.touches(body):
                 continue
             _check(check, node, body)
@@ -409,6 +417,44 @@ _DATA_STATEMENTS: Final = frozenset(
 #: could select masked columns and hand them back through a notice, an error or a result
 #: without an origin.
 _OPAQUE_CODE: Final = frozenset({"DoStmt", "CreateFunctionStmt"})
+
+
+#: Built-in functions that read a table, a cursor or a query named by a text argument
+#: (``table_to_xml('customers', ...)``, ``query_to_xml('select email ...', ...)``,
+#: ``cursor_to_xml``, ``ts_stat``) and dblink, which runs a query on a connection of its
+#: own: what they read is a string to the grammar, and comes back without an origin.
+_TEXT_READERS: Final = frozenset(
+    {
+        "table_to_xml",
+        "query_to_xml",
+        "cursor_to_xml",
+        "schema_to_xml",
+        "database_to_xml",
+        "table_to_xml_and_xmlschema",
+        "query_to_xml_and_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml_and_xmlschema",
+        "ts_stat",
+    }
+)
+
+
+def _text_reader(body: dict[str, Any]) -> str | None:
+    """The first call in ``body`` of a function that reads what a text names."""
+    for item in walk(body):
+        call = item.get("FuncCall")
+        if not isinstance(call, dict):
+            continue
+        names = call.get("funcname") or []
+        name = (_sval(names[-1]) or "").lower() if names else ""
+        arguments = len(call.get("args") or [])
+        if (
+            name in _TEXT_READERS
+            or name.startswith("dblink")
+            or (name == "ts_rewrite" and arguments == 2)  # its second argument is a query
+        ):
+            return name
+    return None
 
 
 def _check(check: _Statement, node: str, body: dict[str, Any]) -> None:
