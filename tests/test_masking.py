@@ -491,6 +491,8 @@ def test_masks_in_the_policy_file_are_checked() -> None:
         ("select * from other.customers", False),
         ("select upper(e) from (select email as e from customers) s", True),
         ("select x from (select email from customers) s(x)", True),
+        ("select upper(e) from customers as c(i, n, e)", True),
+        ("select i from public.customers c(i, n, e) where e like 'a%'", True),
         ("select c.id, v.x from customers c, (values (1)) v(x)", False),
         ("with w(x) as (select 1) select email, x from customers, w", False),
         ("select email from customers order by 1", True),

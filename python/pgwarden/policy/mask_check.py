@@ -21,8 +21,8 @@ masked table, is used anywhere but as a plain output column of a SELECT:
 * in ``COPY ... TO`` (CopyData carries no origin) unless its column list leaves every
   masked column out;
 * through a view or materialized view that reads a masked column (the gateway lists them
-  when the session starts), or a subquery or WITH query whose columns are renamed by a
-  column list (``AS s(x)``);
+  when the session starts), or a masked table, subquery or WITH query whose columns are
+  renamed by a column list (``customers AS c(i, n, e)``, ``AS s(x)``);
 * and any statement that would change or extend a masked table's definition (ALTER,
   DROP, RENAME, CREATE TABLE ... INHERITS / PARTITION OF, GRANT, COMMENT, ...): a table
   or column renamed would no longer be known by the name the mask gives it.
@@ -156,8 +156,12 @@ class _Statement:
             self.columns |= {c.lower() for c in columns}
             self.rows.add(str(relation.get("relname", "")).lower())
             alias = relation.get("alias")
-            if isinstance(alias, dict) and isinstance(alias.get("aliasname"), str):
-                self.rows.add(alias["aliasname"].lower())
+            if isinstance(alias, dict):
+                if alias.get("colnames"):
+                    # customers AS c(i, n, e): the columns go by other names.
+                    raise _Refused("a masked table's columns are renamed by a column list")
+                if isinstance(alias.get("aliasname"), str):
+                    self.rows.add(alias["aliasname"].lower())
         if touched:
             self._names_in_play(body)
         return touched
