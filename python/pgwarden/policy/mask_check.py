@@ -170,12 +170,26 @@ class _Statement:
         """Output names that carry a masked column under another name (``email AS e`` in
         a subquery), and the names of subqueries and WITH queries, whose whole rows may
         carry masked values."""
+        aliases: list[tuple[str, dict[str, Any]]] = []
         for item in walk(body):
             target = item.get("ResTarget")
             if isinstance(target, dict) and isinstance(target.get("name"), str):
                 val = target.get("val")
-                if isinstance(val, dict) and "ColumnRef" in val and self._masked_ref(val):
-                    self.columns.add(target["name"].lower())
+                if isinstance(val, dict) and "ColumnRef" in val:
+                    aliases.append((target["name"].lower(), val))
+        # An alias of an alias (``e AS f`` over ``email AS e``), in any nesting order.
+        grown = True
+        while grown:
+            grown = False
+            for name, val in aliases:
+                if name not in self.columns and self._masked_ref(val):
+                    self.columns.add(name)
+                    grown = True
+        for item in walk(body):
+            join = item.get("JoinExpr")
+            if isinstance(join, dict) and (join.get("alias") or {}).get("colnames"):
+                # (customers CROSS JOIN t) AS j(a, b, x): every column under a new name.
+                raise _Refused("a join's columns are renamed by a column list")
             sub = item.get("RangeSubselect")
             if isinstance(sub, dict):
                 alias = sub.get("alias")
