@@ -21,8 +21,8 @@ masked table, is used anywhere but as a plain output column of a SELECT:
 * in ``COPY ... TO`` (CopyData carries no origin) unless its column list leaves every
   masked column out;
 * through a view or materialized view that reads a masked column (the gateway lists them
-  when the session starts), or a masked table, subquery or WITH query whose columns are
-  renamed by a column list (``customers AS c(i, n, e)``, ``AS s(x)``);
+  when the session starts), or a masked table, join, subquery or WITH query whose
+  columns are renamed by a column list (``customers AS c(i, n, e)``, ``AS s(x)``);
 * and any statement that would change or extend a masked table's definition (ALTER,
   DROP, RENAME, CREATE TABLE ... INHERITS / PARTITION OF, GRANT, COMMENT, ...): a table
   or column renamed would no longer be known by the name the mask gives it.
@@ -32,7 +32,8 @@ FUNCTION / PROCEDURE), nor call the built-in functions that read a table, a curs
 query named by a text argument (``table_to_xml``, ``query_to_xml``, ``cursor_to_xml``,
 ``ts_stat``, dblink).  A name the grammar cannot tie to a table (``email`` with two
 tables in FROM) counts as masked when any masked table in the statement has a column of
-that name.  Existing functions are not looked into: keep functions that read masked
+that name, and an output alias of a masked column (``email AS e``, and ``e AS f``
+above it) is masked under its new name.  Existing functions are not looked into: keep functions that read masked
 tables out of reach with a policy rule.
 """
 
