@@ -295,6 +295,40 @@ def test_pipelined_statements_are_masked_in_order(masked: GatewayProcess) -> Non
     assert results == [[("****",)], [("Ada",)], [("****", 1)]]
 
 
+def _function_call(oid: int, *text_args: str) -> bytes:
+    """A fast-path FunctionCall message: text arguments, text result."""
+    body = struct.pack("!IhhH", oid, 1, 0, len(text_args))
+    for arg in text_args:
+        body += struct.pack("!i", len(arg.encode())) + arg.encode()
+    return pgproto.message(b"F", body + struct.pack("!h", 0))
+
+
+def test_a_fast_path_call_ends_a_masked_session(masked: GatewayProcess) -> None:
+    """A fast-path call of table_to_xml answers with a FunctionCallResponse holding the
+    table, no row to mask: a session with masks is ended at its first such call; a
+    session without masks makes it."""
+    with masked.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
+        (oid,) = conn.execute("select 'pg_catalog.table_to_xml'::regproc::oid").fetchone()
+    call = _function_call(oid, "mask_customers", "t", "f", "")
+    other = pgproto.RawConnection.open(masked.host, masked.port)
+    other.startup(OTHER_CLIENT_USER, "gwtest")
+    other.authenticate(OTHER_CLIENT_PASSWORD)
+    other.send(call)
+    replies = other.read_until(b"Z")
+    assert [m.tag for m in replies] == [b"V", b"Z"]
+    assert b"ada@example.com" in replies[0].body
+    other.close()
+    conn = pgproto.RawConnection.open(masked.host, masked.port)
+    conn.startup(CLIENT_USER, "gwtest")
+    conn.authenticate(CLIENT_PASSWORD)
+    conn.send(call)
+    error = conn.read_error_or_close()
+    assert error is not None and error.sqlstate == "42501"
+    assert "cannot make fast-path function calls" in error.fields["M"]
+    assert conn.read_error_or_close() is None  # the session is over
+    assert "refused a fast-path call (by masking" in masked.stderr
+
+
 def test_rows_of_a_statement_never_described_are_masked_whole(masked: GatewayProcess) -> None:
     """A client that executes without ever describing: the gateway cannot tell which
     columns are which, so every value is masked."""

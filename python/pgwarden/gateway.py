@@ -92,7 +92,7 @@ class Gateway:
         from pgwarden.statement_gate import StatementGate
 
         statement_checks = [policy.check_statement, policy.check_masking]
-        function_checks = [policy.check_function_call]
+        function_checks = [policy.check_function_call, policy.check_masking_call]
         if self.identity is not None:
             from pgwarden.identity import role_guard
 

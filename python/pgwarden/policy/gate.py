@@ -129,6 +129,22 @@ class PolicyGate:
             policy_version=self.engine.version,
         )
 
+    def check_masking_call(self, session: Session, oid: int) -> Refusal | None:
+        """Refuses every fast-path FunctionCall in a session with masks: its result is a
+        FunctionCallResponse, not a row, and the function (``table_to_xml``,
+        ``query_to_xml``, ...) may read anything."""
+        if session.mask_scope is None:
+            return None
+        reason = "a session with masked columns cannot make fast-path function calls"
+        return Refusal(
+            errors.INSUFFICIENT_PRIVILEGE,
+            f"permission denied by pgwarden masking: {reason}",
+            MASKING_HINT,
+            f"by masking: {reason} (function {oid})",
+            rule=MASKING_RULE,
+            policy_version=self.engine.version,
+        )
+
     def check_function_call(self, session: Session, oid: int) -> Refusal | None:
         decision = self.engine.decide_call(self._rules(session), oid)
         return None if decision.allowed else _refusal(decision, self.engine.version)

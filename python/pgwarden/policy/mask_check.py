@@ -33,8 +33,8 @@ query named by a text argument (``table_to_xml``, ``query_to_xml``, ``cursor_to_
 ``ts_stat``, dblink).  A name the grammar cannot tie to a table (``email`` with two
 tables in FROM) counts as masked when any masked table in the statement has a column of
 that name, and an output alias of a masked column (``email AS e``, and ``e AS f``
-above it) is masked under its new name.  Existing functions are not looked into: keep functions that read masked
-tables out of reach with a policy rule.
+above it) is masked under its new name.  Existing functions are not looked into: keep
+functions that read masked tables out of reach with a policy rule.
 """
 
 from __future__ import annotations
