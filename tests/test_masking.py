@@ -556,6 +556,8 @@ def test_masks_in_the_policy_file_are_checked() -> None:
         ("select ts_rewrite('a'::tsquery, 'a'::tsquery, 'b'::tsquery)", False),
         ("select * from dblink('dbname=x', 'select email from customers') t(e text)", True),
         ("select table_to_xmlschema('customers', true, false, '')", False),
+        ("select * from pg_logical_slot_peek_changes('s', null, null)", True),
+        ("select pg_read_binary_file('base/5/16384')", True),
         ("select distinct email from customers", True),
         ("select distinct id from customers", False),
         (

@@ -442,6 +442,9 @@ _OPAQUE_CODE: Final = frozenset({"DoStmt", "CreateFunctionStmt"})
 #: (``table_to_xml('customers', ...)``, ``query_to_xml('select email ...', ...)``,
 #: ``cursor_to_xml``, ``ts_stat``) and dblink, which runs a query on a connection of its
 #: own: what they read is a string to the grammar, and comes back without an origin.
+#: Logical decoding (``pg_logical_slot_get_changes`` and its kin, for roles with
+#: REPLICATION) returns the changed rows as text, and ``pg_read_binary_file`` (for roles
+#: allowed to read server files) a table's data files.
 _TEXT_READERS: Final = frozenset(
     {
         "table_to_xml",
@@ -454,8 +457,11 @@ _TEXT_READERS: Final = frozenset(
         "schema_to_xml_and_xmlschema",
         "database_to_xml_and_xmlschema",
         "ts_stat",
+        "pg_read_file",
+        "pg_read_binary_file",
     }
 )
+_TEXT_READER_PREFIXES: Final = ("dblink", "pg_logical_slot_")
 
 
 def _text_reader(body: dict[str, Any]) -> str | None:
@@ -469,7 +475,7 @@ def _text_reader(body: dict[str, Any]) -> str | None:
         arguments = len(call.get("args") or [])
         if (
             name in _TEXT_READERS
-            or name.startswith("dblink")
+            or name.startswith(_TEXT_READER_PREFIXES)
             or (name == "ts_rewrite" and arguments == 2)  # its second argument is a query
         ):
             return name
