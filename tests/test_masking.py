@@ -329,20 +329,56 @@ def test_a_fast_path_call_ends_a_masked_session(masked: GatewayProcess) -> None:
     assert "refused a fast-path call (by masking" in masked.stderr
 
 
-def test_rows_of_a_statement_never_described_are_masked_whole(masked: GatewayProcess) -> None:
-    """A client that executes without ever describing: the gateway cannot tell which
-    columns are which, so every value is masked."""
+def test_each_execution_is_masked_by_the_columns_the_server_has_now(
+    masked: GatewayProcess,
+) -> None:
+    """A client that executes without describing, or executes again a statement it
+    described once, is masked by the portal's columns as the server has them at that
+    execution (the gateway describes the portal itself): a description made earlier
+    can go stale when the statement is planned again against another table of the same
+    name, or when an EXECUTE or FETCH it runs points elsewhere."""
     conn = pgproto.RawConnection.open(masked.host, masked.port)
     conn.startup(CLIENT_USER, "gwtest")
     conn.authenticate(CLIENT_PASSWORD)
+    run = pgproto.bind(statement="s") + pgproto.execute() + pgproto.sync()
+    # Never described.
     conn.send(
-        pgproto.parse("select id, name from mask_customers where id = 1")
+        pgproto.parse("select id, email from mask_customers where id = 1")
         + pgproto.bind()
         + pgproto.execute()
         + pgproto.sync()
     )
-    assert _rows(conn.read_until(b"Z")) == [[None, None]]
-    # Described first (by portal): only the masked columns are.
+    assert _rows(conn.read_until(b"Z")) == [[b"1", b"****"]]
+    # Described against a decoy that shadows the masked table, executed after the decoy
+    # is gone: PostgreSQL plans the statement again, now on the masked table, with the
+    # same result columns.
+    conn.simple_query(
+        "create temp table pg_temp.mask_customers (id int, email text);"
+        "insert into pg_temp.mask_customers values (1, 'decoy')"
+    )
+    conn.send(
+        pgproto.parse("select id, email from mask_customers where id = 1", name="s")
+        + pgproto.describe_statement("s")
+        + pgproto.sync()
+    )
+    conn.read_until(b"Z")
+    conn.send(run)
+    assert _rows(conn.read_until(b"Z")) == [[b"1", b"decoy"]]
+    conn.simple_query("drop table pg_temp.mask_customers")
+    conn.send(run)
+    assert _rows(conn.read_until(b"Z")) == [[b"1", b"****"]]
+    # An EXECUTE described while its prepared statement read other columns.
+    conn.simple_query("prepare p as select id, name from mask_customers where id = 1")
+    conn.send(
+        pgproto.parse("execute p", name="e") + pgproto.describe_statement("e") + pgproto.sync()
+    )
+    conn.read_until(b"Z")
+    conn.simple_query(
+        "deallocate p; prepare p as select id, email from mask_customers where id = 1"
+    )
+    conn.send(pgproto.bind(statement="e") + pgproto.execute() + pgproto.sync())
+    assert _rows(conn.read_until(b"Z")) == [[b"1", b"****"]]
+    # Described by portal right before its execution: used as it is.
     conn.send(
         pgproto.parse("select id, email from mask_customers where id = 1")
         + pgproto.bind()
@@ -350,7 +386,9 @@ def test_rows_of_a_statement_never_described_are_masked_whole(masked: GatewayPro
         + pgproto.execute()
         + pgproto.sync()
     )
-    assert _rows(conn.read_until(b"Z")) == [[b"1", b"****"]]
+    replies = conn.read_until(b"Z")
+    assert [m.tag for m in replies].count(b"T") == 1
+    assert _rows(replies) == [[b"1", b"****"]]
     conn.send(pgproto.terminate())
 
 

@@ -16,19 +16,31 @@ pub(crate) enum BodyUse {
     Skip,
     /// Needed whole (control message): `on_message` gets it, the bytes still stream.
     Assemble,
-    /// Held until whole, then forwarded or replaced ([`ServerSink::rewrite`]): a DataRow
-    /// for the masker, or the ErrorResponse answering a refused statement.  Only honoured
-    /// in the explicit-forwarding mode; otherwise the message is assembled and streamed.
+    /// Held until whole, then forwarded, replaced or dropped ([`ServerSink::rewrite`]): a
+    /// DataRow for the masker, the ErrorResponse answering a refused statement, or the
+    /// answer to a Describe the gateway sent.  Only honoured in the explicit-forwarding
+    /// mode; otherwise the message is assembled and streamed.
     Hold,
+}
+
+/// What becomes of a held message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rewrite {
+    /// Forwarded as it came.
+    Keep,
+    /// Forwarded with the body written into `out`.
+    Replace,
+    /// Not forwarded: the answer to a message the gateway sent itself.
+    Drop,
 }
 
 /// The session side of the scanner.
 pub(crate) trait ServerSink {
     fn on_header(&mut self, tag: u8, body_len: usize) -> Result<BodyUse>;
     fn on_message(&mut self, tag: u8, body: &[u8]) -> Result<()>;
-    /// A held message, whole: writes a replacement body (same tag) into `out` and returns
-    /// true, or returns false to forward it as it is.
-    fn rewrite(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<bool>;
+    /// A held message, whole: forwarded as it is, replaced by a body (same tag) written
+    /// into `out`, or dropped.
+    fn rewrite(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<Rewrite>;
     /// Body bytes of a [`BodyUse::Skip`] message as they stream through (for recording).
     fn skipped(&mut self, _bytes: &[u8]) {}
 }
@@ -211,11 +223,13 @@ impl ServerStream {
                                 let body = &input[pos..pos + body_len];
                                 self.rewritten.clear();
                                 let start = msg_start.unwrap_or(pos);
-                                if sink.rewrite(tag, body, &mut self.rewritten)? {
-                                    emit_message(out, input, tag, &self.rewritten);
-                                    pass_from = pos + body_len;
-                                } else {
-                                    pass_from = start;
+                                match sink.rewrite(tag, body, &mut self.rewritten)? {
+                                    Rewrite::Replace => {
+                                        emit_message(out, input, tag, &self.rewritten);
+                                        pass_from = pos + body_len;
+                                    }
+                                    Rewrite::Drop => pass_from = pos + body_len,
+                                    Rewrite::Keep => pass_from = start,
                                 }
                                 pos += body_len;
                             } else {
@@ -301,9 +315,9 @@ impl ServerStream {
         self.rewritten.clear();
         let r = sink.rewrite(tag, &self.asm[HEADER_LEN..], &mut self.rewritten);
         match r {
-            Ok(true) => emit_message(out, input, tag, &self.rewritten),
-            Ok(false) => out.emit(input, &self.asm),
-            Err(_) => {}
+            Ok(Rewrite::Replace) => emit_message(out, input, tag, &self.rewritten),
+            Ok(Rewrite::Keep) => out.emit(input, &self.asm),
+            Ok(Rewrite::Drop) | Err(_) => {}
         }
         self.trim();
         r.map(|_| ())

@@ -19,7 +19,7 @@ use crate::masker::DataRowMasker;
 use crate::names::{Portal, PreparedNames};
 use crate::record::json_param;
 use crate::refusal::{self, NonUtf8Statement};
-use crate::server_stream::{BodyUse, ServerSink, ServerStream};
+use crate::server_stream::{BodyUse, Rewrite, ServerSink, ServerStream};
 use crate::session_audit::AuditConfig;
 use crate::statements::{FeedClock, Kind, StatementTracker};
 
@@ -70,6 +70,9 @@ pub struct SessionCodec {
     server_failed: Option<WireError>,
     emit_client_events: bool,
     max_param_bytes: usize,
+    /// The portal the client's last message described (Describe of a portal), if it was
+    /// one: an Execute of it right after needs no Describe from the gateway.
+    described_portal: Option<Box<[u8]>>,
 }
 
 impl SessionCodec {
@@ -94,6 +97,7 @@ impl SessionCodec {
             server_failed: None,
             emit_client_events: config.client_events,
             max_param_bytes: config.max_param_bytes,
+            described_portal: None,
         }
     }
 
@@ -122,6 +126,7 @@ impl SessionCodec {
             emit_events: self.emit_client_events,
             max_param_bytes: self.max_param_bytes,
             masking: self.masker.is_some(),
+            described_portal: &mut self.described_portal,
         };
         let r = self
             .client
@@ -237,6 +242,7 @@ struct ClientHandler<'a> {
     max_param_bytes: usize,
     /// A row masker needs the text each Describe and Execute refers to.
     masking: bool,
+    described_portal: &'a mut Option<Box<[u8]>>,
 }
 
 impl ClientHandler<'_> {
@@ -253,7 +259,7 @@ impl ClientHandler<'_> {
         end: usize,
     ) -> Result<Option<Vec<u8>>> {
         match self.forwarded(tag, body, start, end) {
-            Ok(()) => Ok(None),
+            Ok(replacement) => Ok(replacement),
             Err(e @ WireError::Malformed { .. }) => match refusal::non_utf8_statement(tag, body) {
                 Some(statement) => self.refuse(tag, statement).map(Some),
                 None => Err(e),
@@ -287,15 +293,24 @@ impl ClientHandler<'_> {
         Ok(statement.replacement)
     }
 
-    fn forwarded(&mut self, tag: u8, body: &[u8], start: usize, end: usize) -> Result<()> {
+    /// Tracks one client message; `Some` is what to forward in its place.
+    fn forwarded(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        start: usize,
+        end: usize,
+    ) -> Result<Option<Vec<u8>>> {
         let recording = self.tracker.recording();
+        let described_portal = self.described_portal.take();
+        let mut replacement = None;
         match tag {
             frontend::tag::QUERY => {
                 let q = Query::decode(body)?;
                 if !self.emit_events && self.tracker.audit_only() {
                     // The audit record is written from the message: no copy of the text.
                     self.tracker.sent_query_text(self.clock, q.sql)?;
-                    return Ok(());
+                    return Ok(None);
                 }
                 let sql = self.wants_text().then(|| Arc::<str>::from(q.sql));
                 let text = if self.emit_events { sql.clone() } else { None };
@@ -356,6 +371,23 @@ impl ClientHandler<'_> {
             }
             frontend::tag::EXECUTE => {
                 let e = Execute::decode(body)?;
+                let (mut start, mut end) = (start, end);
+                if self.masking && described_portal.as_deref() != Some(e.portal) {
+                    // The portal's columns, as the server has them now: a description of
+                    // its statement made earlier may no longer hold (the statement was
+                    // planned again after a table it names was dropped or search_path
+                    // changed, or it is an EXECUTE or FETCH whose target changed).
+                    self.tracker.sent_injected_describe(self.clock)?;
+                    let describe = describe_portal(e.portal);
+                    let mut both = Vec::with_capacity(describe.len() + 5 + body.len());
+                    both.extend_from_slice(&describe);
+                    both.push(tag);
+                    both.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+                    both.extend_from_slice(body);
+                    start += describe.len();
+                    end += describe.len();
+                    replacement = Some(both);
+                }
                 let (sql, params) = if self.wants_text() {
                     match self.names.portal(e.portal) {
                         Some(p) => (Some(p.sql.clone()), p.params.clone()),
@@ -386,6 +418,9 @@ impl ClientHandler<'_> {
             }
             frontend::tag::DESCRIBE => {
                 let d = Describe::decode(body)?;
+                if matches!(d.target, Target::Portal) {
+                    *self.described_portal = Some(d.name.into());
+                }
                 let sql = if recording || self.masking {
                     match d.target {
                         Target::Statement => self.names.statement(d.name).cloned(),
@@ -457,7 +492,7 @@ impl ClientHandler<'_> {
                 })
             }
         }
-        Ok(())
+        Ok(replacement)
     }
 
     fn render_bind_params(&self, b: &Bind<'_>) -> Arc<str> {
@@ -500,6 +535,17 @@ struct ServerHandler<'a> {
     clock: &'a mut FeedClock,
     status: &'a mut TransactionStatus,
     masker: Option<&'a mut (dyn DataRowMasker + 'static)>,
+}
+
+/// A Describe message of portal `name`.
+fn describe_portal(name: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(7 + name.len());
+    m.push(frontend::tag::DESCRIBE);
+    m.extend_from_slice(&((6 + name.len()) as u32).to_be_bytes());
+    m.push(b'P');
+    m.extend_from_slice(name);
+    m.push(0);
+    m
 }
 
 /// Fixed body sizes of backend messages, checked from the header alone.
@@ -568,15 +614,29 @@ impl ServerSink for ServerHandler<'_> {
                 BodyUse::Assemble
             }
             t::ROW_DESCRIPTION => {
+                // The answer to a Describe the gateway sent describes the result of the
+                // Execute that follows it; it is the masker's alone.
+                let injected = self.tracker.front_injected();
                 if let Some(m) = self.masker.as_deref_mut() {
-                    m.describes(self.tracker.front_describe_text());
+                    m.describes(if injected {
+                        None
+                    } else {
+                        self.tracker.front_describe_text()
+                    });
                 }
                 self.tracker.row_description();
-                if self.masker.is_some() {
+                if injected {
+                    BodyUse::Hold
+                } else if self.masker.is_some() {
                     BodyUse::Assemble
                 } else {
                     BodyUse::Skip
                 }
+            }
+            t::NO_DATA if self.tracker.front_injected() => {
+                check_fixed_len(tag, body_len)?;
+                self.tracker.answered(Kind::Describe);
+                BodyUse::Hold
             }
             t::EMPTY_QUERY_RESPONSE => {
                 check_fixed_len(tag, body_len)?;
@@ -670,7 +730,19 @@ impl ServerSink for ServerHandler<'_> {
         Ok(())
     }
 
-    fn rewrite(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+    fn rewrite(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<Rewrite> {
+        match tag {
+            // Held only as the answer to a Describe the gateway sent.
+            backend::tag::ROW_DESCRIPTION => {
+                let rd = RowDescription::decode(body)?;
+                if let Some(m) = self.masker.as_deref_mut() {
+                    m.describe(&rd);
+                }
+                return Ok(Rewrite::Drop);
+            }
+            backend::tag::NO_DATA => return Ok(Rewrite::Drop),
+            _ => {}
+        }
         if tag == backend::tag::ERROR_RESPONSE {
             // The server's answer to a refused statement's replacement.
             let mut replaced = match self.tracker.front_refusal() {
@@ -688,7 +760,11 @@ impl ServerSink for ServerHandler<'_> {
                 }
             }
             self.on_message(tag, if replaced { out } else { body })?;
-            return Ok(replaced);
+            return Ok(if replaced {
+                Rewrite::Replace
+            } else {
+                Rewrite::Keep
+            });
         }
         let rewritten = match self.masker.as_deref_mut() {
             Some(m) => m.mask_row(body, out),
@@ -697,7 +773,11 @@ impl ServerSink for ServerHandler<'_> {
         // Recorded as the client gets it.
         self.tracker
             .capture_whole_body(if rewritten { out } else { body });
-        Ok(rewritten)
+        Ok(if rewritten {
+            Rewrite::Replace
+        } else {
+            Rewrite::Keep
+        })
     }
 
     #[inline]

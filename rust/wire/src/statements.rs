@@ -125,6 +125,8 @@ struct Pending {
     draft: Option<Box<Draft>>,
     /// The statement text a Describe or Execute refers to, for a row masker.
     text: Option<Arc<str>>,
+    /// A Describe the gateway sent (not the client): its answer is not forwarded.
+    injected: bool,
 }
 
 /// The FIFO of client messages awaiting their response, and the finished records.
@@ -358,6 +360,7 @@ impl StatementTracker {
             refused: false,
             draft,
             text: None,
+            injected: false,
         });
         Ok(audit_n)
     }
@@ -381,6 +384,25 @@ impl StatementTracker {
             }
         }
         Ok(n)
+    }
+
+    /// A Describe of the portal an Execute is about to run, sent by the gateway for the
+    /// row masker (see `SessionCodec`): its RowDescription or NoData is the masker's, not
+    /// the client's.  Not queued while the server discards until Sync (it skips it).
+    pub(crate) fn sent_injected_describe(&mut self, clock: &mut FeedClock) -> Result<()> {
+        let before = self.queue.len();
+        self.sent(Kind::Describe, clock, None, None, None)?;
+        if self.queue.len() > before {
+            if let Some(p) = self.queue.back_mut() {
+                p.injected = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The message at the front is a Describe the gateway sent.
+    pub(crate) fn front_injected(&self) -> bool {
+        self.queue.front().is_some_and(|p| p.injected)
     }
 
     /// The text of the Describe at the front (labelled by [`sent_labelled`](Self::sent_labelled)).

@@ -910,3 +910,119 @@ fn masker_rewrites_only_rows_it_wants_at_any_chunking() {
         assert_eq!(out.server_events.len(), 2);
     }
 }
+
+/// A client that executes a statement it described once (or never) gets a Describe of
+/// the portal sent before each Execute, whose answer only the masker sees: the columns
+/// the server has now, not those of a description that may have gone stale.
+#[test]
+fn masked_sessions_describe_each_portal_they_execute() {
+    let setup = cat(&[parse("s", "select secret"), describe_stmt("s"), sync()]);
+    let run = cat(&[bind("", "s", &[], &[]), execute("", 0), sync()]);
+    let described = cat(&[
+        bind("", "s", &[], &[]),
+        describe_portal(""),
+        execute("", 0),
+        sync(),
+    ]);
+    let mut codec = SessionCodec::new(recording());
+    codec.set_masker(Some(Box::new(Shout { wanted: false })));
+    let mut out = Outcome::default();
+    feed_client_chunks(&mut codec, &[&setup, &run, &described], &mut out);
+    let expected = cat(&[setup.clone(), described.clone(), described.clone()]);
+    assert_eq!(out.forwarded, expected);
+    // The Execute event points at the Execute message, after the inserted Describe.
+    let executes: Vec<_> = out
+        .client_events
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::Execute { start, end, .. } => Some((*start, *end)),
+            _ => None,
+        })
+        .collect();
+    let first = setup.len() + bind("", "s", &[], &[]).len() + describe_portal("").len();
+    assert_eq!(executes[0], (first, first + execute("", 0).len()));
+
+    let server = cat(&[
+        parse_complete(),
+        row_description(&["public"]),
+        ready(b'I'),
+        // The gateway's Describe: the statement now returns "secret".
+        bind_complete(),
+        row_description(&["secret"]),
+        data_row(&[Some(b"abc")]),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+        // The client's own Describe: forwarded.
+        bind_complete(),
+        row_description(&["secret"]),
+        data_row(&[Some(b"def")]),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    let client_sees = cat(&[
+        parse_complete(),
+        row_description(&["public"]),
+        ready(b'I'),
+        bind_complete(),
+        data_row(&[Some(b"ABC")]),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+        bind_complete(),
+        row_description(&["secret"]),
+        data_row(&[Some(b"DEF")]),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]);
+    for size in [1, 2, 3, 7, 64, server.len()] {
+        let mut codec = SessionCodec::new(recording());
+        codec.set_masker(Some(Box::new(Shout { wanted: false })));
+        feed_client_chunks(
+            &mut codec,
+            &[&setup, &run, &described],
+            &mut Outcome::default(),
+        );
+        let mut got = Outcome::default();
+        let chunks: Vec<&[u8]> = server.chunks(size).collect();
+        feed_server_chunks(&mut codec, &chunks, &mut got);
+        assert_eq!(got.forwarded, client_sees, "chunk size {size}");
+        assert_eq!(codec.pending_requests(), 0);
+        let records = String::from_utf8(codec.take_records()).unwrap();
+        assert_eq!(records.lines().count(), 2, "{records}");
+    }
+}
+
+#[test]
+fn the_gateways_describe_answers_nodata_and_errors_as_the_execute_would() {
+    let mut codec = SessionCodec::new(recording());
+    codec.set_masker(Some(Box::new(Shout { wanted: false })));
+    let client = cat(&[
+        bind("", "s", &[], &[]),
+        execute("", 0),
+        sync(),
+        execute("gone", 0),
+        sync(),
+    ]);
+    feed_client_chunks(&mut codec, &[&client], &mut Outcome::default());
+    let server = cat(&[
+        bind_complete(),
+        no_data(),
+        command_complete("INSERT 0 1"),
+        ready(b'I'),
+        // Describe of a portal that does not exist: the server skips the Execute.
+        error("34000", "portal \"gone\" does not exist"),
+        ready(b'I'),
+    ]);
+    let mut got = Outcome::default();
+    feed_server_chunks(&mut codec, &[&server], &mut got);
+    let client_sees = cat(&[
+        bind_complete(),
+        command_complete("INSERT 0 1"),
+        ready(b'I'),
+        error("34000", "portal \"gone\" does not exist"),
+        ready(b'I'),
+    ]);
+    assert_eq!(got.forwarded, client_sees);
+    assert_eq!(codec.pending_requests(), 0);
+    let records = String::from_utf8(codec.take_records()).unwrap();
+    assert!(records.contains("34000"), "{records}");
+}

@@ -1,6 +1,7 @@
 //! Arbitrary server bytes in arbitrary chunkings, with and without a row masker (an
-//! arbitrary rewrite, or pgwarden's column masker): never a panic; without a masker
-//! every byte is forwarded exactly as received.
+//! arbitrary rewrite, or pgwarden's column masker), after simple and extended-protocol
+//! statements: never a panic; without a masker every byte is forwarded exactly as
+//! received.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -62,6 +63,14 @@ fuzz_target!(|data: &[u8]| {
     for sql in ["SELECT 1", "COPY t FROM STDIN"] {
         pgwarden_wire::frontend::FrontendMessage::Query(pgwarden_wire::frontend::Query { sql })
             .encode(&mut client);
+    }
+    // An extended-protocol execution nobody described: with a masker the codec sends a
+    // Describe of the portal ahead of it, whose answer it keeps from the client.
+    let bind = b"B\0\0\0\x0c\0\0\0\0\0\0\0\0";
+    let execute = b"E\0\0\0\x09\0\0\0\0\0";
+    let sync = b"S\0\0\0\x04";
+    for m in [&bind[..], &execute[..], &sync[..]] {
+        client.extend_from_slice(m);
     }
     codec.feed_client(&client).expect("valid client bytes");
     assert!(!codec
