@@ -598,6 +598,10 @@ def test_masks_in_the_policy_file_are_checked() -> None:
         ("select pg_read_binary_file('base/5/16384')", True),
         ("select distinct email from customers", True),
         ("select distinct id from customers", False),
+        ("select id, email from customers group by rollup(1)", False),
+        ("select email, id from customers group by rollup(1)", True),
+        ("select id, email from customers group by cube((1, 2))", True),
+        ("select id, email from customers group by grouping sets ((1), (2), ())", True),
         (
             "with recursive t(id) as (select id from customers union all select id + 1 from t)"
             " search depth first by id set o select * from t",
@@ -623,6 +627,8 @@ def test_verdicts_are_shared_across_numbers_but_not_column_positions() -> None:
     assert refusal_reason("select email, id from people order by 1", scope)
     assert refusal_reason("select email, id from people order by 2", scope) is None
     assert refusal_reason("select distinct on (1) email, id from people", scope)
+    assert refusal_reason("select email, id from people group by rollup(2)", scope) is None
+    assert refusal_reason("select email, id from people group by rollup(1)", scope)
 
 
 def test_policy_check_applies_the_masks(tmp_path: Path) -> None:

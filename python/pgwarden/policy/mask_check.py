@@ -83,6 +83,17 @@ class _Refused(Exception):
         self.reason = reason
 
 
+def _grouping_items(node: dict[str, Any]) -> Iterator[Any]:
+    """The expressions a grouping set lists, nested sets and row lists opened."""
+    for item in node["GroupingSet"].get("content") or []:
+        if isinstance(item, dict) and "GroupingSet" in item:
+            yield from _grouping_items(item)
+        elif isinstance(item, dict) and "RowExpr" in item:
+            yield from item["RowExpr"].get("args") or []
+        else:
+            yield item
+
+
 def _sval(node: Any) -> str | None:
     if isinstance(node, dict):
         value = node.get("String", {}).get("sval")
@@ -298,6 +309,11 @@ class _Statement:
     def _ordered(self, items: Any, targets: list[Any], where: str) -> None:
         """GROUP BY / ORDER BY, whose items may name an output column by position."""
         for item in items or []:
+            if isinstance(item, dict) and "GroupingSet" in item:
+                # ROLLUP (1), CUBE ((2, 1)), GROUPING SETS ((1), ()): each integer in
+                # them names an output column by position too.
+                self._ordered(list(_grouping_items(item)), targets, where)
+                continue
             expr = item.get("SortBy", {}).get("node", item) if isinstance(item, dict) else item
             position = (
                 expr.get("A_Const", {}).get("ival", {}).get("ival")
