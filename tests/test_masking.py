@@ -117,7 +117,7 @@ def test_psql_sees_masked_values_and_refused_workarounds(masked: GatewayProcess)
     assert "COPY TO sends masked columns as CopyData" in errors
     assert "the view public.mask_contacts reads masked columns" in errors
     assert "HINT:  Masked columns can be selected as they are" in errors
-    assert "cannot call table_to_xml, which reads a table" in errors
+    assert "cannot call table_to_xml: what it reads is out of the gateway's sight" in errors
     assert "ada@" not in result.stdout
 
 
@@ -251,6 +251,10 @@ def test_statistics_views_do_not_show_sample_values(masked: GatewayProcess, anal
         assert [r[:2] for r in rows] == [("mask_customers", "email"), ("mask_owned", "kind")]
         assert "ada@example.com" in str(rows[0][3]) and "k1" in str(rows[1][2])
         assert "k1" in str(conn.execute(STATS_EXT_SQL).fetchone())
+        (own,) = conn.execute(
+            "select query from pg_stat_activity where pid = pg_backend_pid()"
+        ).fetchone()
+        assert "pg_stat_activity" in own
     with masked.connect(autocommit=True) as conn:
         rows = conn.execute(STATS_SQL).fetchall()
         assert rows == [
@@ -265,6 +269,10 @@ def test_statistics_views_do_not_show_sample_values(masked: GatewayProcess, anal
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgwarden masking"):
                 conn.execute(sql)
+        # Other sessions' statements, literals included, are masked too.
+        assert conn.execute(
+            "select query from pg_stat_activity where pid = pg_backend_pid()"
+        ).fetchall() == [(None,)]
         # The rest of the view stays readable.
         assert conn.execute(
             "select null_frac, n_distinct from pg_stats"
@@ -596,6 +604,7 @@ def test_masks_in_the_policy_file_are_checked() -> None:
         ("select table_to_xmlschema('customers', true, false, '')", False),
         ("select * from pg_logical_slot_peek_changes('s', null, null)", True),
         ("select pg_read_binary_file('base/5/16384')", True),
+        ("select query from pg_stat_get_activity(null)", True),
         ("select distinct email from customers", True),
         ("select distinct id from customers", False),
         ("select id, email from customers group by rollup(1)", False),

@@ -412,8 +412,8 @@ def _reason(sql: str, scope: MaskScope) -> tuple[str | None, bool]:
             reader = _text_reader(body)
             if reader is not None:
                 raise _Refused(
-                    f"a session with masked columns cannot call {reader}, which reads "
-                    "a table, a cursor or a query given as text"
+                    f"a session with masked columns cannot call {reader}: what it reads "
+                    "is out of the gateway's sight, and what it returns cannot be masked"
                 )
             if not check.touches(body):
                 continue
@@ -459,8 +459,10 @@ _OPAQUE_CODE: Final = frozenset({"DoStmt", "CreateFunctionStmt"})
 #: ``cursor_to_xml``, ``ts_stat``) and dblink, which runs a query on a connection of its
 #: own: what they read is a string to the grammar, and comes back without an origin.
 #: Logical decoding (``pg_logical_slot_get_changes`` and its kin, for roles with
-#: REPLICATION) returns the changed rows as text, and ``pg_read_binary_file`` (for roles
-#: allowed to read server files) a table's data files.
+#: REPLICATION) returns the changed rows as text, ``pg_read_binary_file`` (for roles
+#: allowed to read server files) a table's data files, and ``pg_stat_get_activity`` the
+#: statements other sessions run, literals included (what pg_stat_activity.query shows
+#: masked).
 _TEXT_READERS: Final = frozenset(
     {
         "table_to_xml",
@@ -475,6 +477,8 @@ _TEXT_READERS: Final = frozenset(
         "ts_stat",
         "pg_read_file",
         "pg_read_binary_file",
+        "pg_stat_get_activity",
+        "pg_stat_get_backend_activity",
     }
 )
 _TEXT_READER_PREFIXES: Final = ("dblink", "pg_logical_slot_")

@@ -244,15 +244,21 @@ STATISTICS_MASK: Final = Mask(
         "pg_catalog.pg_stats_ext_exprs.most_common_elems",
     ),
 )
+#: pg_stat_activity shows the statements other sessions of the same role run, with their
+#: literals (``... WHERE email = 'ada@example.com'``).
+ACTIVITY_MASK: Final = Mask(
+    name="(activity)", style="null", columns=("pg_catalog.pg_stat_activity.query",)
+)
 
 
 def masks_applying(
     masks: tuple[Mask, ...], user: str, groups: tuple[str, ...], role: str
 ) -> tuple[Mask, ...]:
-    """The masks of a policy that apply to a subject, with :data:`STATISTICS_MASK` when
-    there is one (a session without masks sees the statistics as they are)."""
+    """The masks of a policy that apply to a subject, with :data:`STATISTICS_MASK` and
+    :data:`ACTIVITY_MASK` when there is one (a session without masks sees the statistics
+    and the activity as they are)."""
     picked = tuple(m for m in masks if m.applies_to(user, groups, role))
-    return (*picked, STATISTICS_MASK) if picked else ()
+    return (*picked, STATISTICS_MASK, ACTIVITY_MASK) if picked else ()
 
 
 class Policy(BaseModel):
