@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -540,6 +541,39 @@ def test_partial_masks_keep_the_end_of_text_values(
         rows = conn.execute("select name, phone, ssn_last4 from mask_customers order by id")
         # "Ada" has no more than four characters: the replacement alone; an int is NULL.
         assert rows.fetchall() == [("...", "...0001", None), ("...race", None, None)]
+
+
+def test_a_reload_that_adds_a_mask_ends_the_sessions_it_masks(masked: GatewayProcess) -> None:
+    """Masks are looked up when a session starts: a reload that changes a live session's
+    masks ends it, and its next session is masked the new way."""
+    policy = Path(masked.settings["policy_file"])
+    other = {"user": OTHER_CLIENT_USER, "password": OTHER_CLIENT_PASSWORD}
+    watched = masked.connect(**other)
+    assert watched.execute("select email from mask_customers where id = 1").fetchone() == (
+        "ada@example.com",
+    )
+    untouched = masked.connect()
+    policy.write_text(
+        POLICY
+        + f"""
+[[mask]]
+name = "emails for {OTHER_CLIENT_USER}"
+columns = ["public.mask_customers.email"]
+users = ["{OTHER_CLIENT_USER}"]
+"""
+    )
+    masked.process.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "ended 1 session(s) it treats otherwise" in masked.stderr, 10)
+    with pytest.raises(psycopg.Error) as caught:
+        watched.execute("select email from mask_customers where id = 1")
+    assert caught.value.sqlstate == "57P01", caught.value
+    assert untouched.execute("select email from mask_customers where id = 1").fetchone() == (
+        "****",
+    )
+    with masked.connect(**other) as conn:
+        assert conn.execute("select email from mask_customers where id = 1").fetchone() == (
+            "****",
+        )
 
 
 def test_masks_in_the_policy_file_are_checked() -> None:

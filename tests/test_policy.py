@@ -360,6 +360,40 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_policy(
         conn.execute("drop table vault_secrets")
 
 
+def test_a_reload_ends_the_sessions_it_treats_otherwise(
+    guarded: GatewayProcess, policy_file: Path
+) -> None:
+    """A statement prepared under the old policy would keep its verdict: a reload that
+    changes the rules for a session ends it (57P01); sessions whose rules did not change
+    go on, and new sessions get the new policy."""
+    _reset(guarded)
+    affected = guarded.connect(autocommit=True)
+    unaffected = guarded.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD)
+    affected.execute("prepare add_item as insert into policy_items values (1, 1)")
+    assert unaffected.execute("select 1").fetchone() == (1,)
+    policy_file.write_text(
+        POLICY.replace('version = "test-1"', 'version = "test-2"').replace(
+            'statements = ["read", "write", "transaction", "session"]',
+            'statements = ["read", "transaction", "session"]',
+        )
+    )
+    guarded.process.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "ended 1 session(s) it treats otherwise" in guarded.stderr, 10)
+    with pytest.raises(psycopg.Error) as caught:
+        affected.execute("execute add_item")
+    assert caught.value.sqlstate == "57P01", caught.value
+    assert "policy for this session changed (version test-1 to test-2)" in str(caught.value)
+    assert unaffected.execute("select 2").fetchone() == (2,)
+    unaffected.close()
+    with (
+        guarded.connect(autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute("insert into policy_items values (1, 1)")
+    with psycopg.connect(_direct(guarded)) as direct:
+        assert direct.execute("select count(*) from policy_items").fetchone() == (0,)
+
+
 def test_serve_refuses_a_broken_policy_file(
     gateway_launcher: GatewayLauncher, tmp_path: Path
 ) -> None:

@@ -101,9 +101,27 @@ class Gateway:
         return StatementGate(statement_checks, function_checks)
 
     def reload_policy(self) -> None:
-        """SIGHUP: read the statement policy again (kept as it is when the file is broken)."""
-        if self.policy is not None:
-            self.policy.reload()
+        """SIGHUP: read the statement policy again (kept as it is when the file is broken).
+        Live sessions the new policy treats otherwise (other rules or masks apply to them)
+        are ended: none goes on with statements prepared, or masks looked up, under the
+        old one."""
+        if self.policy is None:
+            return
+        previous = self.policy.reload()
+        if previous is None:
+            return
+        version = self.policy.engine.version
+        ended = 0
+        for session in list(self.sessions):
+            if self.policy.changed_for(session, previous):
+                ended += 1
+                session.terminate(
+                    errors.ADMIN_SHUTDOWN,
+                    f"terminating connection because the pgwarden policy for this session "
+                    f"changed (version {previous.version} to {version}); connect again",
+                )
+        if ended:
+            log.info("statement policy %s: ended %d session(s) it treats otherwise", version, ended)
 
     async def handle_connection(self, sock: socket.socket, client_address: str) -> None:
         """Run one session to its end; never raises (one session cannot hurt another)."""

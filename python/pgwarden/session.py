@@ -37,6 +37,7 @@ from pgwarden.transport import PgStream
 if TYPE_CHECKING:
     from pgwarden.gateway import Gateway
     from pgwarden.policy.mask_check import MaskScope
+    from pgwarden.policy.rules import Mask
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class Session:
         self._accepted_us = time.time_ns() // 1000
         self._stage = "startup"  # where a refusal happened, for the audit record
         self._audit_started = False  # the session record is in the audit spool
-        #: The session's masked columns (policy masks), looked up after the upstream login.
+        #: The policy's masks for the session, once decided (after the upstream login;
+        #: None before), and the masked columns looked up for them.
+        self.policy_masks: tuple[Mask, ...] | None = None
         self.mask_scope: MaskScope | None = None
         self._masked_columns: list[tuple[int, int, bytes | None, str, int]] = []
 
@@ -268,6 +271,7 @@ class Session:
         )
         policy = self.gateway.policy
         masks = policy.masks_for(self) if policy is not None else ()
+        self.policy_masks = masks
         if policy is not None and masks:
             found = await policy.masked_columns(self.database, masks, self._upstream.stream)
             self.mask_scope = found.scope

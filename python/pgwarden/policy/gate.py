@@ -13,7 +13,7 @@ from pgwarden import errors
 from pgwarden.policy.engine import Decision, PolicyEngine, Rules
 from pgwarden.policy.mask_catalog import SessionMasks, resolve
 from pgwarden.policy.mask_check import refusal_reason
-from pgwarden.policy.rules import Mask, PolicyError, load_policy, masks_applying
+from pgwarden.policy.rules import LoadedPolicy, Mask, PolicyError, load_policy, masks_applying
 from pgwarden.statement_gate import Refusal
 
 if TYPE_CHECKING:
@@ -149,21 +149,39 @@ class PolicyGate:
         decision = self.engine.decide_call(self._rules(session), oid)
         return None if decision.allowed else _refusal(decision, self.engine.version)
 
-    def reload(self) -> bool:
+    def reload(self) -> LoadedPolicy | None:
         """Read the policy file again; on any problem keep enforcing the current policy
-        (logged as an error).  True if the new policy is in force."""
+        (logged as an error) and return None.  Returns the policy the new one replaced."""
         try:
             loaded = load_policy(self.path)
         except PolicyError as exc:
             log.error(
                 "statement policy not reloaded, %s stays in force: %s", self.engine.version, exc
             )
-            return False
+            return None
+        previous = self.engine.loaded
         self.engine.replace(loaded)
         self._session_rules = {}
         self._lookups = {}
         self._announce("reloaded")
-        return True
+        return previous
+
+    def changed_for(self, session: Session, previous: LoadedPolicy) -> bool:
+        """Whether the policy in force treats a session that started under ``previous``
+        otherwise: other rules apply to it, another default, or other masks than those it
+        looked up.  Its prepared statements, cursors and masks hold verdicts of the old
+        policy, so such a session must not go on.  A session that has not looked its masks
+        up yet (still logging in) will use the new policy throughout."""
+        if session.policy_masks is None:
+            return False
+        subject = _subject(session)
+        now, before = self.engine.loaded.policy, previous.policy
+        return (
+            now.default != before.default
+            or tuple(r for r in now.rule if r.applies_to(*subject))
+            != tuple(r for r in before.rule if r.applies_to(*subject))
+            or masks_applying(now.mask, *subject) != session.policy_masks
+        )
 
     def _announce(self, what: str) -> None:
         loaded = self.engine.loaded
