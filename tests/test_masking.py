@@ -335,7 +335,7 @@ def test_a_fast_path_call_ends_a_masked_session(masked: GatewayProcess) -> None:
     assert error is not None and error.sqlstate == "42501"
     assert "cannot make fast-path function calls" in error.fields["M"]
     assert conn.read_error_or_close() is None  # the session is over
-    assert "refused a fast-path call (by masking" in masked.stderr
+    assert wait_until(lambda: "refused a fast-path call (by masking" in masked.stderr, 5)
 
 
 def test_each_execution_is_masked_by_the_columns_the_server_has_now(
@@ -571,9 +571,7 @@ users = ["{OTHER_CLIENT_USER}"]
         "****",
     )
     with masked.connect(**other) as conn:
-        assert conn.execute("select email from mask_customers where id = 1").fetchone() == (
-            "****",
-        )
+        assert conn.execute("select email from mask_customers where id = 1").fetchone() == ("****",)
 
 
 def test_masks_in_the_policy_file_are_checked() -> None:
