@@ -281,6 +281,28 @@ def test_statistics_views_do_not_show_sample_values(masked: GatewayProcess, anal
         ).fetchone() == (0.0, 2.0)
 
 
+def test_the_statement_log_names_the_masked_columns(
+    start_gateway: StartGateway, mask_tables: None, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    log_path = tmp_path / "statements.jsonl"
+    gateway = start_gateway({"policy_file": str(policy), "statement_log": str(log_path)})
+    with gateway.connect(autocommit=True) as conn:
+        conn.execute("select name, email from mask_customers where id = 1").fetchall()
+        conn.execute("select name from mask_customers where id = 1").fetchall()
+
+    def records() -> list[dict[str, object]]:
+        if not log_path.exists():
+            return []
+        return [json.loads(line) for line in log_path.read_text().splitlines()]
+
+    assert wait_until(lambda: len(records()) >= 2, 10)
+    masked, plain = records()[-2:]
+    assert masked["masked_columns"] == ["public.mask_customers.email"]
+    assert plain["masked_columns"] is None
+
+
 def test_pg_dump_cannot_copy_a_masked_table_out(masked: GatewayProcess) -> None:
     result = run_tool(["pg_dump", "--data-only", "-t", "mask_customers"], masked.env())
     assert result.returncode != 0
@@ -462,9 +484,14 @@ def test_the_audit_holds_what_the_caller_saw(
     assert select["attributes"]["pgwarden.masked_columns"] == [
         f"public.mask_customers.{c}" for c in ("email", "phone", "ssn_last4", "note")
     ]
+    # Allowed by the policy the session ran under; refused by the masking check.
+    assert select["attributes"]["pgwarden.policy.decision"] == "allow"
+    assert select["attributes"]["pgwarden.policy.version"] == "mask-1"
     (refused,) = [s for s in spans if "upper(email)" in s["attributes"].get("db.query.text", "")]
     assert refused["attributes"]["pgwarden.policy.decision"] == "deny"
     assert refused["attributes"]["pgwarden.policy.rule"] == "(masking)"
+    (session_span,) = [s for s in spans if "pgwarden.session.end_reason" in s["attributes"]]
+    assert session_span["attributes"]["pgwarden.policy.version"] == "mask-1"
     stored = b"".join(p.read_bytes() for p in directory.rglob("*") if p.is_file())
     stored += export.read_bytes()
     # The recorded results are base64 inside the records: decode every one of them.

@@ -76,6 +76,8 @@ class Session:
         #: The policy's masks for the session, once decided (after the upstream login;
         #: None before), and the masked columns looked up for them.
         self.policy_masks: tuple[Mask, ...] | None = None
+        #: The version of the policy the session started under (its audit record says it).
+        self.policy_version: str | None = None
         self.mask_scope: MaskScope | None = None
         self._masked_columns: list[tuple[int, int, bytes | None, str, int]] = []
 
@@ -272,6 +274,7 @@ class Session:
         policy = self.gateway.policy
         masks = policy.masks_for(self) if policy is not None else ()
         self.policy_masks = masks
+        self.policy_version = policy.engine.version if policy is not None else None
         if policy is not None and masks:
             found = await policy.masked_columns(self.database, masks, self._upstream.stream)
             self.mask_scope = found.scope
@@ -358,6 +361,7 @@ class Session:
             upstream_user=self.upstream_user,
             application_name=dict(request.params).get("application_name"),
             tls=request.tls,
+            policy_version=self.policy_version,
         )
         self._audit_started = True
 

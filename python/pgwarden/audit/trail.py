@@ -200,8 +200,11 @@ class AuditTrail:
         upstream_user: str | None,
         application_name: str | None,
         tls: bool,
+        policy_version: str | None = None,
     ) -> None:
-        """Store the session record before the client is let in; refuse if it cannot be."""
+        """Store the session record before the client is let in; refuse if it cannot be.
+        ``policy_version``: the statement policy the session runs under (its statements
+        without a ``decision`` record were allowed by it)."""
         upstream = self.settings.upstream
         fields = {
             "session": session_id,
@@ -213,6 +216,7 @@ class AuditTrail:
             "server_port": upstream.port,
             "application_name": application_name or None,
             "tls": tls,
+            "policy_version": policy_version,
         }
         self._append(SESSION, fields, new=True)
 

@@ -808,6 +808,41 @@ mod tests {
         assert_eq!(asm.state().seq, 6);
     }
 
+    /// A statement of a session under a policy is allowed by that policy unless a
+    /// decision record says otherwise.
+    #[test]
+    fn statements_carry_the_decision_of_the_sessions_policy() {
+        let lines = stream(&[
+            ("session", r#""session":"p1","policy_version":"pv-7""#),
+            ("stmt", r#""session":"p1","n":1,"sql":"select 1""#),
+            ("end", r#""session":"p1","n":1,"command_tag":"SELECT 1""#),
+            ("stmt", r#""session":"p1","n":2,"sql":"drop table t""#),
+            (
+                "decision",
+                r#""session":"p1","n":2,"decision":"deny","rule":"no ddl","policy_version":"pv-7""#,
+            ),
+            ("end", r#""session":"p1","n":2,"sqlstate":"42501""#),
+            ("session", r#""session":"p2""#),
+            ("stmt", r#""session":"p2","n":1,"sql":"select 2""#),
+            ("end", r#""session":"p2","n":1,"command_tag":"SELECT 1""#),
+        ]);
+        let mut config = config();
+        config.request_spans = 1;
+        let mut asm = StreamAssembler::new(config, StreamState::default());
+        let out = asm.process(&refs(&lines), true, &mut Table);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        let requests: Vec<Vec<u8>> = out.requests.iter().map(|r| r.to_vec()).collect();
+        assert_eq!(requests.len(), 3);
+        let allowed = &requests[0];
+        assert!(contains(allowed, "pgwarden.policy.decision") && contains(allowed, "allow"));
+        assert!(contains(allowed, "pv-7"));
+        let denied = &requests[1];
+        assert!(contains(denied, "deny") && contains(denied, "no ddl"));
+        assert!(!contains(denied, "allow"));
+        // A session without a policy: no decision at all.
+        assert!(!contains(&requests[2], "pgwarden.policy"));
+    }
+
     #[test]
     fn long_texts_split_requests_by_size_and_are_cut_in_spans() {
         let long = "x".repeat(3000);

@@ -249,6 +249,10 @@ pub struct SessionRec {
     pub application_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<bool>,
+    /// The statement policy the session runs under: its statements without a
+    /// `decision` record were allowed by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<String>,
     #[serde(rename = "_unverified", default, skip_serializing_if = "is_false")]
     pub unverified: bool,
 }
@@ -309,6 +313,11 @@ impl<'a> Line<'a> {
             server_port: self.server_port,
             application_name: owned(&self.application_name),
             tls: self.tls,
+            policy_version: self
+                .policy_version
+                .as_ref()
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             unverified,
         }
     }

@@ -285,6 +285,8 @@ pub struct SessionBase {
     statement_ids: ids::StatementIds,
     database: Option<String>,
     server: Option<String>,
+    /// The statement policy of the session (see [`SessionRec::policy_version`]).
+    policy_version: Option<String>,
 }
 
 impl SessionBase {
@@ -304,6 +306,7 @@ impl SessionBase {
             statement_ids: ids::StatementIds::new(sid),
             database: s.database.clone().filter(|d| !d.is_empty()),
             server,
+            policy_version: s.policy_version.clone().filter(|v| !v.is_empty()),
         }
     }
 }
@@ -421,7 +424,7 @@ pub fn statement<'a>(input: StatementInput<'a>) -> Span<'a> {
     attrs.put("pgwarden.statement.number", Val::Int(stmt.n as i64));
     attrs.str("pgwarden.protocol", stmt.protocol.as_deref().unwrap_or(""));
     spool(&mut attrs, &stmt.stream, stmt.seq, &stmt.hash, verified);
-    policy(stmt, &mut attrs);
+    policy(stmt, base, &mut attrs);
     let mut start_us = stmt.ts;
     let end_us;
     let mut status = None;
@@ -482,8 +485,16 @@ pub fn statement<'a>(input: StatementInput<'a>) -> Span<'a> {
     }
 }
 
-/// The statement policy's decision, rule and version, and the masked columns.
-fn policy<'a>(stmt: &'a StmtRec<'a>, attrs: &mut Attrs<'a>) {
+/// The statement policy's decision, rule and version, and the masked columns.  A
+/// statement of a session under a policy that has no `decision` record was allowed by the
+/// session's policy.
+fn policy<'a>(stmt: &'a StmtRec<'a>, base: &'a SessionBase, attrs: &mut Attrs<'a>) {
+    if stmt.decision.as_ref().is_none_or(Value::is_null) {
+        if let Some(version) = base.policy_version.as_deref() {
+            attrs.str("pgwarden.policy.decision", "allow");
+            attrs.str("pgwarden.policy.version", version);
+        }
+    }
     for (value, name) in [
         (&stmt.decision, "pgwarden.policy.decision"),
         (&stmt.rule, "pgwarden.policy.rule"),
@@ -517,6 +528,9 @@ pub fn session<'a>(
     }
     if let Some(tls) = session.tls {
         attrs.put("pgwarden.session.tls", Val::Bool(tls));
+    }
+    if let Some(version) = some(session.policy_version.as_deref()) {
+        attrs.str("pgwarden.policy.version", version);
     }
     spool(
         &mut attrs,

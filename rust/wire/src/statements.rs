@@ -844,6 +844,19 @@ impl StatementTracker {
             }
             None => b.extend_from_slice(b",\"sqlstate\":null,\"error\":null"),
         }
+        b.extend_from_slice(b",\"masked_columns\":");
+        if d.masked_columns.is_empty() {
+            b.extend_from_slice(b"null");
+        } else {
+            b.push(b'[');
+            for (i, name) in d.masked_columns.iter().enumerate() {
+                if i > 0 {
+                    b.push(b',');
+                }
+                json_str(b, name);
+            }
+            b.push(b']');
+        }
         b.extend_from_slice(b"}\n");
     }
 }

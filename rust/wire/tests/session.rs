@@ -53,7 +53,7 @@ fn simple_query_record_and_events() {
         records(&mut codec),
         vec![
             json!({"session":"t1","protocol":"simple","statement":"SELECT * FROM t","params":null,
-            "command_tag":"SELECT 2","rows":2,"sqlstate":null,"error":null})
+            "command_tag":"SELECT 2","rows":2,"sqlstate":null,"error":null,"masked_columns":null})
         ]
     );
     assert_eq!(codec.in_flight(), 0);
@@ -148,7 +148,7 @@ fn extended_protocol_pgbench_style() {
         records(&mut codec),
         vec![
             json!({"session":"t1","protocol":"extended","statement":&*sql,"params":["42"],
-            "command_tag":"SELECT 1","rows":1,"sqlstate":null,"error":null})
+            "command_tag":"SELECT 1","rows":1,"sqlstate":null,"error":null,"masked_columns":null})
         ]
     );
 }
