@@ -44,7 +44,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     if statements:
         names = ", ".join(r.name for r in rules.rules) or "none"
         print(f"rules for {who}: {names}")
-        masked = "; ".join(f"{m.name} ({', '.join(m.columns)})" for m in masks) or "none"
+        # The built-in masks (statistics and activity views) by name only.
+        masked = (
+            "; ".join(
+                m.name if m.name.startswith("(") else f"{m.name} ({', '.join(m.columns)})"
+                for m in masks
+            )
+            or "none"
+        )
         print(f"masks for {who}: {masked}")
     # Without a database, the masked tables are known by the names the policy gives
     # (views reading them are found by a gateway; `table.*` counts every column name).
