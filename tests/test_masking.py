@@ -521,8 +521,14 @@ def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
     admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
     with admin:
         admin.execute(
-            "drop table if exists mask_parts, mask_kid;"
+            "drop table if exists mask_parts, mask_kid, mask_ev;"
             "create table mask_parts (id int, email text) partition by range (id);"
+            # Only one partition masked: its parent returns its rows too.
+            "create table mask_ev (id int, email text) partition by range (id);"
+            "create table mask_ev_hot partition of mask_ev for values from (0) to (100);"
+            "create table mask_ev_cold partition of mask_ev for values from (100) to (200);"
+            "insert into mask_ev values (1, 'hot@example.com'), (150, 'cold@example.com');"
+            f"grant select on mask_ev, mask_ev_hot, mask_ev_cold to {SCRAM_ROLE};"
             "create table mask_parts_low partition of mask_parts for values from (0) to (100);"
             "create table mask_kid (extra int, email text) inherits (mask_customers);"
             "insert into mask_parts values (1, 'p@example.com');"
@@ -531,7 +537,10 @@ def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
         try:
             policy = tmp_path / "policy.toml"
             policy.write_text(
-                POLICY.replace('"public.mask_customers.note"]', '"public.mask_parts.email"]')
+                POLICY.replace(
+                    '"public.mask_customers.note"]',
+                    '"public.mask_parts.email", "public.mask_ev_hot.email"]',
+                )
             )
             gateway = start_gateway({"policy_file": str(policy)})
             admin.execute("insert into mask_kid values (9, 'Kid', 'kid@example.com')")
@@ -542,6 +551,14 @@ def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
                 ]
                 assert conn.execute("select * from mask_parts_low").fetchall() == [(1, None)]
                 assert conn.execute("select email from mask_parts").fetchall() == [(None,)]
+                assert conn.execute("select id, email from mask_ev order by id").fetchall() == [
+                    (1, None),
+                    (150, None),
+                ]
+                assert conn.execute("table mask_ev_hot").fetchall() == [(1, None)]
+                assert conn.execute("table mask_ev_cold").fetchall() == [
+                    (150, "cold@example.com")
+                ]
                 for sql in [
                     "alter table mask_customers rename column email to contact",
                     "alter table mask_customers rename to mask_people",
@@ -550,7 +567,7 @@ def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
                     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masked table"):
                         conn.execute(sql)
         finally:
-            admin.execute("drop table if exists mask_parts, mask_kid")
+            admin.execute("drop table if exists mask_parts, mask_kid, mask_ev")
 
 
 def test_partial_masks_keep_the_end_of_text_values(

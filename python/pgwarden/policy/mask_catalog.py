@@ -1,7 +1,7 @@
 """Where a session's masked columns are: their table OIDs and attribute numbers, read from
 the catalog of the session's own database when it starts (with the inheritance children
-and partitions of the masked tables, whose columns of the same name are masked too), and
-the views that read them.
+and partitions of the masked tables, and their parents, whose columns of the same name
+are masked too), and the views that read them.
 
 RowDescription names a result column's origin by table OID and attribute number, which
 is what the wire masker matches (``SessionCodec.mask_columns``).  The lookup runs on the
@@ -73,9 +73,18 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
         "UNION "
         "SELECT i.inhrelid, r.attname, r.mask FROM rels r "
         "JOIN pg_catalog.pg_inherits i ON i.inhparent = r.reloid"
+        # Their parents (and theirs) return the masked table's rows too, under the
+        # parent's OID: the column of the same name is masked there as well.
+        "), ancestors(reloid, attname, mask) AS ("
+        "SELECT i.inhparent, b.attname, b.mask FROM base b "
+        "JOIN pg_catalog.pg_inherits i ON i.inhrelid = b.reloid "
+        "UNION "
+        "SELECT i.inhparent, u.attname, u.mask FROM ancestors u "
+        "JOIN pg_catalog.pg_inherits i ON i.inhrelid = u.reloid"
         "), cols AS ("
         "SELECT r.reloid, a.attnum, n.nspname, c.relname, a.attname, min(r.mask) AS mask "
-        "FROM rels r JOIN pg_catalog.pg_class c ON c.oid = r.reloid "
+        "FROM (SELECT * FROM rels UNION SELECT * FROM ancestors) r "
+        "JOIN pg_catalog.pg_class c ON c.oid = r.reloid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "JOIN pg_catalog.pg_attribute a ON a.attrelid = r.reloid AND a.attname = r.attname "
         "AND NOT a.attisdropped "
