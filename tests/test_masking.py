@@ -556,9 +556,7 @@ def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
                     (150, None),
                 ]
                 assert conn.execute("table mask_ev_hot").fetchall() == [(1, None)]
-                assert conn.execute("table mask_ev_cold").fetchall() == [
-                    (150, "cold@example.com")
-                ]
+                assert conn.execute("table mask_ev_cold").fetchall() == [(150, "cold@example.com")]
                 for sql in [
                     "alter table mask_customers rename column email to contact",
                     "alter table mask_customers rename to mask_people",
