@@ -120,14 +120,7 @@ class PolicyGate:
         if reason is None:
             return None
         reason = _printable(reason)
-        return Refusal(
-            errors.INSUFFICIENT_PRIVILEGE,
-            f"permission denied by pgwarden masking: {reason}",
-            MASKING_HINT,
-            f"by masking: {reason}",
-            rule=MASKING_RULE,
-            policy_version=self.engine.version,
-        )
+        return self._masking_refusal(reason, f"by masking: {reason}")
 
     def check_masking_call(self, session: Session, oid: int) -> Refusal | None:
         """Refuses every fast-path FunctionCall in a session with masks: its result is a
@@ -136,11 +129,14 @@ class PolicyGate:
         if session.mask_scope is None:
             return None
         reason = "a session with masked columns cannot make fast-path function calls"
+        return self._masking_refusal(reason, f"by masking: {reason} (function {oid})")
+
+    def _masking_refusal(self, reason: str, label: str) -> Refusal:
         return Refusal(
             errors.INSUFFICIENT_PRIVILEGE,
             f"permission denied by pgwarden masking: {reason}",
             MASKING_HINT,
-            f"by masking: {reason} (function {oid})",
+            label,
             rule=MASKING_RULE,
             policy_version=self.engine.version,
         )
