@@ -6,7 +6,9 @@ pgwarden masking two columns of ``pgbench_accounts``, side by side in one run.
   every row is assembled and rewritten in Rust (``filler``, a ``char(84)``, becomes
   ``****``; ``abalance``, an ``int4``, becomes NULL); median of ``--bulk-repeats`` reads.
 * ``pgbench -S`` (simple and prepared, ``--clients``): each transaction's one row has its
-  ``abalance`` masked.
+  ``abalance`` masked.  libpq describes each portal before executing it.
+* asyncpg (``--clients`` connections, one prepared statement each, executed without a
+  Describe): in the masked session the gateway sends a Describe of each portal itself.
 
 Targets alternate within each round, so the ratios come from the same minutes::
 
@@ -17,10 +19,15 @@ Targets alternate within each round, so the ratios come from the same minutes::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import random
 import statistics
 import sys
+import time
 from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -82,6 +89,42 @@ def main() -> int:
     return 0
 
 
+ASYNCPG_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+
+
+async def _asyncpg_rate(endpoint: Endpoint, clients: int, seconds: float, rows: int) -> float:
+    """Statements a second from ``clients`` asyncpg connections, each executing its
+    prepared statement in a loop for ``seconds``."""
+    connections = [
+        await asyncpg.connect(
+            host=endpoint.host,
+            port=endpoint.port,
+            user=endpoint.user,
+            password=endpoint.password,
+            database=endpoint.dbname,
+            ssl=False,
+        )
+        for _ in range(clients)
+    ]
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def loop(conn: asyncpg.Connection) -> None:
+        nonlocal done
+        statement = await conn.prepare(ASYNCPG_SQL)
+        while time.monotonic() < deadline:
+            await statement.fetchrow(random.randint(1, rows))
+            done += 1
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(loop(c) for c in connections))
+    finally:
+        for conn in connections:
+            await conn.close()
+    return done / (time.monotonic() - started)
+
+
 def run(targets: dict[str, Endpoint], args: argparse.Namespace) -> None:
     rows, payload = select_payload_bytes(targets[DIRECT])
     scenarios = [
@@ -90,6 +133,7 @@ def run(targets: dict[str, Endpoint], args: argparse.Namespace) -> None:
     ]
     bulk: dict[str, list[BulkResult]] = {name: [] for name in targets}
     tps: dict[tuple[str, str], list[float]] = {}
+    rates: dict[str, list[float]] = {name: [] for name in targets}
     for round_no in range(1, args.rounds + 1):
         print(f"round {round_no}/{args.rounds}", file=sys.stderr, flush=True)
         for name, endpoint in targets.items():
@@ -103,6 +147,9 @@ def run(targets: dict[str, Endpoint], args: argparse.Namespace) -> None:
                     endpoint, scenario, duration_s=args.duration, log_latencies=False
                 )
                 tps.setdefault((scenario.key, name), []).append(result.tps)
+        for name, endpoint in targets.items():
+            rate = asyncio.run(_asyncpg_rate(endpoint, args.clients, args.duration, rows))
+            rates[name].append(rate)
 
     names = list(targets)
     print(f"\nSELECT * FROM pgbench_accounts ({rows:,} rows, binary), median seconds")
@@ -117,6 +164,10 @@ def run(targets: dict[str, Endpoint], args: argparse.Namespace) -> None:
         print(f"\npgbench -{scenario.key}, median TPS over {args.rounds} round(s)")
         print(" | ".join(f"{n}: {medians[n]:,.0f}" for n in names))
         print(f"masked / policy: {medians[MASKED] / medians[PLAIN]:.2f}")
+    medians = {n: statistics.median(rates[n]) for n in names}
+    print(f"\nasyncpg, prepared, {args.clients} connections, median statements/s")
+    print(" | ".join(f"{n}: {medians[n]:,.0f}" for n in names))
+    print(f"masked / policy: {medians[MASKED] / medians[PLAIN]:.2f}")
 
 
 if __name__ == "__main__":
