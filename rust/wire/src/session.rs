@@ -371,13 +371,23 @@ impl ClientHandler<'_> {
             }
             frontend::tag::EXECUTE => {
                 let e = Execute::decode(body)?;
+                let (sql, params) = if self.wants_text() {
+                    match self.names.portal(e.portal) {
+                        Some(p) => (Some(p.sql.clone()), p.params.clone()),
+                        // Unknown portal: the server will refuse it.
+                        None => (Some(Arc::<str>::from("")), None),
+                    }
+                } else {
+                    (None, None)
+                };
                 let (mut start, mut end) = (start, end);
                 if self.masking && described_portal.as_deref() != Some(e.portal) {
                     // The portal's columns, as the server has them now: a description of
                     // its statement made earlier may no longer hold (the statement was
                     // planned again after a table it names was dropped or search_path
                     // changed, or it is an EXECUTE or FETCH whose target changed).
-                    self.tracker.sent_injected_describe(self.clock)?;
+                    self.tracker
+                        .sent_injected_describe(self.clock, sql.clone().filter(|_| recording))?;
                     let describe = describe_portal(e.portal);
                     let mut both = Vec::with_capacity(describe.len() + 5 + body.len());
                     both.extend_from_slice(&describe);
@@ -388,15 +398,6 @@ impl ClientHandler<'_> {
                     end += describe.len();
                     replacement = Some(both);
                 }
-                let (sql, params) = if self.wants_text() {
-                    match self.names.portal(e.portal) {
-                        Some(p) => (Some(p.sql.clone()), p.params.clone()),
-                        // Unknown portal: the server will refuse it.
-                        None => (Some(Arc::<str>::from("")), None),
-                    }
-                } else {
-                    (None, None)
-                };
                 let text = if self.emit_events { sql.clone() } else { None };
                 let label = if self.masking { sql.clone() } else { None };
                 let n = self.tracker.sent_labelled(
@@ -738,6 +739,7 @@ impl ServerSink for ServerHandler<'_> {
                 if let Some(m) = self.masker.as_deref_mut() {
                     m.describe(&rd);
                 }
+                self.tracker.unforwarded_description(body);
                 return Ok(Rewrite::Drop);
             }
             backend::tag::NO_DATA => return Ok(Rewrite::Drop),

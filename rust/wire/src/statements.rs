@@ -389,9 +389,15 @@ impl StatementTracker {
     /// A Describe of the portal an Execute is about to run, sent by the gateway for the
     /// row masker (see `SessionCodec`): its RowDescription or NoData is the masker's, not
     /// the client's.  Not queued while the server discards until Sync (it skips it).
-    pub(crate) fn sent_injected_describe(&mut self, clock: &mut FeedClock) -> Result<()> {
+    /// `sql`: the portal's statement text (records on), for the Describe's record if it
+    /// fails and for the recording's columns.
+    pub(crate) fn sent_injected_describe(
+        &mut self,
+        clock: &mut FeedClock,
+        sql: Option<Arc<str>>,
+    ) -> Result<()> {
         let before = self.queue.len();
-        self.sent(Kind::Describe, clock, None, None, None)?;
+        self.sent(Kind::Describe, clock, sql, None, None)?;
         if self.queue.len() > before {
             if let Some(p) = self.queue.back_mut() {
                 p.injected = true;
@@ -563,6 +569,15 @@ impl StatementTracker {
         }
         if let Some(c) = self.front_capture() {
             c.extend(bytes);
+        }
+    }
+
+    /// The body of a RowDescription the client does not get (the answer to a Describe
+    /// the gateway sent): kept as the columns of its text's next execution, when
+    /// recording, and never part of a statement's captured result.
+    pub(crate) fn unforwarded_description(&mut self, body: &[u8]) {
+        if self.describing.is_some() {
+            self.capture_whole_body(body);
         }
     }
 
