@@ -1,10 +1,11 @@
 //! Arbitrary client bytes in arbitrary chunkings: never a panic, and what is forwarded is
 //! what was received, message by message and in order, except a Query or Parse whose text
-//! is not UTF-8, which goes as the gateway's refusal in its place (same tag).
+//! is not UTF-8, which goes as the gateway's refusal in its place (same tag), and, with a
+//! row masker, a Describe of the portal the gateway sends ahead of an Execute.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pgwarden_wire::{SessionCodec, SessionConfig};
+use pgwarden_wire::{ColumnMasker, MaskStyle, MaskedColumn, SessionCodec, SessionConfig};
 
 /// The text a refused Query or Parse is replaced with (rust/wire/src/refusal.rs).
 const REFUSAL_MARK: &[u8] = b"pgwarden refused this statement";
@@ -44,6 +45,15 @@ fuzz_target!(|data: &[u8]| {
         max_param_bytes: 8,
         ..SessionConfig::default()
     });
+    let masking = seed & 4 != 0;
+    if masking {
+        codec.set_masker(Some(Box::new(ColumnMasker::new([MaskedColumn {
+            table_oid: 1,
+            attnum: 1,
+            style: MaskStyle::Null,
+            name: "s.t.c".into(),
+        }]))));
+    }
     let mut forwarded = Vec::new();
     let mut pos = 0;
     let mut step = usize::from(seed >> 2) + 1;
@@ -72,8 +82,30 @@ fuzz_target!(|data: &[u8]| {
         pos = end;
         step = step * 7 % 61 + 1;
     }
-    let (sent, sent_len) = messages(&forwarded);
+    let (mut sent, sent_len) = messages(&forwarded);
     let (received, _) = messages(data);
+    if masking {
+        // The gateway's Describe of a portal sits right before an Execute of that portal.
+        let mut kept = Vec::with_capacity(sent.len());
+        let mut i = 0;
+        while i < sent.len() {
+            let (m, next) = (sent[i], sent.get(i + 1));
+            if let Some(e) =
+                next.filter(|e| e[0] == b'E' && m[0] == b'D' && m.get(5) == Some(&b'P'))
+            {
+                let portal = &m[6..m.len() - 1];
+                let injected = e[5..].starts_with(portal) && e.get(5 + portal.len()) == Some(&0);
+                let received_here = received.get(kept.len()) == Some(&m);
+                if injected && !received_here {
+                    i += 1;
+                    continue;
+                }
+            }
+            kept.push(m);
+            i += 1;
+        }
+        sent = kept;
+    }
     let mut received_len = 0;
     for (i, out) in sent.iter().enumerate() {
         let in_ = received
