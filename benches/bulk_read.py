@@ -126,15 +126,7 @@ async def _bulk_copy(endpoint: Endpoint, *, tls: bool, expected_rows: int) -> Bu
         ssl_context = ssl.create_default_context()
         ssl_context.check_hostname = False
         ssl_context.verify_mode = ssl.CERT_NONE
-    conn = await asyncpg.connect(
-        host=endpoint.host,
-        port=endpoint.port,
-        user=endpoint.user,
-        password=endpoint.password,
-        database=endpoint.dbname,
-        ssl=ssl_context,
-        timeout=10,
-    )
+    conn = await asyncpg.connect(**endpoint.asyncpg_login(), ssl=ssl_context, timeout=10)
     received = 0
 
     async def sink(chunk: bytes) -> None:

@@ -33,6 +33,16 @@ class Endpoint:
         }
         return " ".join(f"{key}={_quote(value)}" for key, value in params.items())
 
+    def asyncpg_login(self) -> dict[str, str | int]:
+        """``asyncpg.connect`` keyword arguments naming the server and the login."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "password": self.password,
+            "database": self.dbname,
+        }
+
     def libpq_env(self, *, tls: bool) -> dict[str, str]:
         """Environment for libpq programs (pgbench), so no secret shows on a command line."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}

@@ -96,15 +96,7 @@ async def _asyncpg_rate(endpoint: Endpoint, clients: int, seconds: float, rows: 
     """Statements a second from ``clients`` asyncpg connections, each executing its
     prepared statement in a loop for ``seconds``."""
     connections = [
-        await asyncpg.connect(
-            host=endpoint.host,
-            port=endpoint.port,
-            user=endpoint.user,
-            password=endpoint.password,
-            database=endpoint.dbname,
-            ssl=False,
-        )
-        for _ in range(clients)
+        await asyncpg.connect(**endpoint.asyncpg_login(), ssl=False) for _ in range(clients)
     ]
     done = 0
     deadline = time.monotonic() + seconds
