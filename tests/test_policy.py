@@ -449,7 +449,10 @@ def test_refusals_reach_the_audit_with_the_decision(
 
     assert wait_until(lambda: len(by_text("delete from vault_secrets where id = $1")) == 2, 20)
     (allowed,) = by_text("select count(*) from policy_items")
-    assert "pgwarden.policy.decision" not in allowed["attributes"]
+    # Allowed by the policy its session runs under: no rule on the span, the version.
+    assert allowed["attributes"]["pgwarden.policy.decision"] == "allow"
+    assert allowed["attributes"]["pgwarden.policy.version"] == "test-1"
+    assert "pgwarden.policy.rule" not in allowed["attributes"]
     (dropped,) = by_text("drop table policy_items")
     attributes = dropped["attributes"]
     assert attributes["pgwarden.policy.decision"] == "deny"
