@@ -209,10 +209,13 @@ class SessionCodec:
         keep_last)``, in every result from now on: a column of a text type (text, varchar,
         char, name) shows ``replacement`` (followed by the value's last ``keep_last``
         characters when that is not 0, if the value is longer), any other, or any column
-        when ``replacement`` is ``None``, NULL.  Rows of a statement executed without its
-        columns ever described are masked whole.  The audit's ``end`` record of a
-        statement lists the ``name`` of each column it masked (``masked_columns``; ``*``
-        for rows masked whole); an ErrorResponse about a masked table loses its DETAIL."""
+        when ``replacement`` is ``None``, NULL.  An Execute that does not directly follow
+        the client's Describe of its portal is forwarded behind a Describe of the portal
+        the codec adds, whose answer only the masker sees, so every execution is masked
+        by its columns as the server has them then; rows it still cannot place are
+        masked whole.  The audit's ``end`` record of a statement lists the ``name`` of
+        each column it masked (``masked_columns``; ``*`` for rows masked whole); an
+        ErrorResponse about a masked table loses its DETAIL."""
     def feed_client(self, data: bytes) -> tuple[bytes, list[ClientEvent] | None]: ...
     def feed_server(self, data: bytes) -> tuple[bytes, list[ServerEvent] | None]: ...
     def take_records(self) -> bytes:

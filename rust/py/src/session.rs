@@ -141,7 +141,9 @@ impl SessionCodec {
     /// Masks these table columns in every result from now on: `(table_oid, attnum,
     /// replacement, name, keep_last)`, the replacement text for text-typed columns
     /// (`None`: NULL) followed by the value's last `keep_last` characters when that is
-    /// not 0, and the name the audit's `end` records give the column.
+    /// not 0, and the name the audit's `end` records give the column.  From then on an
+    /// Execute not directly after the client's Describe of its portal is preceded by a
+    /// Describe of the portal the codec adds (its answer is the masker's alone).
     fn mask_columns(&mut self, columns: Vec<MaskSpec>) {
         let columns = columns
             .into_iter()
