@@ -376,14 +376,7 @@ impl StatementTracker {
         params: Option<Arc<str>>,
         label: Option<Arc<str>>,
     ) -> Result<u64> {
-        let before = self.queue.len();
-        let n = self.sent(kind, clock, sql, params, None)?;
-        if let (Some(text), true) = (label, self.queue.len() > before) {
-            if let Some(p) = self.queue.back_mut() {
-                p.text = Some(text);
-            }
-        }
-        Ok(n)
+        self.sent_marked(kind, clock, sql, params, |p| p.text = label)
     }
 
     /// A Describe of the portal an Execute is about to run, sent by the gateway for the
@@ -396,14 +389,28 @@ impl StatementTracker {
         clock: &mut FeedClock,
         sql: Option<Arc<str>>,
     ) -> Result<()> {
+        self.sent_marked(Kind::Describe, clock, sql, None, |p| p.injected = true)
+            .map(|_| ())
+    }
+
+    /// [`sent`](Self::sent), then `mark` on the queued entry (none when the server will
+    /// skip the message).
+    fn sent_marked(
+        &mut self,
+        kind: Kind,
+        clock: &mut FeedClock,
+        sql: Option<Arc<str>>,
+        params: Option<Arc<str>>,
+        mark: impl FnOnce(&mut Pending),
+    ) -> Result<u64> {
         let before = self.queue.len();
-        self.sent(Kind::Describe, clock, sql, None, None)?;
+        let n = self.sent(kind, clock, sql, params, None)?;
         if self.queue.len() > before {
             if let Some(p) = self.queue.back_mut() {
-                p.injected = true;
+                mark(p);
             }
         }
-        Ok(())
+        Ok(n)
     }
 
     /// The message at the front is a Describe the gateway sent.
