@@ -34,6 +34,7 @@ from harness import (
 from pgwarden.audit.recording import INDEX
 from pgwarden.policy.mask_catalog import lookup_sql
 from pgwarden.policy.mask_check import MaskScope, refusal_reason
+from pgwarden.policy.names import parse_column
 from pgwarden.policy.rules import PolicyError, parse_policy
 
 POLICY = f"""
@@ -568,6 +569,60 @@ def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
             admin.execute("drop table if exists mask_parts, mask_kid, mask_ev")
 
 
+def test_quoted_mixed_case_names_are_masked_and_guarded(
+    start_gateway: StartGateway,
+    gateway_launcher: GatewayLauncher,
+    mask_tables: None,
+    tmp_path: Path,
+) -> None:
+    # Tables an ORM creates ("Person", "eMail"), and a view and an inheritance child of
+    # a lower-case masked table with quoted names: the catalog keeps their case.
+    admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
+    with admin:
+        admin.execute(
+            'drop view if exists "Mask_View"; drop table if exists "Mask_Person", "Mask_Kid";'
+            'create table "Mask_Person" (id int, "eMail" text, name text);'
+            """insert into "Mask_Person" values (1, 'p@example.com', 'Pat');"""
+            'create view "Mask_View" as select id, email from mask_customers;'
+            'create table "Mask_Kid" () inherits (mask_customers);'
+            """insert into "Mask_Kid" values (7, 'Kid', 'kid@example.com');"""
+            f'grant select on "Mask_Person", "Mask_View", "Mask_Kid" to {SCRAM_ROLE}'
+        )
+        try:
+            policy = tmp_path / "policy.toml"
+            policy.write_text(
+                POLICY.replace(
+                    '"public.mask_customers.note"]',
+                    '"public.mask_customers.note", \'public."Mask_Person"."eMail"\']',
+                )
+            )
+            gateway = start_gateway({"policy_file": str(policy)})
+            with gateway.connect(autocommit=True) as conn:
+                assert conn.execute('select * from "Mask_Person"').fetchall() == [(1, None, "Pat")]
+                assert conn.execute('select name, email from "Mask_Kid"').fetchall() == [
+                    ("Kid", "****")
+                ]
+                for sql, reason in [
+                    ('select upper("eMail") from "Mask_Person"', "used in an expression"),
+                    ('select id from public."Mask_Person" where "eMail" > \'\'', "WHERE"),
+                    ('select upper(email) from "Mask_Kid"', "used in an expression"),
+                    ('select * from "Mask_View"', 'the view public."Mask_View" reads masked'),
+                ]:
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=reason):
+                        conn.execute(sql)
+            with gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
+                assert conn.execute('select "eMail" from "Mask_Person"').fetchall() == [
+                    ("p@example.com",)
+                ]
+                assert conn.execute('select email from "Mask_View" order by id').fetchall() == [
+                    ("ada@example.com",),
+                    ("grace@example.com",),
+                    ("kid@example.com",),
+                ]
+        finally:
+            admin.execute('drop view if exists "Mask_View"; drop table "Mask_Person", "Mask_Kid"')
+
+
 def test_partial_masks_keep_the_end_of_text_values(
     start_gateway: StartGateway, mask_tables: None, tmp_path: Path
 ) -> None:
@@ -619,15 +674,40 @@ users = ["{OTHER_CLIENT_USER}"]
 def test_masks_in_the_policy_file_are_checked() -> None:
     with pytest.raises(PolicyError, match=r"columns are named schema\.table\.column"):
         parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["customers.email"]\n')
-    with pytest.raises(PolicyError, match="not a lower-case identifier"):
-        parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["public.Customers.email"]\n')
+    bad_names = ["public.customers.email from x", "a.b.c, d", "a.b.c as d", "a.*.c", 'a.b.\\"*\\"']
+    for bad in bad_names:
+        with pytest.raises(PolicyError, match=r"columns are named schema\.table\.column"):
+            parse_policy(f'[[mask]]\nname = "m"\ncolumns = ["{bad}"]\n'.encode())
     with pytest.raises(PolicyError, match="must be unique"):
         parse_policy(
             b'[[rule]]\nname = "m"\naction = "allow"\n'
             b'[[mask]]\nname = "m"\ncolumns = ["public.t.c"]\n'
         )
     loaded = parse_policy(POLICY.encode())
-    assert "'public','mask_customers','email',0" in lookup_sql(loaded.policy.mask)
+    assert "E'public',E'mask_customers',E'email',0" in lookup_sql(loaded.policy.mask)
+
+
+@pytest.mark.parametrize(
+    ("written", "parts", "canonical"),
+    [
+        ("public.customers.email", ("public", "customers", "email"), "public.customers.email"),
+        ("Shop.Customers.EMAIL", ("shop", "customers", "email"), "shop.customers.email"),
+        ('public."Customer"."eMail"', ("public", "Customer", "eMail"), 'public."Customer"."eMail"'),
+        ('public."Customer".*', ("public", "Customer", "*"), 'public."Customer".*'),
+        ('"my schema"."a""b".c', ("my schema", 'a"b', "c"), '"my schema"."a""b".c'),
+        ('public."user"."select"', ("public", "user", "select"), 'public."user"."select"'),
+        ('public.t."it\'s"', ("public", "t", "it's"), 'public.t."it\'s"'),
+    ],
+)
+def test_mask_columns_are_sql_names(written: str, parts: tuple[str, ...], canonical: str) -> None:
+    [mask] = parse_policy(
+        b'[[mask]]\nname = "m"\ncolumns = [' + json.dumps(written).encode() + b"]\n"
+    ).policy.mask
+    assert mask.columns == (canonical,)
+    assert parse_column(mask.columns[0]) == parts
+    # The lookup's literals carry the names as they are, quotes and all.
+    schema, table, column = (p.replace("'", "''") for p in parts)
+    assert f"E'{schema}',E'{table}',E'{column}',0" in lookup_sql((mask,))
 
 
 @pytest.mark.parametrize(
@@ -695,6 +775,24 @@ def test_masks_in_the_policy_file_are_checked() -> None:
 def test_statements_that_read_around_the_mask(sql: str, refused: bool) -> None:
     scope = MaskScope(
         {("public", "customers"): frozenset({"email"})}, frozenset({("public", "contacts")})
+    )
+    assert (refusal_reason(sql, scope) is not None) == refused
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        ('select upper("eMail") from "Person"', True),
+        ('select upper("eMail") from public."Person"', True),
+        ("select upper(email) from person", False),  # another table: person, not "Person"
+        ('select upper(email) from "PERSON"', False),
+        ('select * from "Contacts"', True),
+        ("select * from contacts", False),
+    ],
+)
+def test_quoted_names_match_the_catalog_exactly(sql: str, refused: bool) -> None:
+    scope = MaskScope(
+        {("public", "Person"): frozenset({"eMail"})}, frozenset({("public", "Contacts")})
     )
     assert (refusal_reason(sql, scope) is not None) == refused
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pgwarden import _wire, errors
 from pgwarden.errors import ConnectionClosed, GatewayError
 from pgwarden.policy.mask_check import MaskScope
+from pgwarden.policy.names import format_column, parse_column
 from pgwarden.policy.rules import Mask
 from pgwarden.transport import PgStream
 
@@ -44,9 +45,9 @@ class SessionMasks:
 
 
 def _literal(value: str) -> str:
-    # Names are validated lower-case identifiers (rules.Mask); quoting stays correct for
-    # any text under standard_conforming_strings.
-    return "'" + value.replace("'", "''") + "'"
+    # An escape string literal reads the same whatever standard_conforming_strings says;
+    # names hold no NUL or control characters (rules.Mask).
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def lookup_sql(masks: Sequence[Mask]) -> str:
@@ -55,7 +56,7 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
     wanted = []
     for index, mask in enumerate(masks):
         for column in mask.columns:
-            schema, table, name = column.split(".")
+            schema, table, name = parse_column(column)
             wanted.append(f"({_literal(schema)},{_literal(table)},{_literal(name)},{index})")
     return (
         "WITH RECURSIVE wanted(nsp, rel, col, mask) AS (VALUES " + ",".join(wanted) + "), base AS ("
@@ -117,7 +118,7 @@ def named_columns(masks: Sequence[Mask]) -> dict[tuple[str, str], set[str]]:
     tables: dict[tuple[str, str], set[str]] = {}
     for mask in masks:
         for spec in mask.columns:
-            schema, table, column = spec.split(".")
+            schema, table, column = parse_column(spec)
             tables.setdefault((schema, table), set()).add(column)
     return tables
 
@@ -187,7 +188,7 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         mask = masks[int(index)]
         replacement = None if mask.style == "null" else mask.replacement.encode()
         keep = mask.keep_last if mask.style == "partial" else 0
-        name = f"{schema}.{table}.{column}"
+        name = format_column((schema, table, column))
         columns.append((int(oid), int(attnum), replacement, name, keep))
         tables.setdefault((schema, table), set()).add(column)
         names.append(name)

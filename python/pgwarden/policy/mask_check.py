@@ -47,6 +47,7 @@ from pglast import parser as pg_parser
 
 from pgwarden import _wire
 from pgwarden.policy.analysis import walk
+from pgwarden.policy.names import quote_name
 
 _CACHE_SIZE: Final = 16384
 _CACHED_TEXT_CHARS: Final = 16384
@@ -102,6 +103,10 @@ def _sval(node: Any) -> str | None:
     return None
 
 
+def _relation_name(schema: str, name: str) -> str:
+    return f"{quote_name(schema)}.{quote_name(name)}"
+
+
 def _fields(column_ref: dict[str, Any]) -> list[str | None]:
     """A ColumnRef's names; ``None`` stands for ``*``."""
     out: list[str | None] = []
@@ -131,26 +136,28 @@ class _Statement:
         self.positional = False  # an output column was named by its position
 
     def _table(self, relation: dict[str, Any]) -> frozenset[str] | None:
-        name = str(relation.get("relname", "")).lower()
+        # Relation names as the catalog stores them: the parser folds unquoted names to
+        # lower case and keeps quoted ones ("Customer", an ORM's table) as written.
+        name = str(relation.get("relname", ""))
         schema = relation.get("schemaname")
         if isinstance(schema, str):
-            found = self.scope.tables.get((schema.lower(), name))
+            found = self.scope.tables.get((schema, name))
             if found is not None:
-                self.tables.append(f"{schema.lower()}.{name}")
+                self.tables.append(_relation_name(schema, name))
             return found
         # Without a schema the name resolves through search_path: any schema counts.
         hits = [(s, cols) for (s, t), cols in self.scope.tables.items() if t == name]
         if not hits:
             return None
-        self.tables.extend(f"{s}.{name}" for s, _ in hits)
+        self.tables.extend(_relation_name(s, name) for s, _ in hits)
         return frozenset().union(*(cols for _, cols in hits))
 
     def _view(self, relation: dict[str, Any]) -> str | None:
-        name = str(relation.get("relname", "")).lower()
+        name = str(relation.get("relname", ""))
         schema = relation.get("schemaname")
         for s, v in self.scope.views:
-            if v == name and (not isinstance(schema, str) or schema.lower() == s):
-                return f"{s}.{v}"
+            if v == name and (not isinstance(schema, str) or schema == s):
+                return _relation_name(s, v)
         return None
 
     def touches(self, body: dict[str, Any]) -> bool:

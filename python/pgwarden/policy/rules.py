@@ -33,6 +33,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pgwarden.policy.analysis import CLASSES, Statement
+from pgwarden.policy.names import format_column, parse_column
 
 ANY: Final = "any"
 _MAX_TEXT: Final = 200
@@ -180,28 +181,18 @@ def table_matches(table: str, pattern: str, *, deny: bool) -> bool:
     return fnmatchcase(schema, p_schema) and fnmatchcase(name, p_name)
 
 
-_IDENTIFIER_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_$")
-
-
 def _column_name(value: str) -> str:
-    """``schema.table.column`` (``column`` may be ``*``), lower-case identifiers as the
-    catalog stores unquoted names."""
-    parts = value.split(".")
-    if len(parts) != 3 or not all(parts):
-        raise ValueError(f"{value!r}: columns are named schema.table.column")
-    for part in parts[:2] + ([] if parts[2] == "*" else parts[2:]):
-        if not set(part) <= _IDENTIFIER_CHARS or part[0].isdigit():
-            raise ValueError(
-                f"{value!r}: {part!r} is not a lower-case identifier (letters, digits, _)"
-            )
-    return value
+    """``schema.table.column`` (``column`` may be ``*``) in SQL syntax, written back in its
+    canonical form (unquoted names folded to lower case, others quoted)."""
+    return format_column(parse_column(value))
 
 
 class Mask(Named):
     """Columns whose values the subjects it applies to see masked."""
 
     columns: tuple[str, ...] = Field(
-        description="'schema.table.column' ('schema.table.*' for every column), lower case.",
+        description="'schema.table.column' ('schema.table.*' for every column), in SQL "
+        "syntax: unquoted names fold to lower case, double-quoted ones keep their case.",
         min_length=1,
     )
     style: Literal["redact", "partial", "null"] = Field(
