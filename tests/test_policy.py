@@ -162,6 +162,27 @@ action = "allow"
     assert _decide(policy, "drop schema hr cascade").rule == "payroll is off limits"
 
 
+def test_deny_patterns_match_any_letter_case_and_allow_patterns_exactly() -> None:
+    policy = """
+[[rule]]
+name = "payroll is off limits"
+tables = ["HR.Payroll"]
+action = "deny"
+[[rule]]
+name = "the ORM's tables"
+tables = ["public.Customer", "public.order_*"]
+action = "allow"
+"""
+    # HR.Payroll in SQL is hr.payroll; as a catalog name it is "HR"."Payroll": both refused.
+    for sql in ["select * from hr.payroll", 'select * from "HR"."Payroll"', "table HR.PAYROLL"]:
+        assert _decide(policy, sql).rule == "payroll is off limits", sql
+    assert _decide(policy, 'select * from public."Customer"').allowed
+    assert not _decide(policy, "select * from public.customer").allowed  # another table
+    assert not _decide(policy, 'select * from public."Order_lines"').allowed
+    with pytest.raises(PolicyError, match="without quotes"):
+        parse_policy(b'[[rule]]\nname = "r"\naction = "deny"\ntables = [\'public."T"\']\n')
+
+
 def test_default_allow_and_fast_path_calls() -> None:
     policy = 'default = "allow"\n[[rule]]\nname = "no code"\nstatements = ["code"]\naction = "deny"'
     engine = PolicyEngine(parse_policy(policy.encode()))

@@ -104,9 +104,9 @@ class Rule(Named):
     )
     tables: tuple[str, ...] | None = Field(
         default=None,
-        description="Relations, 'schema.name' glob patterns ('shop.*'); unset: whatever the "
-        "statement names. A deny rule matches when any relation matches, an allow rule "
-        "when every one does.",
+        description="Relations, 'schema.name' glob patterns ('shop.*') over the catalog's "
+        "names, unquoted; unset: whatever the statement names. A deny rule matches when any "
+        "relation matches (in any letter case), an allow rule when every one does (exactly).",
     )
     functions: tuple[str, ...] | None = Field(
         default=None,
@@ -116,6 +116,17 @@ class Rule(Named):
     message: str | None = Field(
         default=None, description="A hint added to the error of a statement this rule refuses."
     )
+
+    @field_validator("tables")
+    @classmethod
+    def _tables(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for pattern in value or ():
+            if '"' in pattern or not pattern:
+                raise ValueError(
+                    f"{pattern!r}: table patterns are globs over names as the catalog "
+                    'stores them, without quotes (public.Customer for public."Customer")'
+                )
+        return value
 
     @field_validator("message")
     @classmethod
@@ -162,7 +173,9 @@ def _covered(hits: list[bool], every: bool) -> bool:
 
 def table_matches(table: str, pattern: str, *, deny: bool) -> bool:
     """Whether a relation the statement names matches a ``schema.name`` pattern (a pattern
-    without a schema is ``*.name``).
+    without a schema is ``*.name``).  Names are the catalog's (unquoted names folded to
+    lower case, quoted ones as written): an allow pattern matches them exactly, a deny
+    pattern whatever their case.
 
     A name without a schema resolves through the session's ``search_path``, which the
     caller controls (and ``pg_catalog`` comes first): for a deny rule it matches on its name
@@ -170,6 +183,10 @@ def table_matches(table: str, pattern: str, *, deny: bool) -> bool:
     (``*.name``, ``name``) match it.  A dropped schema (``schema.*``) matches a deny pattern
     of that schema, and only an allow pattern covering the whole schema.
     """
+    if deny:
+        # Whether ``HR.Payroll`` means hr.payroll (an unquoted name, folded) or
+        # "HR"."Payroll" is not for a deny rule to guess: it refuses both.
+        table, pattern = table.lower(), pattern.lower()
     schema, _, name = table.rpartition(".")
     p_schema, dot, p_name = pattern.rpartition(".")
     if not dot:
