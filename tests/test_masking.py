@@ -9,8 +9,10 @@ import base64
 import json
 import signal
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -34,6 +36,7 @@ from harness import (
 from pgwarden.audit.recording import INDEX
 from pgwarden.policy.mask_catalog import lookup_sql
 from pgwarden.policy.mask_check import MaskScope, refusal_reason
+from pgwarden.policy.mask_watch import APPLICATION_NAME
 from pgwarden.policy.names import parse_column
 from pgwarden.policy.rules import PolicyError, parse_policy
 
@@ -621,6 +624,82 @@ def test_quoted_mixed_case_names_are_masked_and_guarded(
                 ]
         finally:
             admin.execute('drop view if exists "Mask_View"; drop table "Mask_Person", "Mask_Kid"')
+
+
+def test_sessions_end_when_their_masked_relations_change(
+    start_gateway: StartGateway,
+    gateway_launcher: GatewayLauncher,
+    mask_tables: None,
+    tmp_path: Path,
+) -> None:
+    admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
+    with admin:
+        admin.execute(
+            "drop table if exists mask_w, mask_w_other;"
+            "create table mask_w (id int, email text) partition by list (id);"
+            "create table mask_w_1 partition of mask_w for values in (1);"
+            "insert into mask_w values (1, 'one@example.com');"
+            f"grant select on mask_w, mask_w_1 to {SCRAM_ROLE}"
+        )
+        try:
+            policy = tmp_path / "policy.toml"
+            policy.write_text(
+                POLICY.replace('"public.mask_customers.note"]', '"public.mask_w.email"]')
+            )
+            gateway = start_gateway({"policy_file": str(policy), "mask_recheck_seconds": 0.3})
+
+            def ended(conn: psycopg.Connection[Any], change: str) -> None:
+                with pytest.raises(psycopg.errors.AdminShutdown, match=change):
+                    for _ in range(50):
+                        conn.execute("select 1")
+                        time.sleep(0.1)
+
+            masked = gateway.connect(autocommit=True)
+            plain = gateway.connect(
+                user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD, autocommit=True
+            )
+            assert masked.execute("select * from mask_w").fetchall() == [(1, None)]
+            # DDL that touches no masked relation leaves the session alone.
+            admin.execute("create table mask_w_other (id int, email text)")
+            time.sleep(1.0)
+            assert masked.execute("select email from mask_w_1").fetchall() == [(None,)]
+
+            # The gateway's lookup connection, lost, is replaced at the next round.
+            lost = admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity"
+                " where application_name = %s",
+                (APPLICATION_NAME,),
+            ).fetchall()
+            assert lost == [(True,)]
+            # A new partition: selected directly, its rows carry its own OID.
+            admin.execute(
+                "create table mask_w_2 partition of mask_w for values in (2);"
+                "insert into mask_w values (2, 'two@example.com');"
+                f"grant select on mask_w_2 to {SCRAM_ROLE}"
+            )
+            ended(masked, r"relations masked for this session changed \(public\.mask_w_2\.email\)")
+            with gateway.connect(autocommit=True) as again:  # no stale lookup for it
+                assert again.execute("table mask_w_2").fetchall() == [(2, None)]
+                assert again.execute("select email from mask_w order by id").fetchall() == [
+                    (None,),
+                    (None,),
+                ]
+                # The masked table dropped and created again by a migration.
+                admin.execute(
+                    "drop table mask_w; create table mask_w (id int, email text);"
+                    "insert into mask_w values (3, 'three@example.com');"
+                    f"grant select on mask_w to {SCRAM_ROLE}"
+                )
+                ended(again, r"changed \(public\.mask_w\.email")
+            with gateway.connect(autocommit=True) as third:
+                assert third.execute("table mask_w").fetchall() == [(3, None)]
+            # Sessions without masks are not concerned.
+            assert plain.execute("select email from mask_w").fetchall() == [("three@example.com",)]
+            plain.close()
+            masked.close()
+            assert gateway.alive()
+        finally:
+            admin.execute("drop table if exists mask_w, mask_w_other")
 
 
 def test_partial_masks_keep_the_end_of_text_values(

@@ -601,6 +601,15 @@ class Settings(BaseSettings):
         "allowed or refused by its rules, fail closed; re-read on SIGHUP (a broken file "
         "keeps the policy in force). Unset: statements are not filtered.",
     )
+    mask_recheck_seconds: float = Field(
+        default=5.0,
+        ge=0.2,
+        le=3600,
+        description="How often the masked columns of open masked sessions are looked up "
+        "again (one catalog query per database and set of masks, on a connection of the "
+        "gateway's own); a session whose masked relations changed (a new partition or "
+        "child, a view, a table created again) is ended so that it reconnects.",
+    )
     statement_log: str | None = Field(
         default=None,
         description="JSON-lines sink for per-statement events: a file path (reopened on "

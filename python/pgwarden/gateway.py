@@ -27,6 +27,7 @@ from pgwarden.statement_log import StatementLog
 if TYPE_CHECKING:
     from pgwarden.identity.runtime import IdentityRuntime
     from pgwarden.policy.gate import PolicyGate
+    from pgwarden.policy.mask_watch import MaskWatch
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,13 @@ class Gateway:
             settings.users
         )
         self.policy: PolicyGate | None = None
+        self.mask_watch: MaskWatch | None = None
         if settings.policy_file is not None and client_event_hook is None:
             from pgwarden.policy.gate import PolicyGate  # (pglast: only here)
+            from pgwarden.policy.mask_watch import MaskWatch
 
             self.policy = PolicyGate(settings.policy_file)
+            self.mask_watch = MaskWatch(self, settings.mask_recheck_seconds)
             client_event_hook = self._statement_gate(self.policy)
         elif self.identity is not None:
             client_event_hook = client_event_hook or self.identity.role_guard

@@ -139,6 +139,8 @@ async def serve(
                 await services.start(cancel_forwarder.serve, gateway.cancels)
             if gateway.identity is not None:
                 await services.start(gateway.identity.run)
+            if gateway.mask_watch is not None:
+                await services.start(gateway.mask_watch.run)
             async with anyio.create_task_group() as sessions:
                 accepting = anyio.CancelScope()
 

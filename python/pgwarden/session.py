@@ -36,7 +36,9 @@ from pgwarden.transport import PgStream
 
 if TYPE_CHECKING:
     from pgwarden.gateway import Gateway
+    from pgwarden.policy.mask_catalog import SessionMasks
     from pgwarden.policy.mask_check import MaskScope
+    from pgwarden.policy.mask_watch import MaskKey
     from pgwarden.policy.rules import Mask
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,11 @@ class Session:
         #: The version of the policy the session started under (its audit record says it).
         self.policy_version: str | None = None
         self.mask_scope: MaskScope | None = None
-        self._masked_columns: list[tuple[int, int, bytes | None, str, int]] = []
+        #: The session's masked columns as looked up, for what (database, masks), and the
+        #: login a recheck of them may use (policy.mask_watch); None without masks.
+        self.mask_lookup: SessionMasks | None = None
+        self.mask_key: MaskKey | None = None
+        self.mask_login: upstream.UpstreamLogin | None = None
 
     def __repr__(self) -> str:
         who = self.identity.name if self.identity is not None else "?"
@@ -278,7 +284,11 @@ class Session:
         if policy is not None and masks:
             found = await policy.masked_columns(self.database, masks, self._upstream.stream)
             self.mask_scope = found.scope
-            self._masked_columns = found.columns
+            self.mask_key = (self.database, masks)
+            self.mask_lookup = found
+            self.mask_login = upstream.UpstreamLogin(
+                user=self.upstream_user, database=self.database, password=password
+            )
             log.debug("session %s: masked columns %s", self.id, ", ".join(found.names))
 
     def _greeting(self, request: StartupRequest, conn: upstream.UpstreamConnection) -> bytes:
@@ -324,8 +334,8 @@ class Session:
             max_param_bytes=settings.statement_log_max_param_bytes,
             **(gateway.audit.codec_options(self.id) if gateway.audit is not None else {}),
         )
-        if self._masked_columns:
-            codec.mask_columns(self._masked_columns)
+        if self.mask_lookup is not None and self.mask_lookup.columns:
+            codec.mask_columns(self.mask_lookup.columns)
         relay = Relay(
             self,
             codec,

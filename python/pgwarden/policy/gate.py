@@ -105,10 +105,15 @@ class PolicyGate:
         if cached is not None and cached[0] > now:
             return cached[1]
         found = await resolve(stream, masks)
+        self.remember_lookup(database, masks, found)
+        return found
+
+    def remember_lookup(self, database: str, masks: tuple[Mask, ...], found: SessionMasks) -> None:
+        """Sessions with these masks starting in the next :data:`MASK_LOOKUP_TTL_SECONDS`
+        take ``found`` (a session's own lookup, or one of the gateway's rechecks)."""
         if len(self._lookups) >= _SESSIONS_REMEMBERED:
             self._lookups.clear()
-        self._lookups[key] = (now + MASK_LOOKUP_TTL_SECONDS, found)
-        return found
+        self._lookups[(database, masks)] = (time.monotonic() + MASK_LOOKUP_TTL_SECONDS, found)
 
     def check_masking(self, session: Session, sql: str) -> Refusal | None:
         """Refuses a statement that would read one of the session's masked columns

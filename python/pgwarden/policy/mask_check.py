@@ -55,7 +55,7 @@ _CACHED_TEXT_CHARS: Final = 16384
 
 class MaskScope:
     """What one session sees masked: the masked columns of each table, and the views
-    that read them, by (schema, name), lower-case as the catalog has them.  Sessions with
+    that read them, by (schema, name), as the catalog has them.  Sessions with
     the same scope share their checks' cache."""
 
     __slots__ = ("_hash", "_key", "tables", "views")
