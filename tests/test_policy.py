@@ -111,6 +111,11 @@ def test_tables_functions_and_parameters_are_read_from_the_tree() -> None:
     assert analysis.parameters == 2
     assert analyse("drop schema s cascade").statements[0].tables == ("s.*",)
     assert analyse("drop table a.x, y").statements[0].tables == ("a.x", "y")
+    assert analyse("comment on table a.x is 'x'").statements[0].tables == ("a.x",)
+    assert analyse("comment on column a.x.c is null").statements[0].tables == ("a.x",)
+    assert analyse("comment on column x.c is null").statements[0].tables == ("x",)
+    assert analyse("security label on table y is 'l'").statements[0].tables == ("y",)
+    assert analyse("comment on schema s is 'x'").statements[0].tables == ()
     assert not analyse("selec 1").parsed
 
 

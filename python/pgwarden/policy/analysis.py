@@ -276,11 +276,29 @@ def _dropped(body: dict[str, Any]) -> list[str]:
     return out
 
 
+def _labelled(body: dict[str, Any]) -> list[str]:
+    """The relation a COMMENT or SECURITY LABEL is about (of a column: its table)."""
+    kind = body.get("objtype")
+    obj = body.get("object")
+    if not isinstance(obj, dict) or not (kind in _DROPPED_RELATIONS or kind == "OBJECT_COLUMN"):
+        return []
+    names = _names(obj.get("List", {}).get("items"))
+    if kind == "OBJECT_COLUMN":
+        names = names[:-1]
+    return [".".join(names[-2:])] if names else []
+
+
 def _statement(node: str, body: dict[str, Any]) -> tuple[Statement, int]:
     """One statement, and the highest parameter number it uses."""
     kind = _kind(node, body)
     ctes: set[str] = set()
-    tables: list[str] = _dropped(body) if node == "DropStmt" else []
+    tables: list[str] = (
+        _dropped(body)
+        if node == "DropStmt"
+        else _labelled(body)
+        if node in ("CommentStmt", "SecLabelStmt")
+        else []
+    )
     functions: list[str] = []
     writes = False
     highest = 0
