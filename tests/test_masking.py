@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import struct
 import time
@@ -702,6 +703,89 @@ def test_sessions_end_when_their_masked_relations_change(
             admin.execute("drop table if exists mask_w, mask_w_other")
 
 
+def test_writes_that_would_tell_whether_a_masked_value_exists_are_refused(
+    start_gateway: StartGateway,
+    gateway_launcher: GatewayLauncher,
+    mask_tables: None,
+    tmp_path: Path,
+) -> None:
+    admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
+    with admin:
+        admin.execute(
+            "drop table if exists mask_orders, mask_accounts, mask_logins;"
+            "create table mask_accounts (id int primary key, email text unique, name text);"
+            "create table mask_orders"
+            " (id int, account_email text references mask_accounts (email));"
+            "create table mask_logins (id int, login text, note text);"
+            "create unique index on mask_logins (lower(login));"
+            "insert into mask_accounts values (1, 'ada@example.com', 'Ada');"
+            "insert into mask_logins values (1, 'Ada', 'n');"
+            f"grant all on mask_accounts, mask_orders, mask_logins to {SCRAM_ROLE}"
+        )
+        try:
+            policy = tmp_path / "policy.toml"
+            policy.write_text(
+                POLICY.replace(
+                    '"public.mask_customers.note"]',
+                    '"public.mask_accounts.email", "public.mask_logins.login"]',
+                )
+            )
+            gateway = start_gateway({"policy_file": str(policy)})
+            with gateway.connect(autocommit=True) as conn:
+                for sql, why in [
+                    (
+                        "insert into mask_accounts (id, email) values (2, 'ada@example.com')",
+                        "writing email of mask_accounts would tell whether a value of a masked"
+                        " column exists (unique index mask_accounts_email_key)",
+                    ),
+                    (
+                        "insert into mask_accounts values (2, 'ada@example.com')",
+                        "unique index mask_accounts_email_key",
+                    ),
+                    (
+                        "insert into mask_accounts (id) values (2)"
+                        " on conflict (id) do update set email = 'ada@example.com'",
+                        "writing email",
+                    ),
+                    ("update mask_accounts set email = 'x@example.com' where id = 1", "email"),
+                    (
+                        "insert into mask_orders values (1, 'ada@example.com')",
+                        "writing account_email of mask_orders would tell whether a value of a "
+                        "masked column exists (foreign key mask_orders_account_email_fkey)",
+                    ),
+                    (
+                        "with w as (insert into mask_orders (account_email) values ('a')"
+                        " returning id) select * from w",
+                        "account_email",
+                    ),
+                    ("update mask_logins set login = 'ADA' where id = 1", "mask_logins_lower_idx"),
+                ]:
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(why)):
+                        conn.execute(sql)
+                with (
+                    pytest.raises(psycopg.errors.InsufficientPrivilege, match="writing email"),
+                    conn.cursor().copy("copy mask_accounts from stdin") as copy,
+                ):
+                    copy.write_row((3, "grace@example.com", "Grace"))
+                # Writes that set none of those columns go through.
+                conn.execute("insert into mask_accounts (id, name) values (2, 'Bob')")
+                conn.execute("update mask_accounts set name = 'Bobby' where id = 2")
+                conn.execute("insert into mask_orders (id) values (7)")
+                conn.execute("update mask_logins set note = 'm' where id = 1")
+                assert conn.execute("select * from mask_accounts order by id").fetchall() == [
+                    (1, None, "Ada"),  # the "notes vanish" mask: NULL
+                    (2, None, "Bobby"),
+                ]
+            # Unmasked, the same write is the oracle the refusal closes.
+            with (
+                gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn,
+                pytest.raises(psycopg.errors.UniqueViolation),
+            ):
+                conn.execute("insert into mask_accounts (id, email) values (5, 'ada@example.com')")
+        finally:
+            admin.execute("drop table if exists mask_orders, mask_accounts, mask_logins")
+
+
 def test_partial_masks_keep_the_end_of_text_values(
     start_gateway: StartGateway, mask_tables: None, tmp_path: Path
 ) -> None:
@@ -872,6 +956,40 @@ def test_statements_that_read_around_the_mask(sql: str, refused: bool) -> None:
 def test_quoted_names_match_the_catalog_exactly(sql: str, refused: bool) -> None:
     scope = MaskScope(
         {("public", "Person"): frozenset({"eMail"})}, frozenset({("public", "Contacts")})
+    )
+    assert (refusal_reason(sql, scope) is not None) == refused
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        ("insert into customers (id, email) values (1, 'a')", True),
+        ("insert into customers values (1, 'n', 'a')", True),
+        ("insert into customers (id, name) values (1, 'n')", False),
+        ("insert into public.customers (id) values (1) on conflict (id) do nothing", False),
+        ("insert into other.customers (email) values ('a')", False),
+        ("update customers set email = 'a'", True),
+        ("update customers set (name, email) = ('n', 'a')", True),
+        ("update customers set name = 'n'", False),
+        ("merge into customers c using t on true when not matched then insert values (1)", True),
+        ("merge into customers c using t on true when matched then update set name = 'x'", False),
+        ("copy customers from stdin", True),
+        ("copy customers (id, name) from stdin", False),
+        ("copy orders (cid, customer_email) from stdin", True),
+        ("explain analyze insert into orders (customer_email) values ('a')", True),
+        ("prepare p as update orders set customer_email = $1", True),
+        ("insert into orders (cid) values (1)", False),
+        ("delete from orders where cid = 1", False),
+    ],
+)
+def test_writes_to_columns_that_would_answer_for_a_masked_value(sql: str, refused: bool) -> None:
+    scope = MaskScope(
+        {("public", "customers"): frozenset({"email"})},
+        frozenset(),
+        {
+            ("public", "customers"): {"email": "unique index customers_email_key"},
+            ("public", "orders"): {"customer_email": "foreign key orders_customer_email_fkey"},
+        },
     )
     assert (refusal_reason(sql, scope) is not None) == refused
 

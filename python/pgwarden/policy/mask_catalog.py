@@ -9,7 +9,9 @@ session's upstream connection, as its role, after login and before the client's 
 message: one round trip per session that has masks.  Views and materialized views that
 read a masked column (directly or through other views, from ``pg_depend``) are listed
 too: their columns' origin is the view, so statements naming them are refused
-(:mod:`pgwarden.policy.mask_check`).
+(:mod:`pgwarden.policy.mask_check`).  So are the columns whose writes would answer
+whether a masked value exists: masked columns in a unique or exclusion index, and the
+columns of foreign keys referencing a masked column.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def _literal(value: str) -> str:
 
 def lookup_sql(masks: Sequence[Mask]) -> str:
     """One query listing each masked column (``c`` rows: table OID, attnum, schema,
-    table, column, mask index) and each view reading one (``v`` rows)."""
+    table, column, mask index), each view reading one (``v`` rows), and each column whose
+    writes would tell whether a value of a masked column exists (``o`` rows, with the
+    unique index or foreign key that would tell)."""
     wanted = []
     for index, mask in enumerate(masks):
         for column in mask.columns:
@@ -103,13 +107,46 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
         "WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
         "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
         "AND r.ev_class <> v.oid"
+        # Columns whose writes answer whether a value exists: masked columns in a unique
+        # or exclusion index (plain or on an expression), and the columns of foreign keys
+        # that reference a masked column.
+        "), oracles(reloid, attnum, what) AS ("
+        "SELECT cols.reloid, cols.attnum, CASE WHEN i.indisexclusion THEN 'exclusion index ' "
+        "ELSE 'unique index ' END || ic.relname::text FROM cols "
+        "JOIN pg_catalog.pg_index i ON i.indrelid = cols.reloid "
+        "AND (i.indisunique OR i.indisexclusion) "
+        "JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid "
+        # A key column; a column of a key expression or predicate (the index depends on
+        # it); a column of an exclusion constraint's expression (its constraint does).
+        "WHERE cols.attnum = ANY ((i.indkey::pg_catalog.int2[])[0:i.indnkeyatts - 1]) "
+        "OR EXISTS (SELECT FROM pg_catalog.pg_depend d "
+        "WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "AND d.objid = i.indexrelid "
+        "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "AND d.refobjid = cols.reloid AND d.refobjsubid = cols.attnum) "
+        "OR EXISTS (SELECT FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_depend d "
+        "ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND d.objid = k.oid "
+        "WHERE k.conindid = i.indexrelid "
+        "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "AND d.refobjid = cols.reloid AND d.refobjsubid = cols.attnum) "
+        "UNION "
+        "SELECT k.conrelid, k.conkey[g.i], 'foreign key ' || k.conname::text FROM cols "
+        "JOIN pg_catalog.pg_constraint k ON k.contype = 'f' AND k.confrelid = cols.reloid "
+        "CROSS JOIN LATERAL pg_catalog.generate_subscripts(k.confkey, 1) AS g(i) "
+        "WHERE k.confkey[g.i] = cols.attnum"
         ") "
         "SELECT 'c', reloid::int8, attnum::int4, nspname::text, relname::text, attname::text, "
-        "mask FROM cols "
+        "mask, '' FROM cols "
         "UNION ALL "
-        "SELECT 'v', c.oid::int8, 0, n.nspname::text, c.relname::text, '', -1 "
+        "SELECT 'v', c.oid::int8, 0, n.nspname::text, c.relname::text, '', -1, '' "
         "FROM (SELECT DISTINCT oid FROM views) v JOIN pg_catalog.pg_class c ON c.oid = v.oid "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "UNION ALL "
+        "SELECT 'o', o.reloid::int8, o.attnum::int4, n.nspname::text, c.relname::text, "
+        "a.attname::text, -1, o.what "
+        "FROM oracles o JOIN pg_catalog.pg_class c ON c.oid = o.reloid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = o.reloid AND a.attnum = o.attnum"
     )
 
 
@@ -177,11 +214,16 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
     views: set[tuple[str, str]] = set()
     columns: WireColumns = []
     names = []
-    for kind, oid, attnum, schema, table, column, index in rows:
+    oracles: dict[tuple[str, str], dict[str, str]] = {}
+    for kind, oid, attnum, schema, table, column, index, what in rows:
         if oid is None or schema is None or table is None:
             continue
         if kind == "v":
             views.add((schema, table))
+            continue
+        if kind == "o":
+            if column is not None:
+                oracles.setdefault((schema, table), {})[column] = what or ""
             continue
         if attnum is None or column is None or index is None:
             continue
@@ -196,5 +238,5 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
     # around the mask by name.
     for key, named in named_columns(masks).items():
         tables.setdefault(key, set()).update(named - {"*"})
-    scope = MaskScope({k: frozenset(v) for k, v in tables.items()}, frozenset(views))
+    scope = MaskScope({k: frozenset(v) for k, v in tables.items()}, frozenset(views), oracles)
     return SessionMasks(scope=scope, columns=columns, names=tuple(names))

@@ -58,14 +58,24 @@ class MaskScope:
     that read them, by (schema, name), as the catalog has them.  Sessions with
     the same scope share their checks' cache."""
 
-    __slots__ = ("_hash", "_key", "tables", "views")
+    __slots__ = ("_hash", "_key", "oracles", "tables", "views")
 
     def __init__(
-        self, tables: dict[tuple[str, str], frozenset[str]], views: frozenset[tuple[str, str]]
+        self,
+        tables: dict[tuple[str, str], frozenset[str]],
+        views: frozenset[tuple[str, str]],
+        oracles: dict[tuple[str, str], dict[str, str]] | None = None,
     ) -> None:
         self.tables = tables
         self.views = views
-        self._key = (tuple(sorted((k, tuple(sorted(v))) for k, v in tables.items())), views)
+        #: Columns a session with masks must not write, by table: the unique index or
+        #: foreign key that would answer whether a masked value exists.
+        self.oracles = oracles or {}
+        self._key = (
+            tuple(sorted((k, tuple(sorted(v))) for k, v in tables.items())),
+            views,
+            tuple(sorted((k, tuple(sorted(v.items()))) for k, v in self.oracles.items())),
+        )
         self._hash = hash(self._key)
 
     def __eq__(self, other: object) -> bool:
@@ -422,6 +432,7 @@ def _reason(sql: str, scope: MaskScope) -> tuple[str | None, bool]:
                     f"a session with masked columns cannot call {reader}: what it reads "
                     "is out of the gateway's sight, and what it returns cannot be masked"
                 )
+            _check_writes(scope, node, body)
             if not check.touches(body):
                 continue
             _check(check, node, body)
@@ -431,6 +442,88 @@ def _reason(sql: str, scope: MaskScope) -> tuple[str | None, bool]:
             return reason, positional or check.positional
         positional = positional or check.positional
     return None, positional
+
+
+def _check_writes(scope: MaskScope, node: str, body: dict[str, Any]) -> None:
+    """Refuses a write that sets a column whose unique index or foreign key would answer
+    whether a masked value exists (``insert into customers (email) values ('ada@...')``
+    failing with a unique violation, or succeeding under ON CONFLICT DO NOTHING with no
+    row): the value is the caller's, but its fate is an oracle on the stored ones."""
+    if not scope.oracles:
+        return
+    writes: list[tuple[str, dict[str, Any]]] = [(node, body)]
+    for item in walk(body):
+        for key in ("InsertStmt", "UpdateStmt", "MergeStmt"):
+            inner = item.get(key)
+            if isinstance(inner, dict):
+                writes.append((key, inner))
+    for kind, stmt in writes:
+        relation = stmt.get("relation")
+        if not isinstance(relation, dict):
+            continue
+        guarded = _oracle_columns(scope, relation)
+        if not guarded:
+            continue
+        written = _written(kind, stmt)
+        hits = sorted(guarded if written is None else (c for c in written if c in guarded))
+        if hits:
+            table = relation.get("relname", "")
+            column = hits[0]
+            raise _Refused(
+                f"writing {column} of {table} would tell whether a value of a masked column "
+                f"exists ({guarded[column]})"
+            )
+
+
+def _oracle_columns(scope: MaskScope, relation: dict[str, Any]) -> dict[str, str]:
+    name = str(relation.get("relname", ""))
+    schema = relation.get("schemaname")
+    if isinstance(schema, str):
+        return scope.oracles.get((schema, name), {})
+    found: dict[str, str] = {}
+    for (_, table), columns in scope.oracles.items():
+        if table == name:  # without a schema: whatever search_path finds
+            found.update(columns)
+    return found
+
+
+def _written(kind: str, stmt: dict[str, Any]) -> list[str] | None:
+    """The columns a write sets, by name; None when it may set every column (an INSERT or
+    COPY FROM without a column list)."""
+    names: list[str] = []
+
+    def targets(items: Any) -> None:
+        for item in items or []:
+            target = item.get("ResTarget") if isinstance(item, dict) else None
+            if isinstance(target, dict) and isinstance(target.get("name"), str):
+                names.append(target["name"])
+
+    if kind == "InsertStmt":
+        if not stmt.get("cols"):
+            return None
+        targets(stmt.get("cols"))
+        conflict = stmt.get("onConflictClause")
+        if isinstance(conflict, dict):
+            targets(conflict.get("targetList"))
+    elif kind == "UpdateStmt":
+        targets(stmt.get("targetList"))
+    elif kind == "MergeStmt":
+        for clause in stmt.get("mergeWhenClauses") or []:
+            when = clause.get("MergeWhenClause") if isinstance(clause, dict) else None
+            if not isinstance(when, dict):
+                continue
+            if when.get("commandType") == "CMD_INSERT" and not when.get("targetList"):
+                return None
+            targets(when.get("targetList"))
+    elif kind == "CopyStmt":
+        if not stmt.get("is_from"):
+            return []
+        if not stmt.get("attlist"):
+            return None
+        names.extend(n for n in (_sval(a) for a in stmt["attlist"]) if n is not None)
+    else:
+        return []
+    return names
 
 
 #: Statements that may name a masked table without changing what it is: reads (checked
