@@ -12,6 +12,7 @@ import signal
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,45 @@ def masked(
 
 
 SELECT_ALL = "select * from mask_customers order by id"
+
+
+@dataclass
+class Scratch:
+    """A test's own tables beside the module's, and a gateway masking some of their
+    columns; the tables are dropped when the test ends."""
+
+    admin: psycopg.Connection[Any]
+    start_gateway: StartGateway
+    tmp_path: Path
+    drop: str = ""
+
+    def tables(self, drop: str, create: str) -> None:
+        self.drop = drop
+        self.admin.execute(f"{drop};{create}")
+
+    def gateway(self, columns: str, **settings: Any) -> GatewayProcess:
+        """A gateway whose second mask ("notes vanish", NULL) covers ``columns`` (TOML
+        strings) instead of the note."""
+        policy = self.tmp_path / "policy.toml"
+        policy.write_text(POLICY.replace('"public.mask_customers.note"]', f"{columns}]"))
+        return self.start_gateway({"policy_file": str(policy), **settings})
+
+
+@pytest.fixture
+def scratch(
+    start_gateway: StartGateway,
+    gateway_launcher: GatewayLauncher,
+    mask_tables: None,
+    tmp_path: Path,
+) -> Iterator[Scratch]:
+    dsn = gateway_launcher.cluster.dsn(dbname="gwtest")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        made = Scratch(admin, start_gateway, tmp_path)
+        try:
+            yield made
+        finally:
+            if made.drop:
+                admin.execute(made.drop)
 
 
 def test_psql_sees_masked_values_and_refused_workarounds(masked: GatewayProcess) -> None:
@@ -518,272 +558,200 @@ def test_the_audit_holds_what_the_caller_saw(
 
 
 def test_children_and_partitions_are_masked_and_masked_tables_keep_their_names(
-    start_gateway: StartGateway,
-    gateway_launcher: GatewayLauncher,
-    mask_tables: None,
-    tmp_path: Path,
+    scratch: Scratch,
 ) -> None:
-    admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
-    with admin:
-        admin.execute(
-            "drop table if exists mask_parts, mask_kid, mask_ev;"
-            "create table mask_parts (id int, email text) partition by range (id);"
-            # Only one partition masked: its parent returns its rows too.
-            "create table mask_ev (id int, email text) partition by range (id);"
-            "create table mask_ev_hot partition of mask_ev for values from (0) to (100);"
-            "create table mask_ev_cold partition of mask_ev for values from (100) to (200);"
-            "insert into mask_ev values (1, 'hot@example.com'), (150, 'cold@example.com');"
-            f"grant select on mask_ev, mask_ev_hot, mask_ev_cold to {SCRAM_ROLE};"
-            "create table mask_parts_low partition of mask_parts for values from (0) to (100);"
-            "create table mask_kid (extra int, email text) inherits (mask_customers);"
-            "insert into mask_parts values (1, 'p@example.com');"
-            f"grant select on mask_parts, mask_parts_low, mask_kid to {SCRAM_ROLE}"
-        )
-        try:
-            policy = tmp_path / "policy.toml"
-            policy.write_text(
-                POLICY.replace(
-                    '"public.mask_customers.note"]',
-                    '"public.mask_parts.email", "public.mask_ev_hot.email"]',
-                )
-            )
-            gateway = start_gateway({"policy_file": str(policy)})
-            admin.execute("insert into mask_kid values (9, 'Kid', 'kid@example.com')")
-            with gateway.connect(autocommit=True) as conn:
-                # The child's email is at another attribute number than the parent's.
-                assert conn.execute("select name, email from mask_kid").fetchall() == [
-                    ("Kid", "****")
-                ]
-                assert conn.execute("select * from mask_parts_low").fetchall() == [(1, None)]
-                assert conn.execute("select email from mask_parts").fetchall() == [(None,)]
-                assert conn.execute("select id, email from mask_ev order by id").fetchall() == [
-                    (1, None),
-                    (150, None),
-                ]
-                assert conn.execute("table mask_ev_hot").fetchall() == [(1, None)]
-                assert conn.execute("table mask_ev_cold").fetchall() == [(150, "cold@example.com")]
-                for sql in [
-                    "alter table mask_customers rename column email to contact",
-                    "alter table mask_customers rename to mask_people",
-                    "create table mask_child () inherits (mask_customers)",
-                ]:
-                    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masked table"):
-                        conn.execute(sql)
-        finally:
-            admin.execute("drop table if exists mask_parts, mask_kid, mask_ev")
+    scratch.tables(
+        "drop table if exists mask_parts, mask_kid, mask_ev",
+        "create table mask_parts (id int, email text) partition by range (id);"
+        # Only one partition masked: its parent returns its rows too.
+        "create table mask_ev (id int, email text) partition by range (id);"
+        "create table mask_ev_hot partition of mask_ev for values from (0) to (100);"
+        "create table mask_ev_cold partition of mask_ev for values from (100) to (200);"
+        "insert into mask_ev values (1, 'hot@example.com'), (150, 'cold@example.com');"
+        f"grant select on mask_ev, mask_ev_hot, mask_ev_cold to {SCRAM_ROLE};"
+        "create table mask_parts_low partition of mask_parts for values from (0) to (100);"
+        "create table mask_kid (extra int, email text) inherits (mask_customers);"
+        "insert into mask_parts values (1, 'p@example.com');"
+        f"grant select on mask_parts, mask_parts_low, mask_kid to {SCRAM_ROLE}",
+    )
+    gateway = scratch.gateway('"public.mask_parts.email", "public.mask_ev_hot.email"')
+    scratch.admin.execute("insert into mask_kid values (9, 'Kid', 'kid@example.com')")
+    with gateway.connect(autocommit=True) as conn:
+        # The child's email is at another attribute number than the parent's.
+        assert conn.execute("select name, email from mask_kid").fetchall() == [("Kid", "****")]
+        assert conn.execute("select * from mask_parts_low").fetchall() == [(1, None)]
+        assert conn.execute("select email from mask_parts").fetchall() == [(None,)]
+        assert conn.execute("select id, email from mask_ev order by id").fetchall() == [
+            (1, None),
+            (150, None),
+        ]
+        assert conn.execute("table mask_ev_hot").fetchall() == [(1, None)]
+        assert conn.execute("table mask_ev_cold").fetchall() == [(150, "cold@example.com")]
+        for sql in [
+            "alter table mask_customers rename column email to contact",
+            "alter table mask_customers rename to mask_people",
+            "create table mask_child () inherits (mask_customers)",
+        ]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masked table"):
+                conn.execute(sql)
 
 
-def test_quoted_mixed_case_names_are_masked_and_guarded(
-    start_gateway: StartGateway,
-    gateway_launcher: GatewayLauncher,
-    mask_tables: None,
-    tmp_path: Path,
-) -> None:
+def test_quoted_mixed_case_names_are_masked_and_guarded(scratch: Scratch) -> None:
     # Tables an ORM creates ("Person", "eMail"), and a view and an inheritance child of
     # a lower-case masked table with quoted names: the catalog keeps their case.
-    admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
-    with admin:
-        admin.execute(
-            'drop view if exists "Mask_View"; drop table if exists "Mask_Person", "Mask_Kid";'
-            'create table "Mask_Person" (id int, "eMail" text, name text);'
-            """insert into "Mask_Person" values (1, 'p@example.com', 'Pat');"""
-            'create view "Mask_View" as select id, email from mask_customers;'
-            'create table "Mask_Kid" () inherits (mask_customers);'
-            """insert into "Mask_Kid" values (7, 'Kid', 'kid@example.com');"""
-            f'grant select on "Mask_Person", "Mask_View", "Mask_Kid" to {SCRAM_ROLE}'
+    scratch.tables(
+        'drop view if exists "Mask_View"; drop table if exists "Mask_Person", "Mask_Kid"',
+        'create table "Mask_Person" (id int, "eMail" text, name text);'
+        """insert into "Mask_Person" values (1, 'p@example.com', 'Pat');"""
+        'create view "Mask_View" as select id, email from mask_customers;'
+        'create table "Mask_Kid" () inherits (mask_customers);'
+        """insert into "Mask_Kid" values (7, 'Kid', 'kid@example.com');"""
+        f'grant select on "Mask_Person", "Mask_View", "Mask_Kid" to {SCRAM_ROLE}',
+    )
+    gateway = scratch.gateway('"public.mask_customers.note", \'public."Mask_Person"."eMail"\'')
+    with gateway.connect(autocommit=True) as conn:
+        assert conn.execute('select * from "Mask_Person"').fetchall() == [(1, None, "Pat")]
+        assert conn.execute('select name, email from "Mask_Kid"').fetchall() == [("Kid", "****")]
+        for sql, reason in [
+            ('select upper("eMail") from "Mask_Person"', "used in an expression"),
+            ('select id from public."Mask_Person" where "eMail" > \'\'', "WHERE"),
+            ('select upper(email) from "Mask_Kid"', "used in an expression"),
+            ('select * from "Mask_View"', 'the view public."Mask_View" reads masked'),
+        ]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=reason):
+                conn.execute(sql)
+    with gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
+        assert conn.execute('select "eMail" from "Mask_Person"').fetchall() == [("p@example.com",)]
+        assert conn.execute('select email from "Mask_View" order by id').fetchall() == [
+            ("ada@example.com",),
+            ("grace@example.com",),
+            ("kid@example.com",),
+        ]
+
+
+def test_sessions_end_when_their_masked_relations_change(scratch: Scratch) -> None:
+    scratch.tables(
+        "drop table if exists mask_w, mask_w_other",
+        "create table mask_w (id int, email text) partition by list (id);"
+        "create table mask_w_1 partition of mask_w for values in (1);"
+        "insert into mask_w values (1, 'one@example.com');"
+        f"grant select on mask_w, mask_w_1 to {SCRAM_ROLE}",
+    )
+    gateway = scratch.gateway('"public.mask_w.email"', mask_recheck_seconds=0.3)
+
+    def ended(conn: psycopg.Connection[Any], change: str) -> None:
+        with pytest.raises(psycopg.errors.AdminShutdown, match=change):
+            for _ in range(50):
+                conn.execute("select 1")
+                time.sleep(0.1)
+
+    masked = gateway.connect(autocommit=True)
+    plain = gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD, autocommit=True)
+    assert masked.execute("select * from mask_w").fetchall() == [(1, None)]
+    # DDL that touches no masked relation leaves the session alone.
+    scratch.admin.execute("create table mask_w_other (id int, email text)")
+    time.sleep(1.0)
+    assert masked.execute("select email from mask_w_1").fetchall() == [(None,)]
+
+    # The gateway's lookup connection, lost, is replaced at the next round.
+    lost = scratch.admin.execute(
+        "select pg_terminate_backend(pid) from pg_stat_activity where application_name = %s",
+        (APPLICATION_NAME,),
+    ).fetchall()
+    assert lost == [(True,)]
+    # A new partition: selected directly, its rows carry its own OID.
+    scratch.admin.execute(
+        "create table mask_w_2 partition of mask_w for values in (2);"
+        "insert into mask_w values (2, 'two@example.com');"
+        f"grant select on mask_w_2 to {SCRAM_ROLE}"
+    )
+    ended(masked, r"relations masked for this session changed \(public\.mask_w_2\.email\)")
+    with gateway.connect(autocommit=True) as again:  # no stale lookup for it
+        assert again.execute("table mask_w_2").fetchall() == [(2, None)]
+        assert again.execute("select email from mask_w order by id").fetchall() == [
+            (None,),
+            (None,),
+        ]
+        # The masked table dropped and created again by a migration.
+        scratch.admin.execute(
+            "drop table mask_w; create table mask_w (id int, email text);"
+            "insert into mask_w values (3, 'three@example.com');"
+            f"grant select on mask_w to {SCRAM_ROLE}"
         )
-        try:
-            policy = tmp_path / "policy.toml"
-            policy.write_text(
-                POLICY.replace(
-                    '"public.mask_customers.note"]',
-                    '"public.mask_customers.note", \'public."Mask_Person"."eMail"\']',
-                )
-            )
-            gateway = start_gateway({"policy_file": str(policy)})
-            with gateway.connect(autocommit=True) as conn:
-                assert conn.execute('select * from "Mask_Person"').fetchall() == [(1, None, "Pat")]
-                assert conn.execute('select name, email from "Mask_Kid"').fetchall() == [
-                    ("Kid", "****")
-                ]
-                for sql, reason in [
-                    ('select upper("eMail") from "Mask_Person"', "used in an expression"),
-                    ('select id from public."Mask_Person" where "eMail" > \'\'', "WHERE"),
-                    ('select upper(email) from "Mask_Kid"', "used in an expression"),
-                    ('select * from "Mask_View"', 'the view public."Mask_View" reads masked'),
-                ]:
-                    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=reason):
-                        conn.execute(sql)
-            with gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
-                assert conn.execute('select "eMail" from "Mask_Person"').fetchall() == [
-                    ("p@example.com",)
-                ]
-                assert conn.execute('select email from "Mask_View" order by id').fetchall() == [
-                    ("ada@example.com",),
-                    ("grace@example.com",),
-                    ("kid@example.com",),
-                ]
-        finally:
-            admin.execute('drop view if exists "Mask_View"; drop table "Mask_Person", "Mask_Kid"')
+        ended(again, r"changed \(public\.mask_w\.email")
+    with gateway.connect(autocommit=True) as third:
+        assert third.execute("table mask_w").fetchall() == [(3, None)]
+    # Sessions without masks are not concerned.
+    assert plain.execute("select email from mask_w").fetchall() == [("three@example.com",)]
+    plain.close()
+    masked.close()
+    assert gateway.alive()
 
 
-def test_sessions_end_when_their_masked_relations_change(
-    start_gateway: StartGateway,
-    gateway_launcher: GatewayLauncher,
-    mask_tables: None,
-    tmp_path: Path,
-) -> None:
-    admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
-    with admin:
-        admin.execute(
-            "drop table if exists mask_w, mask_w_other;"
-            "create table mask_w (id int, email text) partition by list (id);"
-            "create table mask_w_1 partition of mask_w for values in (1);"
-            "insert into mask_w values (1, 'one@example.com');"
-            f"grant select on mask_w, mask_w_1 to {SCRAM_ROLE}"
-        )
-        try:
-            policy = tmp_path / "policy.toml"
-            policy.write_text(
-                POLICY.replace('"public.mask_customers.note"]', '"public.mask_w.email"]')
-            )
-            gateway = start_gateway({"policy_file": str(policy), "mask_recheck_seconds": 0.3})
-
-            def ended(conn: psycopg.Connection[Any], change: str) -> None:
-                with pytest.raises(psycopg.errors.AdminShutdown, match=change):
-                    for _ in range(50):
-                        conn.execute("select 1")
-                        time.sleep(0.1)
-
-            masked = gateway.connect(autocommit=True)
-            plain = gateway.connect(
-                user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD, autocommit=True
-            )
-            assert masked.execute("select * from mask_w").fetchall() == [(1, None)]
-            # DDL that touches no masked relation leaves the session alone.
-            admin.execute("create table mask_w_other (id int, email text)")
-            time.sleep(1.0)
-            assert masked.execute("select email from mask_w_1").fetchall() == [(None,)]
-
-            # The gateway's lookup connection, lost, is replaced at the next round.
-            lost = admin.execute(
-                "select pg_terminate_backend(pid) from pg_stat_activity"
-                " where application_name = %s",
-                (APPLICATION_NAME,),
-            ).fetchall()
-            assert lost == [(True,)]
-            # A new partition: selected directly, its rows carry its own OID.
-            admin.execute(
-                "create table mask_w_2 partition of mask_w for values in (2);"
-                "insert into mask_w values (2, 'two@example.com');"
-                f"grant select on mask_w_2 to {SCRAM_ROLE}"
-            )
-            ended(masked, r"relations masked for this session changed \(public\.mask_w_2\.email\)")
-            with gateway.connect(autocommit=True) as again:  # no stale lookup for it
-                assert again.execute("table mask_w_2").fetchall() == [(2, None)]
-                assert again.execute("select email from mask_w order by id").fetchall() == [
-                    (None,),
-                    (None,),
-                ]
-                # The masked table dropped and created again by a migration.
-                admin.execute(
-                    "drop table mask_w; create table mask_w (id int, email text);"
-                    "insert into mask_w values (3, 'three@example.com');"
-                    f"grant select on mask_w to {SCRAM_ROLE}"
-                )
-                ended(again, r"changed \(public\.mask_w\.email")
-            with gateway.connect(autocommit=True) as third:
-                assert third.execute("table mask_w").fetchall() == [(3, None)]
-            # Sessions without masks are not concerned.
-            assert plain.execute("select email from mask_w").fetchall() == [("three@example.com",)]
-            plain.close()
-            masked.close()
-            assert gateway.alive()
-        finally:
-            admin.execute("drop table if exists mask_w, mask_w_other")
-
-
-def test_writes_that_would_tell_whether_a_masked_value_exists_are_refused(
-    start_gateway: StartGateway,
-    gateway_launcher: GatewayLauncher,
-    mask_tables: None,
-    tmp_path: Path,
-) -> None:
-    admin = psycopg.connect(gateway_launcher.cluster.dsn(dbname="gwtest"), autocommit=True)
-    with admin:
-        admin.execute(
-            "drop table if exists mask_orders, mask_accounts, mask_logins;"
-            "create table mask_accounts (id int primary key, email text unique, name text);"
-            "create table mask_orders"
-            " (id int, account_email text references mask_accounts (email));"
-            "create table mask_logins (id int, login text, note text);"
-            "create unique index on mask_logins (lower(login));"
-            "insert into mask_accounts values (1, 'ada@example.com', 'Ada');"
-            "insert into mask_logins values (1, 'Ada', 'n');"
-            f"grant all on mask_accounts, mask_orders, mask_logins to {SCRAM_ROLE}"
-        )
-        try:
-            policy = tmp_path / "policy.toml"
-            policy.write_text(
-                POLICY.replace(
-                    '"public.mask_customers.note"]',
-                    '"public.mask_accounts.email", "public.mask_logins.login"]',
-                )
-            )
-            gateway = start_gateway({"policy_file": str(policy)})
-            with gateway.connect(autocommit=True) as conn:
-                for sql, why in [
-                    (
-                        "insert into mask_accounts (id, email) values (2, 'ada@example.com')",
-                        "writing email of mask_accounts would tell whether a value of a masked"
-                        " column exists (unique index mask_accounts_email_key)",
-                    ),
-                    (
-                        "insert into mask_accounts values (2, 'ada@example.com')",
-                        "unique index mask_accounts_email_key",
-                    ),
-                    (
-                        "insert into mask_accounts (id) values (2)"
-                        " on conflict (id) do update set email = 'ada@example.com'",
-                        "writing email",
-                    ),
-                    ("update mask_accounts set email = 'x@example.com' where id = 1", "email"),
-                    (
-                        "insert into mask_orders values (1, 'ada@example.com')",
-                        "writing account_email of mask_orders would tell whether a value of a "
-                        "masked column exists (foreign key mask_orders_account_email_fkey)",
-                    ),
-                    (
-                        "with w as (insert into mask_orders (account_email) values ('a')"
-                        " returning id) select * from w",
-                        "account_email",
-                    ),
-                    ("update mask_logins set login = 'ADA' where id = 1", "mask_logins_lower_idx"),
-                ]:
-                    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(why)):
-                        conn.execute(sql)
-                with (
-                    pytest.raises(psycopg.errors.InsufficientPrivilege, match="writing email"),
-                    conn.cursor().copy("copy mask_accounts from stdin") as copy,
-                ):
-                    copy.write_row((3, "grace@example.com", "Grace"))
-                # Writes that set none of those columns go through.
-                conn.execute("insert into mask_accounts (id, name) values (2, 'Bob')")
-                conn.execute("update mask_accounts set name = 'Bobby' where id = 2")
-                conn.execute("insert into mask_orders (id) values (7)")
-                conn.execute("update mask_logins set note = 'm' where id = 1")
-                assert conn.execute("select * from mask_accounts order by id").fetchall() == [
-                    (1, None, "Ada"),  # the "notes vanish" mask: NULL
-                    (2, None, "Bobby"),
-                ]
-            # Unmasked, the same write is the oracle the refusal closes.
-            with (
-                gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn,
-                pytest.raises(psycopg.errors.UniqueViolation),
-            ):
-                conn.execute("insert into mask_accounts (id, email) values (5, 'ada@example.com')")
-        finally:
-            admin.execute("drop table if exists mask_orders, mask_accounts, mask_logins")
+def test_writes_that_would_tell_whether_a_masked_value_exists_are_refused(scratch: Scratch) -> None:
+    scratch.tables(
+        "drop table if exists mask_orders, mask_accounts, mask_logins",
+        "create table mask_accounts (id int primary key, email text unique, name text);"
+        "create table mask_orders"
+        " (id int, account_email text references mask_accounts (email));"
+        "create table mask_logins (id int, login text, note text);"
+        "create unique index on mask_logins (lower(login));"
+        "insert into mask_accounts values (1, 'ada@example.com', 'Ada');"
+        "insert into mask_logins values (1, 'Ada', 'n');"
+        f"grant all on mask_accounts, mask_orders, mask_logins to {SCRAM_ROLE}",
+    )
+    gateway = scratch.gateway('"public.mask_accounts.email", "public.mask_logins.login"')
+    with gateway.connect(autocommit=True) as conn:
+        for sql, why in [
+            (
+                "insert into mask_accounts (id, email) values (2, 'ada@example.com')",
+                "writing email of mask_accounts would tell whether a value of a masked"
+                " column exists (unique index mask_accounts_email_key)",
+            ),
+            (
+                "insert into mask_accounts values (2, 'ada@example.com')",
+                "unique index mask_accounts_email_key",
+            ),
+            (
+                "insert into mask_accounts (id) values (2)"
+                " on conflict (id) do update set email = 'ada@example.com'",
+                "writing email",
+            ),
+            ("update mask_accounts set email = 'x@example.com' where id = 1", "email"),
+            (
+                "insert into mask_orders values (1, 'ada@example.com')",
+                "writing account_email of mask_orders would tell whether a value of a "
+                "masked column exists (foreign key mask_orders_account_email_fkey)",
+            ),
+            (
+                "with w as (insert into mask_orders (account_email) values ('a')"
+                " returning id) select * from w",
+                "account_email",
+            ),
+            ("update mask_logins set login = 'ADA' where id = 1", "mask_logins_lower_idx"),
+        ]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(why)):
+                conn.execute(sql)
+        with (
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="writing email"),
+            conn.cursor().copy("copy mask_accounts from stdin") as copy,
+        ):
+            copy.write_row((3, "grace@example.com", "Grace"))
+        # Writes that set none of those columns go through.
+        conn.execute("insert into mask_accounts (id, name) values (2, 'Bob')")
+        conn.execute("update mask_accounts set name = 'Bobby' where id = 2")
+        conn.execute("insert into mask_orders (id) values (7)")
+        conn.execute("update mask_logins set note = 'm' where id = 1")
+        assert conn.execute("select * from mask_accounts order by id").fetchall() == [
+            (1, None, "Ada"),  # the "notes vanish" mask: NULL
+            (2, None, "Bobby"),
+        ]
+    # Unmasked, the same write is the oracle the refusal closes.
+    with (
+        gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn,
+        pytest.raises(psycopg.errors.UniqueViolation),
+    ):
+        conn.execute("insert into mask_accounts (id, email) values (5, 'ada@example.com')")
 
 
 def test_partial_masks_keep_the_end_of_text_values(
