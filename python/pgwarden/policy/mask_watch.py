@@ -72,7 +72,6 @@ class MaskWatch:
         self.interval = interval
         self._connections: dict[str, upstream.UpstreamConnection] = {}
         self._failing: set[str] = set()
-        self.rounds = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -98,7 +97,6 @@ class MaskWatch:
             found = await self._lookup(key, sessions)
             if found is not None:
                 self._settle(key, sessions, found)
-        self.rounds += 1
 
     async def _lookup(self, key: MaskKey, sessions: Sequence[Session]) -> SessionMasks | None:
         database, masks = key
