@@ -84,6 +84,8 @@ def cluster() -> Iterator[TemporaryCluster]:
         "max_connections": 200,
         "log_statement": "none",
         "log_min_messages": "warning",
+        # Masked sessions must not read other statements' texts through its view.
+        "shared_preload_libraries": "pg_stat_statements",
     }
     with TemporaryCluster(settings=settings, hba_lines=hba, ssl=True) as pg:
         pg.psql(

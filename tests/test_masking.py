@@ -326,6 +326,31 @@ def test_statistics_views_do_not_show_sample_values(masked: GatewayProcess, anal
         ).fetchone() == (0.0, 2.0)
 
 
+def test_pg_stat_statements_does_not_show_statement_texts(
+    masked: GatewayProcess, gateway_launcher: GatewayLauncher
+) -> None:
+    """The extension keeps utility statements' texts with their literals, and shows a
+    role's statements to its other sessions."""
+    dsn = gateway_launcher.cluster.dsn(dbname="gwtest")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("create extension if not exists pg_stat_statements")
+    secret = "select 'ada@example.com' as e into temp mask_stmt_secret"
+    with masked.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
+        conn.execute(secret)
+        seen = conn.execute("select query from pg_stat_statements").fetchall()
+        assert (secret,) in seen  # the unmasked identity of the same role sees it
+    with masked.connect(autocommit=True) as conn:
+        rows = conn.execute("select calls, query from pg_stat_statements").fetchall()
+        assert rows and all(query is None for _, query in rows)
+        for sql in [
+            "select query from pg_stat_statements(true)",
+            "select upper(query) from pg_stat_statements",
+            "select calls from pg_stat_statements where query like '%ada%'",
+        ]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgwarden masking"):
+                conn.execute(sql)
+
+
 def test_the_statement_log_names_the_masked_columns(
     start_gateway: StartGateway, mask_tables: None, tmp_path: Path
 ) -> None:

@@ -579,6 +579,7 @@ _TEXT_READERS: Final = frozenset(
         "pg_read_binary_file",
         "pg_stat_get_activity",
         "pg_stat_get_backend_activity",
+        "pg_stat_statements",
     }
 )
 _TEXT_READER_PREFIXES: Final = ("dblink", "pg_logical_slot_")

@@ -253,9 +253,13 @@ STATISTICS_MASK: Final = Mask(
     ),
 )
 #: pg_stat_activity shows the statements other sessions of the same role run, with their
-#: literals (``... WHERE email = 'ada@example.com'``).
+#: literals (``... WHERE email = 'ada@example.com'``); so does the pg_stat_statements
+#: extension's view for utility statements (``CREATE TABLE ... AS``, ``DO``), which it
+#: keeps unnormalised (in the schema it is usually installed in).
 ACTIVITY_MASK: Final = Mask(
-    name="(activity)", style="null", columns=("pg_catalog.pg_stat_activity.query",)
+    name="(activity)",
+    style="null",
+    columns=("pg_catalog.pg_stat_activity.query", "public.pg_stat_statements.query"),
 )
 
 
