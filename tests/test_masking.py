@@ -113,11 +113,11 @@ class Scratch:
         self.drop = drop
         self.admin.execute(f"{drop};{create}")
 
-    def gateway(self, columns: str, **settings: Any) -> GatewayProcess:
+    def gateway(self, columns: str, more: str = "", **settings: Any) -> GatewayProcess:
         """A gateway whose second mask ("notes vanish", NULL) covers ``columns`` (TOML
-        strings) instead of the note."""
+        strings) instead of the note, with ``more`` of its keys."""
         policy = self.tmp_path / "policy.toml"
-        policy.write_text(POLICY.replace('"public.mask_customers.note"]', f"{columns}]"))
+        policy.write_text(POLICY.replace('"public.mask_customers.note"]', f"{columns}]") + more)
         return self.start_gateway({"policy_file": str(policy), **settings})
 
 
@@ -779,6 +779,40 @@ def test_writes_that_would_tell_whether_a_masked_value_exists_are_refused(scratc
         conn.execute("insert into mask_accounts (id, email) values (5, 'ada@example.com')")
 
 
+def test_functions_defined_in_the_database_are_refused_unless_trusted(scratch: Scratch) -> None:
+    scratch.tables(
+        "drop function if exists mask_fn_email, mask_fn_safe; drop procedure if exists mask_proc",
+        "create function mask_fn_email(i int) returns text language plpgsql"
+        " as $$ begin return (select email from mask_customers where id = i); end $$;"
+        "create function mask_fn_safe() returns int language sql as 'select 42';"
+        "create procedure mask_proc() language plpgsql"
+        " as $$ begin raise notice '%', (select email from mask_customers limit 1); end $$;"
+        f"grant execute on function mask_fn_email, mask_fn_safe to {SCRAM_ROLE};"
+        f"grant execute on procedure mask_proc to {SCRAM_ROLE}",
+    )
+    gateway = scratch.gateway(
+        '"public.mask_customers.note"', more='trusted_functions = ["public.mask_fn_s*"]\n'
+    )
+    with gateway.connect(autocommit=True) as conn:
+        for sql, name in [
+            ("select mask_fn_email(1)", "mask_fn_email"),
+            ("select * from public.mask_fn_email(2)", "public.mask_fn_email"),
+            ("select id from mask_copy where v = mask_fn_email(1)", "mask_fn_email"),
+            ("call mask_proc()", "mask_proc"),
+        ]:
+            with pytest.raises(
+                psycopg.errors.InsufficientPrivilege,
+                match=f"a session with masked columns cannot call {re.escape(name)}: a function",
+            ):
+                conn.execute(sql)
+        assert conn.execute("select mask_fn_safe()").fetchone() == (42,)  # trusted
+        assert conn.execute(
+            "select upper(name), now() is not null from mask_customers where id = 1"
+        ).fetchone() == ("ADA", True)  # built-in ones
+    with gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
+        assert conn.execute("select mask_fn_email(1)").fetchone() == ("ada@example.com",)
+
+
 def test_partial_masks_keep_the_end_of_text_values(
     start_gateway: StartGateway, mask_tables: None, tmp_path: Path
 ) -> None:
@@ -830,6 +864,8 @@ users = ["{OTHER_CLIENT_USER}"]
 def test_masks_in_the_policy_file_are_checked() -> None:
     with pytest.raises(PolicyError, match=r"columns are named schema\.table\.column"):
         parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["customers.email"]\n')
+    with pytest.raises(PolicyError, match=r"trusted functions are 'schema\.name' glob patterns"):
+        parse_policy(b'[[mask]]\nname = "m"\ncolumns = ["a.b.c"]\ntrusted_functions = ["f"]\n')
     bad_names = ["public.customers.email from x", "a.b.c, d", "a.b.c as d", "a.*.c", 'a.b.\\"*\\"']
     for bad in bad_names:
         with pytest.raises(PolicyError, match=r"columns are named schema\.table\.column"):
@@ -983,6 +1019,28 @@ def test_writes_to_columns_that_would_answer_for_a_masked_value(sql: str, refuse
             ("public", "customers"): {"email": "unique index customers_email_key"},
             ("public", "orders"): {"customer_email": "foreign key orders_customer_email_fkey"},
         },
+    )
+    assert (refusal_reason(sql, scope) is not None) == refused
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        ("select app.email_of(1)", True),
+        ("select email_of(1)", True),  # whatever schema search_path finds it in
+        ("select other.email_of(1)", False),  # no such function in the database
+        ("select * from email_of(1) e", True),
+        ("call app.report()", True),
+        ("select 1 where exists (select report())", True),
+        ("select upper('x'), now(), pg_catalog.lower('y')", False),
+    ],
+)
+def test_functions_defined_in_the_database(sql: str, refused: bool) -> None:
+    scope = MaskScope(
+        {("public", "customers"): frozenset({"email"})},
+        frozenset(),
+        None,
+        frozenset({("app", "email_of"), ("app", "report")}),
     )
     assert (refusal_reason(sql, scope) is not None) == refused
 

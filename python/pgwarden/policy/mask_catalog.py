@@ -20,6 +20,7 @@ import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from pgwarden import _wire, errors
 from pgwarden.errors import ConnectionClosed, GatewayError
@@ -150,6 +151,14 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
         "FROM (SELECT DISTINCT oid FROM views) v JOIN pg_catalog.pg_class c ON c.oid = v.oid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "UNION ALL "
+        # Functions and procedures defined in the database (not in the system catalog,
+        # not an extension's): their bodies are out of the gateway's sight.
+        "SELECT DISTINCT 'f', 0::int8, 0, n.nspname::text, p.proname::text, '', -1, '' "
+        "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE p.oid >= 16384 AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d "
+        "WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid "
+        "AND d.deptype = 'e') "
+        "UNION ALL "
         "SELECT 'o', o.reloid::int8, o.attnum::int4, n.nspname::text, c.relname::text, "
         "a.attname::text, -1, o.what "
         "FROM oracles o JOIN pg_catalog.pg_class c ON c.oid = o.reloid "
@@ -223,6 +232,8 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
     columns: WireColumns = []
     names = []
     oracles: dict[tuple[str, str], dict[str, str]] = {}
+    functions: set[tuple[str, str]] = set()
+    trusted = [p for mask in masks for p in mask.trusted_functions]
     for kind, oid, attnum, schema, table, column, index, what in rows:
         if oid is None or schema is None or table is None:
             continue
@@ -232,6 +243,10 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         if kind == "o":
             if column is not None:
                 oracles.setdefault((schema, table), {})[column] = what or ""
+            continue
+        if kind == "f":
+            if not any(fnmatchcase(f"{schema}.{table}", p) for p in trusted):
+                functions.add((schema, table))
             continue
         if attnum is None or column is None or index is None:
             continue
@@ -246,5 +261,10 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
     # around the mask by name.
     for key, named in named_columns(masks).items():
         tables.setdefault(key, set()).update(named - {"*"})
-    scope = MaskScope({k: frozenset(v) for k, v in tables.items()}, frozenset(views), oracles)
+    scope = MaskScope(
+        {k: frozenset(v) for k, v in tables.items()},
+        frozenset(views),
+        oracles,
+        frozenset(functions),
+    )
     return SessionMasks(scope=scope, columns=columns, names=tuple(names))

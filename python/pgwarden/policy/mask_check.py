@@ -58,16 +58,20 @@ class MaskScope:
     that read them, by (schema, name), as the catalog has them.  Sessions with
     the same scope share their checks' cache."""
 
-    __slots__ = ("_hash", "_key", "oracles", "tables", "views")
+    __slots__ = ("_function_names", "_hash", "_key", "functions", "oracles", "tables", "views")
 
     def __init__(
         self,
         tables: dict[tuple[str, str], frozenset[str]],
         views: frozenset[tuple[str, str]],
         oracles: dict[tuple[str, str], dict[str, str]] | None = None,
+        functions: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self.tables = tables
         self.views = views
+        #: Functions defined in the database (schema, name) the session may not call.
+        self.functions = functions
+        self._function_names = frozenset(name for _, name in functions)
         #: Columns a session with masks must not write, by table: the unique index or
         #: foreign key that would answer whether a masked value exists.
         self.oracles = oracles or {}
@@ -75,6 +79,7 @@ class MaskScope:
             tuple(sorted((k, tuple(sorted(v))) for k, v in tables.items())),
             views,
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in self.oracles.items())),
+            functions,
         )
         self._hash = hash(self._key)
 
@@ -86,6 +91,17 @@ class MaskScope:
 
     def __bool__(self) -> bool:
         return bool(self.tables or self.views)
+
+    def opaque_function(self, names: list[str]) -> str | None:
+        """The name of a call to a function defined in the database that the session may
+        not call (without a schema: one of that name in any schema), else None."""
+        if not names or names[-1] not in self._function_names:
+            return None
+        if len(names) == 1:
+            return names[0]
+        if (names[-2], names[-1]) in self.functions:
+            return f"{names[-2]}.{names[-1]}"
+        return None
 
 
 class _Refused(Exception):
@@ -426,6 +442,13 @@ def _reason(sql: str, scope: MaskScope) -> tuple[str | None, bool]:
                     "a session with masked columns cannot create or run server-side code "
                     "the gateway cannot read (DO, CREATE FUNCTION, CREATE PROCEDURE)"
                 )
+            opaque = _opaque_call(scope, body)
+            if opaque is not None:
+                raise _Refused(
+                    f"a session with masked columns cannot call {opaque}: a function defined "
+                    "in the database may read masked columns and return them without an "
+                    "origin (a mask's trusted_functions lists those it may call)"
+                )
             reader = _text_reader(body)
             if reader is not None:
                 raise _Refused(
@@ -583,6 +606,23 @@ _TEXT_READERS: Final = frozenset(
     }
 )
 _TEXT_READER_PREFIXES: Final = ("dblink", "pg_logical_slot_")
+
+
+def _opaque_call(scope: MaskScope, body: dict[str, Any]) -> str | None:
+    """The first call in ``body`` of a function defined in the database that the scope
+    does not let the session call (SELECT f(), FROM f(), CALL p())."""
+    if not scope.functions:
+        return None
+    for item in walk(body):
+        # A call in an expression or FROM; CALL's own (its node, not wrapped).
+        for call in (item.get("FuncCall"), item.get("funccall")):
+            if isinstance(call, dict):
+                funcname = call.get("funcname") or []
+                names = [n for n in (_sval(f) for f in funcname) if n is not None]
+                found = scope.opaque_function(names)
+                if found is not None:
+                    return found
+    return None
 
 
 def _text_reader(body: dict[str, Any]) -> str | None:

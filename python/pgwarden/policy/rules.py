@@ -222,6 +222,24 @@ class Mask(Named):
     keep_last: int = Field(
         default=4, ge=1, le=16, description="Characters a 'partial' mask leaves at the end."
     )
+    trusted_functions: tuple[str, ...] = Field(
+        default=(),
+        description="Functions and procedures defined in the database ('schema.name' glob "
+        "patterns, as the catalog names them) that sessions with this mask may call. Any "
+        "other such function is refused to them: its body may read masked columns and "
+        "return them without an origin.",
+    )
+
+    @field_validator("trusted_functions")
+    @classmethod
+    def _trusted(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if '"' in pattern or "." not in pattern:
+                raise ValueError(
+                    f"{pattern!r}: trusted functions are 'schema.name' glob patterns over "
+                    "the catalog's names, without quotes"
+                )
+        return value
 
     @field_validator("columns")
     @classmethod
