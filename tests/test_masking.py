@@ -656,7 +656,7 @@ def test_quoted_mixed_case_names_are_masked_and_guarded(scratch: Scratch) -> Non
 
 def test_sessions_end_when_their_masked_relations_change(scratch: Scratch) -> None:
     scratch.tables(
-        "drop table if exists mask_w, mask_w_other",
+        "drop table if exists mask_w, mask_w_other; drop function if exists mask_w_fn",
         "create table mask_w (id int, email text) partition by list (id);"
         "create table mask_w_1 partition of mask_w for values in (1);"
         "insert into mask_w values (1, 'one@example.com');"
@@ -673,10 +673,17 @@ def test_sessions_end_when_their_masked_relations_change(scratch: Scratch) -> No
     masked = gateway.connect(autocommit=True)
     plain = gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD, autocommit=True)
     assert masked.execute("select * from mask_w").fetchall() == [(1, None)]
-    # DDL that touches no masked relation leaves the session alone.
-    scratch.admin.execute("create table mask_w_other (id int, email text)")
+    # DDL that touches no masked relation leaves the session alone; a new function is
+    # refused to it from the next recheck on.
+    scratch.admin.execute(
+        "create table mask_w_other (id int, email text);"
+        "create function mask_w_fn() returns int language sql as 'select 1';"
+        f"grant execute on function mask_w_fn to {SCRAM_ROLE}"
+    )
     time.sleep(1.0)
     assert masked.execute("select email from mask_w_1").fetchall() == [(None,)]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="cannot call mask_w_fn"):
+        masked.execute("select mask_w_fn()")
 
     # The gateway's lookup connection, lost, is replaced at the next round.
     lost = scratch.admin.execute(

@@ -155,7 +155,8 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
         # not an extension's): their bodies are out of the gateway's sight.
         "SELECT DISTINCT 'f', 0::int8, 0, n.nspname::text, p.proname::text, '', -1, '' "
         "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE p.oid >= 16384 AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d "
+        "WHERE p.oid >= 16384 AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
+        "AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d "
         "WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid "
         "AND d.deptype = 'e') "
         "UNION ALL "

@@ -86,6 +86,10 @@ class MaskScope:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MaskScope) and self._key == other._key
 
+    def same_relations(self, other: MaskScope) -> bool:
+        """Whether the two differ at most in the functions the session may not call."""
+        return self._key[:3] == other._key[:3]
+
     def __hash__(self) -> int:
         return self._hash
 

@@ -11,6 +11,8 @@ masks of each open masked session, per database, on one connection of its own (l
 as the role of one of those sessions: the lookup reads only the catalog), and ends each
 session whose lookup came out otherwise (FATAL 57P01, "connect again"): the next session
 starts with the new lookup, which also replaces the one shared by sessions starting now.
+When only the functions defined in the database changed, the session's statement checks
+take the new list and the session goes on (its rows are masked as before).
 A failed lookup is logged and tried again at the next round; the sessions go on.
 """
 
@@ -157,6 +159,12 @@ class MaskWatch:
         for session in sessions:
             before = session.mask_lookup
             if before is None or session.mask_key != key or fingerprint(before) == now:
+                continue
+            if fingerprint(before)[0] == now[0] and before.scope.same_relations(found.scope):
+                # Only functions came or went: the statement checks take the new list
+                # (the rows' masking is unchanged), the session goes on.
+                session.mask_scope = found.scope
+                session.mask_lookup = found
                 continue
             names = changed_names(before, found)
             shown = ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
