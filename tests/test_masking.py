@@ -788,14 +788,20 @@ def test_writes_that_would_tell_whether_a_masked_value_exists_are_refused(scratc
 
 def test_functions_defined_in_the_database_are_refused_unless_trusted(scratch: Scratch) -> None:
     scratch.tables(
-        "drop function if exists mask_fn_email, mask_fn_safe; drop procedure if exists mask_proc",
+        "drop view if exists mask_fn_view2, mask_fn_view, mask_fn_safe_view;"
+        " drop function if exists mask_fn_email, mask_fn_safe; drop procedure if exists mask_proc",
         "create function mask_fn_email(i int) returns text language plpgsql"
         " as $$ begin return (select email from mask_customers where id = i); end $$;"
         "create function mask_fn_safe() returns int language sql as 'select 42';"
         "create procedure mask_proc() language plpgsql"
         " as $$ begin raise notice '%', (select email from mask_customers limit 1); end $$;"
         f"grant execute on function mask_fn_email, mask_fn_safe to {SCRAM_ROLE};"
-        f"grant execute on procedure mask_proc to {SCRAM_ROLE}",
+        f"grant execute on procedure mask_proc to {SCRAM_ROLE};"
+        # A view calling the function, and one over that view: the body is as opaque.
+        "create view mask_fn_view as select id, mask_fn_email(id) as e from mask_customers;"
+        "create view mask_fn_view2 as select e from mask_fn_view;"
+        "create view mask_fn_safe_view as select mask_fn_safe() as n;"
+        f"grant select on mask_fn_view, mask_fn_view2, mask_fn_safe_view to {SCRAM_ROLE}",
     )
     gateway = scratch.gateway(
         '"public.mask_customers.note"', more='trusted_functions = ["public.mask_fn_s*"]\n'
@@ -812,12 +818,22 @@ def test_functions_defined_in_the_database_are_refused_unless_trusted(scratch: S
                 match=f"a session with masked columns cannot call {re.escape(name)}: a function",
             ):
                 conn.execute(sql)
+        for view in ["mask_fn_view", "mask_fn_view2"]:
+            with pytest.raises(
+                psycopg.errors.InsufficientPrivilege,
+                match=f"the view public.{view} calls public.mask_fn_email, a function defined",
+            ):
+                conn.execute(f"select * from {view}")
         assert conn.execute("select mask_fn_safe()").fetchone() == (42,)  # trusted
+        assert conn.execute("table mask_fn_safe_view").fetchone() == (42,)
         assert conn.execute(
             "select upper(name), now() is not null from mask_customers where id = 1"
         ).fetchone() == ("ADA", True)  # built-in ones
     with gateway.connect(user=OTHER_CLIENT_USER, password=OTHER_CLIENT_PASSWORD) as conn:
         assert conn.execute("select mask_fn_email(1)").fetchone() == ("ada@example.com",)
+        assert conn.execute("select e from mask_fn_view2 order by 1").fetchone() == (
+            "ada@example.com",
+        )
 
 
 def test_partial_masks_keep_the_end_of_text_values(

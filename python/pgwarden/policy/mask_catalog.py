@@ -143,6 +143,27 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
         "JOIN pg_catalog.pg_constraint k ON k.contype = 'f' AND k.confrelid = cols.reloid "
         "CROSS JOIN LATERAL pg_catalog.generate_subscripts(k.confkey, 1) AS g(i) "
         "WHERE k.confkey[g.i] = cols.attnum"
+        # Functions and procedures defined in the database (not in the system catalog,
+        # not an extension's, not another session's temporary ones): their bodies are out
+        # of the gateway's sight. And the views that call them, directly or through views.
+        "), functions(oid, nspname, proname) AS ("
+        "SELECT p.oid, n.nspname, p.proname "
+        "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE p.oid >= 16384 AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
+        "AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d "
+        "WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid "
+        "AND d.deptype = 'e')"
+        "), calling_views(oid, fname) AS ("
+        "SELECT r.ev_class, f.nspname::text || '.' || f.proname::text FROM functions f "
+        "JOIN pg_catalog.pg_depend d ON d.refobjid = f.oid "
+        "AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
+        "AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+        "JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid "
+        "UNION "
+        "SELECT r.ev_class, v.fname FROM calling_views v JOIN pg_catalog.pg_depend d "
+        "ON d.refobjid = v.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+        "JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid AND r.ev_class <> v.oid"
         ") "
         "SELECT 'c', reloid::int8, attnum::int4, nspname::text, relname::text, attname::text, "
         "mask, '' FROM cols "
@@ -151,14 +172,12 @@ def lookup_sql(masks: Sequence[Mask]) -> str:
         "FROM (SELECT DISTINCT oid FROM views) v JOIN pg_catalog.pg_class c ON c.oid = v.oid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "UNION ALL "
-        # Functions and procedures defined in the database (not in the system catalog,
-        # not an extension's): their bodies are out of the gateway's sight.
-        "SELECT DISTINCT 'f', 0::int8, 0, n.nspname::text, p.proname::text, '', -1, '' "
-        "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE p.oid >= 16384 AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
-        "AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d "
-        "WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid "
-        "AND d.deptype = 'e') "
+        "SELECT DISTINCT 'f', 0::int8, 0, nspname::text, proname::text, '', -1, '' "
+        "FROM functions "
+        "UNION ALL "
+        "SELECT DISTINCT 'w', c.oid::int8, 0, n.nspname::text, c.relname::text, '', -1, "
+        "cv.fname FROM calling_views cv JOIN pg_catalog.pg_class c ON c.oid = cv.oid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "UNION ALL "
         "SELECT 'o', o.reloid::int8, o.attnum::int4, n.nspname::text, c.relname::text, "
         "a.attname::text, -1, o.what "
@@ -234,6 +253,7 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
     names = []
     oracles: dict[tuple[str, str], dict[str, str]] = {}
     functions: set[tuple[str, str]] = set()
+    calling_views: dict[tuple[str, str], str] = {}
     trusted = [p for mask in masks for p in mask.trusted_functions]
     for kind, oid, attnum, schema, table, column, index, what in rows:
         if oid is None or schema is None or table is None:
@@ -248,6 +268,10 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         if kind == "f":
             if not any(fnmatchcase(f"{schema}.{table}", p) for p in trusted):
                 functions.add((schema, table))
+            continue
+        if kind == "w":
+            if what and not any(fnmatchcase(what, p) for p in trusted):
+                calling_views.setdefault((schema, table), what)
             continue
         if attnum is None or column is None or index is None:
             continue
@@ -267,5 +291,6 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         frozenset(views),
         oracles,
         frozenset(functions),
+        calling_views,
     )
     return SessionMasks(scope=scope, columns=columns, names=tuple(names))

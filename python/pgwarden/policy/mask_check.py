@@ -58,7 +58,16 @@ class MaskScope:
     that read them, by (schema, name), as the catalog has them.  Sessions with
     the same scope share their checks' cache."""
 
-    __slots__ = ("_function_names", "_hash", "_key", "functions", "oracles", "tables", "views")
+    __slots__ = (
+        "_function_names",
+        "_hash",
+        "_key",
+        "calling_views",
+        "functions",
+        "oracles",
+        "tables",
+        "views",
+    )
 
     def __init__(
         self,
@@ -66,9 +75,12 @@ class MaskScope:
         views: frozenset[tuple[str, str]],
         oracles: dict[tuple[str, str], dict[str, str]] | None = None,
         functions: frozenset[tuple[str, str]] = frozenset(),
+        calling_views: dict[tuple[str, str], str] | None = None,
     ) -> None:
         self.tables = tables
         self.views = views
+        #: Views (and materialized views) that call one of ``functions``, with its name.
+        self.calling_views = calling_views or {}
         #: Functions defined in the database (schema, name) the session may not call.
         self.functions = functions
         self._function_names = frozenset(name for _, name in functions)
@@ -80,6 +92,7 @@ class MaskScope:
             views,
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in self.oracles.items())),
             functions,
+            tuple(sorted(self.calling_views.items())),
         )
         self._hash = hash(self._key)
 
@@ -87,14 +100,15 @@ class MaskScope:
         return isinstance(other, MaskScope) and self._key == other._key
 
     def same_relations(self, other: MaskScope) -> bool:
-        """Whether the two differ at most in the functions the session may not call."""
+        """Whether the two differ at most in the functions the session may not call (and
+        the views calling them)."""
         return self._key[:3] == other._key[:3]
 
     def __hash__(self) -> int:
         return self._hash
 
     def __bool__(self) -> bool:
-        return bool(self.tables or self.views)
+        return bool(self.tables or self.views or self.calling_views)
 
     def opaque_function(self, names: list[str]) -> str | None:
         """The name of a call to a function defined in the database that the session may
@@ -190,6 +204,18 @@ class _Statement:
                 return _relation_name(s, v)
         return None
 
+    def _calling_view(self, relation: dict[str, Any]) -> str | None:
+        """A view calling a function the session may not call: why it is refused."""
+        name = str(relation.get("relname", ""))
+        schema = relation.get("schemaname")
+        for (s, v), function in self.scope.calling_views.items():
+            if v == name and (not isinstance(schema, str) or schema == s):
+                return (
+                    f"the view {_relation_name(s, v)} calls {function}, a function defined "
+                    "in the database"
+                )
+        return None
+
     def touches(self, body: dict[str, Any]) -> bool:
         """Whether the statement names a masked table (and so must be read closely); a
         view over masked columns refuses it outright."""
@@ -198,6 +224,9 @@ class _Statement:
             view = self._view(relation)
             if view is not None:
                 raise _Refused(f"the view {view} reads masked columns")
+            calling = self._calling_view(relation)
+            if calling is not None:
+                raise _Refused(calling)
             columns = self._table(relation)
             if columns is None:
                 continue
