@@ -72,6 +72,7 @@ class PolicyGate:
         self.engine = PolicyEngine(loaded)
         self._session_rules: dict[str, Rules] = {}
         self._lookups: dict[tuple[str, tuple[Mask, ...]], tuple[float, SessionMasks]] = {}
+        self._missing_reported: set[tuple[str, str]] = set()
         self._announce("loaded")
 
     def _rules(self, session: Session) -> Rules:
@@ -114,6 +115,16 @@ class PolicyGate:
         if len(self._lookups) >= _SESSIONS_REMEMBERED:
             self._lookups.clear()
         self._lookups[(database, masks)] = (time.monotonic() + MASK_LOOKUP_TTL_SECONDS, found)
+        for name in found.missing:
+            if (database, name) not in self._missing_reported:
+                self._missing_reported.add((database, name))
+                log.warning(
+                    "statement policy %s masks %s, which database %s does not have: renamed "
+                    "or dropped? (its name is still guarded; a renamed table is not masked)",
+                    self.engine.version,
+                    name,
+                    database,
+                )
 
     def check_masking(self, session: Session, sql: str) -> Refusal | None:
         """Refuses a statement that would read one of the session's masked columns
@@ -164,6 +175,7 @@ class PolicyGate:
         self.engine.replace(loaded)
         self._session_rules = {}
         self._lookups = {}
+        self._missing_reported = set()
         self._announce("reloaded")
         return previous
 

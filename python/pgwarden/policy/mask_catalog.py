@@ -45,6 +45,9 @@ class SessionMasks:
     scope: MaskScope
     columns: WireColumns
     names: tuple[str, ...]  # "schema.table.column", for the log
+    #: Columns the policy's own masks name that the database does not have (a table
+    #: renamed by a migration leaves its mask behind): for the gateway's log.
+    missing: tuple[str, ...] = ()
 
 
 def _literal(value: str) -> str:
@@ -254,6 +257,7 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
     oracles: dict[tuple[str, str], dict[str, str]] = {}
     functions: set[tuple[str, str]] = set()
     calling_views: dict[tuple[str, str], str] = {}
+    tables_found: set[tuple[str, str, str]] = set()
     trusted = [p for mask in masks for p in mask.trusted_functions]
     for kind, oid, attnum, schema, table, column, index, what in rows:
         if oid is None or schema is None or table is None:
@@ -281,6 +285,7 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         name = format_column((schema, table, column))
         columns.append((int(oid), int(attnum), replacement, name, keep))
         tables.setdefault((schema, table), set()).add(column)
+        tables_found.add((schema, table, column))
         names.append(name)
     # Configured names the catalog does not have (yet) are still kept from being read
     # around the mask by name.
@@ -293,4 +298,13 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         frozenset(functions),
         calling_views,
     )
-    return SessionMasks(scope=scope, columns=columns, names=tuple(names))
+    found_tables = {(c[0], c[1]) for c in tables_found}
+    missing = tuple(
+        format_column(parts)
+        for mask in masks
+        if not mask.name.startswith("(")  # the built-in ones name optional views
+        for parts in map(parse_column, mask.columns)
+        if (parts[0], parts[1]) not in found_tables
+        or (parts[2] != "*" and parts not in tables_found)
+    )
+    return SessionMasks(scope=scope, columns=columns, names=tuple(names), missing=missing)
