@@ -716,13 +716,18 @@ def test_sessions_end_when_their_masked_relations_change(scratch: Scratch) -> No
         assert third.execute("table mask_w").fetchall() == [(3, None)]
         # Sessions without masks are not concerned.
         assert plain.execute("select email from mask_w").fetchall() == [("three@example.com",)]
-        # Renamed, the table leaves its mask behind: the operator is told.
+        # Renamed by a migration: the gateway keeps the table masked by its OID, ends
+        # the sessions that knew it by its old name, and tells the operator.
         scratch.admin.execute("alter table mask_w rename to mask_w_renamed")
-        ended(third, r"changed \(public\.mask_w\.email")
+        ended(third, r"changed \(public\.mask_w\.email, public\.mask_w_renamed\.email\)")
     assert wait_until(
         lambda: "masks public.mask_w.email, which database gwtest does not have" in gateway.stderr,
         5,
     ), gateway.stderr
+    with gateway.connect(autocommit=True) as fourth:
+        assert fourth.execute("table mask_w_renamed").fetchall() == [(3, None)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="used in an expression"):
+            fourth.execute("select upper(email) from mask_w_renamed")
     plain.close()
     masked.close()
     assert gateway.alive()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Final
 
 from pgwarden import errors
 from pgwarden.policy.engine import Decision, PolicyEngine, Rules
-from pgwarden.policy.mask_catalog import SessionMasks, resolve
+from pgwarden.policy.mask_catalog import Masked, SessionMasks, resolve
 from pgwarden.policy.mask_check import refusal_reason
 from pgwarden.policy.rules import LoadedPolicy, Mask, PolicyError, load_policy, masks_applying
 from pgwarden.statement_gate import Refusal
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 #: How long a database's masked columns, once looked up, serve the sessions that start
 #: next (a connection storm costs one catalog query per database, not one per session).
 MASK_LOOKUP_TTL_SECONDS: Final = 10.0
+#: Masked columns kept by OID per database and set of masks, at most.
+_KEPT_COLUMNS: Final = 10_000
 #: Sessions whose rules are remembered by session id (a session's identity and role do
 #: not change); the memo is emptied when it reaches this size, or on a reload.
 _SESSIONS_REMEMBERED: Final = 8192
@@ -73,6 +75,7 @@ class PolicyGate:
         self._session_rules: dict[str, Rules] = {}
         self._lookups: dict[tuple[str, tuple[Mask, ...]], tuple[float, SessionMasks]] = {}
         self._missing_reported: set[tuple[str, str]] = set()
+        self._kept: dict[tuple[str, tuple[Mask, ...]], set[Masked]] = {}
         self._announce("loaded")
 
     def _rules(self, session: Session) -> Rules:
@@ -105,9 +108,15 @@ class PolicyGate:
         cached = self._lookups.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        found = await resolve(stream, masks)
+        found = await resolve(stream, masks, self.kept(database, masks))
         self.remember_lookup(database, masks, found)
         return found
+
+    def kept(self, database: str, masks: tuple[Mask, ...]) -> tuple[Masked, ...]:
+        """The columns earlier lookups with these masks found (by OID): they stay masked
+        while they exist, a table renamed by a migration included, until the policy is
+        reloaded or the gateway restarts."""
+        return tuple(sorted(self._kept.get((database, masks), ())))
 
     def remember_lookup(self, database: str, masks: tuple[Mask, ...], found: SessionMasks) -> None:
         """Sessions with these masks starting in the next :data:`MASK_LOOKUP_TTL_SECONDS`
@@ -115,12 +124,16 @@ class PolicyGate:
         if len(self._lookups) >= _SESSIONS_REMEMBERED:
             self._lookups.clear()
         self._lookups[(database, masks)] = (time.monotonic() + MASK_LOOKUP_TTL_SECONDS, found)
+        kept = self._kept.setdefault((database, masks), set())
+        if len(kept) < _KEPT_COLUMNS:
+            kept.update(found.masked)
         for name in found.missing:
             if (database, name) not in self._missing_reported:
                 self._missing_reported.add((database, name))
                 log.warning(
                     "statement policy %s masks %s, which database %s does not have: renamed "
-                    "or dropped? (its name is still guarded; a renamed table is not masked)",
+                    "or dropped? (a table renamed while the gateway runs stays masked by its "
+                    "OID until a restart or reload; update the policy)",
                     self.engine.version,
                     name,
                     database,
@@ -176,6 +189,7 @@ class PolicyGate:
         self._session_rules = {}
         self._lookups = {}
         self._missing_reported = set()
+        self._kept = {}
         self._announce("reloaded")
         return previous
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 _Q, _D, _C, _T, _Z, _E, _N, _S = (ord(c) for c in "QDCTZENS")
 
+#: A masked column as a later lookup keeps it: table OID, attribute number, mask index.
+Masked = tuple[int, int, int]
 #: Masked columns of the session (``mask_columns``' argument): table OID, attribute
 #: number, the replacement text (None: NULL), "schema.table.column", the characters kept.
 WireColumns = list[tuple[int, int, bytes | None, str, int]]
@@ -48,6 +50,8 @@ class SessionMasks:
     #: Columns the policy's own masks name that the database does not have (a table
     #: renamed by a migration leaves its mask behind): for the gateway's log.
     missing: tuple[str, ...] = ()
+    #: The masked columns by OID, attribute number and mask index, for later lookups.
+    masked: tuple[Masked, ...] = ()
 
 
 def _literal(value: str) -> str:
@@ -56,25 +60,37 @@ def _literal(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def lookup_sql(masks: Sequence[Mask]) -> str:
+def lookup_sql(masks: Sequence[Mask], kept: Sequence[Masked] = ()) -> str:
     """One query listing each masked column (``c`` rows: table OID, attnum, schema,
     table, column, mask index), each view reading one (``v`` rows), and each column whose
     writes would tell whether a value of a masked column exists (``o`` rows, with the
-    unique index or foreign key that would tell)."""
+    unique index or foreign key that would tell).  Columns of ``kept`` (OID, attnum, mask
+    index: masked by an earlier lookup) stay masked while they exist, renamed or not."""
     wanted = []
     for index, mask in enumerate(masks):
         for column in mask.columns:
             schema, table, name = parse_column(column)
             wanted.append(f"({_literal(schema)},{_literal(table)},{_literal(name)},{index})")
+    by_oid = ""
+    if kept:
+        values = ",".join(f"({oid}::pg_catalog.oid,{att},{index})" for oid, att, index in kept)
+        by_oid = (
+            "UNION ALL SELECT a.attrelid, a.attname, k.mask "
+            f"FROM (VALUES {values}) k(reloid, attnum, mask) "
+            "JOIN pg_catalog.pg_attribute a ON a.attrelid = k.reloid AND a.attnum = k.attnum "
+            "AND NOT a.attisdropped "
+        )
     return (
         "WITH RECURSIVE wanted(nsp, rel, col, mask) AS (VALUES " + ",".join(wanted) + "), base AS ("
-        "SELECT c.oid AS reloid, a.attname, min(w.mask) AS mask "
+        "SELECT reloid, attname, min(mask) AS mask FROM ("
+        "SELECT c.oid AS reloid, a.attname, w.mask "
         "FROM wanted w "
         "JOIN pg_catalog.pg_namespace n ON n.nspname = w.nsp "
         "JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel "
         "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
         "AND NOT a.attisdropped AND (w.col = '*' OR a.attname = w.col) "
-        "GROUP BY 1, 2"
+        + by_oid
+        + ") named GROUP BY 1, 2"
         # Inheritance children and partitions hold the same columns (by name, maybe at
         # other attribute numbers) and can be selected directly.
         "), rels(reloid, attname, mask) AS ("
@@ -224,11 +240,13 @@ def _failed(reason: str) -> GatewayError:
     )
 
 
-async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
+async def resolve(
+    stream: PgStream, masks: Sequence[Mask], kept: Sequence[Masked] = ()
+) -> SessionMasks:
     """Looks the masked columns up on a logged-in upstream connection (ReadyForQuery
     received, nothing else pending); leaves it ready for the client's first message.
     Any failure is a :class:`GatewayError`: the session does not start unmasked."""
-    sql = lookup_sql(masks)
+    sql = lookup_sql(masks, kept)
     stream.write(_wire.encode_message(_Q, sql.encode() + b"\0"))
     rows: list[list[str | None]] = []
     error: str | None = None
@@ -258,6 +276,7 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
     functions: set[tuple[str, str]] = set()
     calling_views: dict[tuple[str, str], str] = {}
     tables_found: set[tuple[str, str, str]] = set()
+    masked: list[Masked] = []
     trusted = [p for mask in masks for p in mask.trusted_functions]
     for kind, oid, attnum, schema, table, column, index, what in rows:
         if oid is None or schema is None or table is None:
@@ -284,6 +303,7 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         keep = mask.keep_last if mask.style == "partial" else 0
         name = format_column((schema, table, column))
         columns.append((int(oid), int(attnum), replacement, name, keep))
+        masked.append((int(oid), int(attnum), int(index)))
         tables.setdefault((schema, table), set()).add(column)
         tables_found.add((schema, table, column))
         names.append(name)
@@ -307,4 +327,6 @@ async def resolve(stream: PgStream, masks: Sequence[Mask]) -> SessionMasks:
         if (parts[0], parts[1]) not in found_tables
         or (parts[2] != "*" and parts not in tables_found)
     )
-    return SessionMasks(scope=scope, columns=columns, names=tuple(names), missing=missing)
+    return SessionMasks(
+        scope=scope, columns=columns, names=tuple(names), missing=missing, masked=tuple(masked)
+    )

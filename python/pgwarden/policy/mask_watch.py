@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from pgwarden import errors, upstream
 from pgwarden.errors import GatewayError
-from pgwarden.policy.mask_catalog import SessionMasks, resolve
+from pgwarden.policy.mask_catalog import Masked, SessionMasks, resolve
 from pgwarden.policy.names import quote_name
 from pgwarden.policy.rules import Mask
 
@@ -106,7 +106,7 @@ class MaskWatch:
         if policy is None:
             return None
         try:
-            found = await self._resolve(database, masks, sessions)
+            found = await self._resolve(database, masks, sessions, policy.kept(database, masks))
         except Exception as exc:  # a failed round must not stop the gateway
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             # Once per spell of failures, not every round.
@@ -127,27 +127,31 @@ class MaskWatch:
         return found
 
     async def _resolve(
-        self, database: str, masks: tuple[Mask, ...], sessions: Sequence[Session]
+        self,
+        database: str,
+        masks: tuple[Mask, ...],
+        sessions: Sequence[Session],
+        kept: Sequence[Masked],
     ) -> SessionMasks:
         """The lookup on the database's connection; a connection that has gone (a server
         restart, ``idle_session_timeout``) is replaced once."""
         timeout = self.gateway.settings.upstream.connect_timeout_seconds
-        kept = self._connections.pop(database, None)
-        if kept is not None:
+        open_conn = self._connections.pop(database, None)
+        if open_conn is not None:
             try:
                 with anyio.fail_after(timeout):
-                    found = await resolve(kept.stream, masks)
+                    found = await resolve(open_conn.stream, masks, kept)
             except Exception:
-                kept.stream.abort()
+                open_conn.stream.abort()
             else:
-                self._connections[database] = kept
+                self._connections[database] = open_conn
                 return found
         with anyio.fail_after(timeout):
             conn = await upstream.login(
                 self.gateway.settings.upstream, _login_of(sessions), max_message_len=_MESSAGE_LIMIT
             )
             try:
-                found = await resolve(conn.stream, masks)
+                found = await resolve(conn.stream, masks, kept)
             except BaseException:
                 conn.stream.abort()
                 raise
