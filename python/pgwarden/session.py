@@ -80,12 +80,16 @@ class Session:
         self.policy_masks: tuple[Mask, ...] | None = None
         #: The version of the policy the session started under (its audit record says it).
         self.policy_version: str | None = None
-        self.mask_scope: MaskScope | None = None
         #: The session's masked columns as looked up, for what (database, masks), and the
         #: login a recheck of them may use (policy.mask_watch); None without masks.
         self.mask_lookup: SessionMasks | None = None
         self.mask_key: MaskKey | None = None
         self.mask_login: upstream.UpstreamLogin | None = None
+
+    @property
+    def mask_scope(self) -> MaskScope | None:
+        """What the statement checks guard for this session (None without masks)."""
+        return self.mask_lookup.scope if self.mask_lookup is not None else None
 
     def __repr__(self) -> str:
         who = self.identity.name if self.identity is not None else "?"
@@ -283,7 +287,6 @@ class Session:
         self.policy_version = policy.engine.version if policy is not None else None
         if policy is not None and masks:
             found = await policy.masked_columns(self.database, masks, self._upstream.stream)
-            self.mask_scope = found.scope
             self.mask_key = (self.database, masks)
             self.mask_lookup = found
             self.mask_login = upstream.UpstreamLogin(

@@ -151,6 +151,13 @@ def _relation_name(schema: str, name: str) -> str:
     return f"{quote_name(schema)}.{quote_name(name)}"
 
 
+def _names(relation: dict[str, Any], key: tuple[str, str]) -> bool:
+    """Whether a RangeVar names the relation ``key`` (schema, name): by both, or, without
+    a schema, by its name in any schema (search_path decides, and the caller sets it)."""
+    schema = relation.get("schemaname")
+    return key[1] == relation.get("relname") and (not isinstance(schema, str) or schema == key[0])
+
+
 def _fields(column_ref: dict[str, Any]) -> list[str | None]:
     """A ColumnRef's names; ``None`` stands for ``*``."""
     out: list[str | None] = []
@@ -197,21 +204,15 @@ class _Statement:
         return frozenset().union(*(cols for _, cols in hits))
 
     def _view(self, relation: dict[str, Any]) -> str | None:
-        name = str(relation.get("relname", ""))
-        schema = relation.get("schemaname")
-        for s, v in self.scope.views:
-            if v == name and (not isinstance(schema, str) or schema == s):
-                return _relation_name(s, v)
-        return None
-
-    def _calling_view(self, relation: dict[str, Any]) -> str | None:
-        """A view calling a function the session may not call: why it is refused."""
-        name = str(relation.get("relname", ""))
-        schema = relation.get("schemaname")
-        for (s, v), function in self.scope.calling_views.items():
-            if v == name and (not isinstance(schema, str) or schema == s):
+        """Why a view the statement names is refused: it reads masked columns, or calls a
+        function the session may not call."""
+        for view in self.scope.views:
+            if _names(relation, view):
+                return f"the view {_relation_name(*view)} reads masked columns"
+        for view, function in self.scope.calling_views.items():
+            if _names(relation, view):
                 return (
-                    f"the view {_relation_name(s, v)} calls {function}, a function defined "
+                    f"the view {_relation_name(*view)} calls {function}, a function defined "
                     "in the database"
                 )
         return None
@@ -223,10 +224,7 @@ class _Statement:
         for relation in _relations(body):
             view = self._view(relation)
             if view is not None:
-                raise _Refused(f"the view {view} reads masked columns")
-            calling = self._calling_view(relation)
-            if calling is not None:
-                raise _Refused(calling)
+                raise _Refused(view)
             columns = self._table(relation)
             if columns is None:
                 continue
@@ -475,19 +473,9 @@ def _reason(sql: str, scope: MaskScope) -> tuple[str | None, bool]:
                     "a session with masked columns cannot create or run server-side code "
                     "the gateway cannot read (DO, CREATE FUNCTION, CREATE PROCEDURE)"
                 )
-            opaque = _opaque_call(scope, body)
-            if opaque is not None:
-                raise _Refused(
-                    f"a session with masked columns cannot call {opaque}: a function defined "
-                    "in the database may read masked columns and return them without an "
-                    "origin (a mask's trusted_functions lists those it may call)"
-                )
-            reader = _text_reader(body)
-            if reader is not None:
-                raise _Refused(
-                    f"a session with masked columns cannot call {reader}: what it reads "
-                    "is out of the gateway's sight, and what it returns cannot be masked"
-                )
+            call = _refused_call(scope, body)
+            if call is not None:
+                raise _Refused(call)
             _check_writes(scope, node, body)
             if not check.touches(body):
                 continue
@@ -532,13 +520,9 @@ def _check_writes(scope: MaskScope, node: str, body: dict[str, Any]) -> None:
 
 
 def _oracle_columns(scope: MaskScope, relation: dict[str, Any]) -> dict[str, str]:
-    name = str(relation.get("relname", ""))
-    schema = relation.get("schemaname")
-    if isinstance(schema, str):
-        return scope.oracles.get((schema, name), {})
     found: dict[str, str] = {}
-    for (_, table), columns in scope.oracles.items():
-        if table == name:  # without a schema: whatever search_path finds
+    for table, columns in scope.oracles.items():
+        if _names(relation, table):
             found.update(columns)
     return found
 
@@ -641,38 +625,33 @@ _TEXT_READERS: Final = frozenset(
 _TEXT_READER_PREFIXES: Final = ("dblink", "pg_logical_slot_")
 
 
-def _opaque_call(scope: MaskScope, body: dict[str, Any]) -> str | None:
-    """The first call in ``body`` of a function defined in the database that the scope
-    does not let the session call (SELECT f(), FROM f(), CALL p())."""
-    if not scope.functions:
-        return None
+def _refused_call(scope: MaskScope, body: dict[str, Any]) -> str | None:
+    """Why the first call in ``body`` the session may not make is refused: a function
+    that reads what a text names, or one defined in the database that no mask trusts
+    (in an expression, in FROM, or CALL's own, which is not wrapped in a FuncCall)."""
     for item in walk(body):
-        # A call in an expression or FROM; CALL's own (its node, not wrapped).
         for call in (item.get("FuncCall"), item.get("funccall")):
-            if isinstance(call, dict):
-                funcname = call.get("funcname") or []
-                names = [n for n in (_sval(f) for f in funcname) if n is not None]
-                found = scope.opaque_function(names)
-                if found is not None:
-                    return found
-    return None
-
-
-def _text_reader(body: dict[str, Any]) -> str | None:
-    """The first call in ``body`` of a function that reads what a text names."""
-    for item in walk(body):
-        call = item.get("FuncCall")
-        if not isinstance(call, dict):
-            continue
-        names = call.get("funcname") or []
-        name = (_sval(names[-1]) or "").lower() if names else ""
-        arguments = len(call.get("args") or [])
-        if (
-            name in _TEXT_READERS
-            or name.startswith(_TEXT_READER_PREFIXES)
-            or (name == "ts_rewrite" and arguments == 2)  # its second argument is a query
-        ):
-            return name
+            if not isinstance(call, dict):
+                continue
+            names = [n for n in (_sval(f) for f in call.get("funcname") or []) if n is not None]
+            name = names[-1].lower() if names else ""
+            arguments = len(call.get("args") or [])
+            if (
+                name in _TEXT_READERS
+                or name.startswith(_TEXT_READER_PREFIXES)
+                or (name == "ts_rewrite" and arguments == 2)  # its second argument is a query
+            ):
+                return (
+                    f"a session with masked columns cannot call {name}: what it reads "
+                    "is out of the gateway's sight, and what it returns cannot be masked"
+                )
+            opaque = scope.opaque_function(names)
+            if opaque is not None:
+                return (
+                    f"a session with masked columns cannot call {opaque}: a function defined "
+                    "in the database may read masked columns and return them without an "
+                    "origin (a mask's trusted_functions lists those it may call)"
+                )
     return None
 
 

@@ -167,7 +167,6 @@ class MaskWatch:
             if fingerprint(before)[0] == now[0] and before.scope.same_relations(found.scope):
                 # Only functions came or went: the statement checks take the new list
                 # (the rows' masking is unchanged), the session goes on.
-                session.mask_scope = found.scope
                 session.mask_lookup = found
                 continue
             names = changed_names(before, found)
