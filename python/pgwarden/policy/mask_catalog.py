@@ -47,8 +47,8 @@ class SessionMasks:
     scope: MaskScope
     columns: WireColumns
     names: tuple[str, ...]  # "schema.table.column", for the log
-    #: Columns the policy's own masks name that the database does not have (a table
-    #: renamed by a migration leaves its mask behind): for the gateway's log.
+    #: Columns the policy's own masks name that the database does not have (a typo, or
+    #: a table renamed by a migration, masked then only by its kept OID): for the log.
     missing: tuple[str, ...] = ()
     #: The masked columns by OID, attribute number and mask index, for later lookups.
     masked: tuple[Masked, ...] = ()
