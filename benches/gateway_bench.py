@@ -396,15 +396,19 @@ class ServerUnderTest:
     scale: int
     throwaway: bool
     cleanup: list[Any] = field(default_factory=list)
+    #: The throwaway cluster's postmaster (its backends are its children).
+    postmaster_pid: int | None = None
 
 
-def start_throwaway_server(scale: int, workdir: Path) -> ServerUnderTest:
+def start_throwaway_server(
+    scale: int, workdir: Path, *, max_connections: int = 200
+) -> ServerUnderTest:
     from pgwarden.pgcluster import FAST_UNSAFE_SETTINGS, TemporaryCluster
 
     settings: dict[str, str | int | float | bool] = {
         **FAST_UNSAFE_SETTINGS,
         "shared_buffers": "256MB",
-        "max_connections": 200,
+        "max_connections": max_connections,
         "fsync": False,
     }
     _progress("starting a throwaway PostgreSQL cluster (ssl on, fsync off)")
@@ -430,7 +434,14 @@ def start_throwaway_server(scale: int, workdir: Path) -> ServerUnderTest:
     except BaseException:
         cluster.cleanup()
         raise
-    return ServerUnderTest(endpoint, version, scale, throwaway=True, cleanup=[cluster.cleanup])
+    return ServerUnderTest(
+        endpoint,
+        version,
+        scale,
+        throwaway=True,
+        cleanup=[cluster.cleanup],
+        postmaster_pid=cluster.postmaster_pid,
+    )
 
 
 def connect_external_server(args: argparse.Namespace) -> ServerUnderTest:

@@ -165,8 +165,10 @@ def start_pgbouncer(
     *,
     upstream_tls: UpstreamTls,
     run_as: pwd.struct_passwd | None,
+    pool_size: int = 100,
 ) -> tuple[Endpoint, ManagedProcess]:
-    """pgbouncer in session mode; clients log in with the upstream credential (SCRAM)."""
+    """pgbouncer in session mode; clients log in with the upstream credential (SCRAM).
+    ``pool_size``: server connections per database and user (one per client session)."""
     binary = os.environ.get("PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not Path(binary).is_file():
         raise ProxyError("pgbouncer not found: apt-get install pgbouncer, or set PGBOUNCER")
@@ -185,8 +187,8 @@ def start_pgbouncer(
         "auth_type": "scram-sha-256",
         "auth_file": str(userlist),
         "pool_mode": "session",
-        "max_client_conn": 2000,
-        "default_pool_size": 100,
+        "max_client_conn": max(2000, pool_size + 100),
+        "default_pool_size": pool_size,
         "max_db_connections": 0,
         "server_tls_sslmode": upstream_tls,
         "ignore_startup_parameters": "extra_float_digits",

@@ -45,4 +45,6 @@ if [ "${PGWARDEN_SKIP_BENCH_SMOKE:-0}" != 1 ]; then
   python3 benches/gateway_bench.py --quick --audit --out bench-results/ci-quick.json
   step "export cost smoke run (the OTLP/HTTP and OTLP/gRPC exporters against the benchmark sink)"
   python3 benches/export_cost.py --spans 64 --requests 3
+  step "idle memory smoke run (memory per idle session: direct vs pgbouncer vs pgwarden)"
+  python3 benches/idle_memory.py --sessions 50 --no-tls
 fi

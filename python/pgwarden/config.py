@@ -632,6 +632,13 @@ class Settings(BaseSettings):
     startup_timeout_seconds: float = Field(
         default=30.0, gt=0, description="Time a client has to complete startup and authentication."
     )
+    memory_trim_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Every this often, when sessions have ended since, a worker gives the "
+        "heap memory they freed back to the system (glibc malloc_trim; docs/operations.md); "
+        "0: never.",
+    )
     runtime_dir: Path | None = Field(
         default=None,
         description="Private directory for the workers' cancel-forwarding unix sockets "

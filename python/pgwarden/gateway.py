@@ -88,6 +88,7 @@ class Gateway:
         if settings.audit.directory is not None:
             self.audit = AuditTrail(settings, worker_index=worker_index)
         self.sessions: set[Session] = set()
+        self.sessions_ended = 0  # sessions (or refused connections) that have ended
         self.draining = False
         self._sessions_changed = anyio.Event()
 
@@ -137,6 +138,7 @@ class Gateway:
             log.exception("session %s: unhandled error", session.id)
         finally:
             self.sessions.discard(session)
+            self.sessions_ended += 1
             self._sessions_changed.set()
 
     def begin_drain(self) -> None:

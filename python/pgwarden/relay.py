@@ -159,6 +159,35 @@ class _ServerSideCompletingMessage(_ServerSide):
         pass
 
 
+class _Signal:
+    """A flag one task waits for.  Its future is made only when the flag is awaited unset,
+    where an ``anyio.Event`` holds an ``asyncio.Event`` and its waiter queue (about 1 KiB)
+    for as long as the session is open."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # a cancelled wait leaves a done future behind
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+        await waiter
+
+
 class Relay:
     """Both directions of one authenticated session."""
 
@@ -193,8 +222,8 @@ class Relay:
         # Set by end_when_idle(): (sqlstate, message) to end with at the next safe point.
         self._end_when_idle: tuple[str, str] | None = None
         self.cancel_upstream_on_close = False  # a statement may still be running
-        self._one_lost = anyio.Event()
-        self._both_lost = anyio.Event()
+        self._one_lost = _Signal()
+        self._both_lost = _Signal()
 
     # --- lifecycle ----------------------------------------------------------------------
 

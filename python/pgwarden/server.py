@@ -25,6 +25,7 @@ import anyio.abc
 from pgwarden.cancel import CancelForwarder
 from pgwarden.config import Settings
 from pgwarden.gateway import Gateway
+from pgwarden.memory import HeapTrimmer, raise_open_file_limit
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,9 @@ async def serve(
                 await services.start(gateway.identity.run)
             if gateway.mask_watch is not None:
                 await services.start(gateway.mask_watch.run)
+            if settings.memory_trim_seconds > 0:
+                trimmer = HeapTrimmer(settings.memory_trim_seconds, lambda: gateway.sessions_ended)
+                await services.start(trimmer.run)
             async with anyio.create_task_group() as sessions:
                 accepting = anyio.CancelScope()
 
@@ -248,6 +252,9 @@ def run_worker(
     # it (before the loop starts, and after it removed its handler on the way out).  A file
     # opened after an ignored SIGHUP is opened by its current name anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    previous, soft = raise_open_file_limit()
+    if soft != previous:
+        log.debug("open-file limit raised from %d to %d", previous, soft)
     backend, options = event_loop_options()
 
     async def main() -> None:

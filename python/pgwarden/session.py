@@ -322,6 +322,14 @@ class Session:
         return ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in fields.items())
 
     async def _relay_phase(self, request: StartupRequest) -> None:
+        # The set-up's locals (the upstream login, the greeting, the leftover bytes) end
+        # with _start_relay's frame instead of living as long as this one.
+        relay = self._start_relay(request)
+        if self.gateway.draining:
+            relay.request_drain()
+        await relay.wait()
+
+    def _start_relay(self, request: StartupRequest) -> Relay:
         gateway = self.gateway
         settings = gateway.settings
         conn = self._upstream
@@ -351,13 +359,15 @@ class Session:
         client_transport.write(greeting)
         self._relay = relay
         relay.start(client_leftover, server_leftover)
+        # The relay owns both transports now: the startup streams (their buffers) and the
+        # upstream's ParameterStatus list would only weigh on an idle session's memory.
+        self._client = None
+        self._upstream = None
         log.debug("session %s: relaying for %s", self.id, self.identity)
         if gateway.session_observer is not None:
             self._observed = True
             gateway.session_observer.session_started(self)
-        if gateway.draining:
-            relay.request_drain()
-        await relay.wait()
+        return relay
 
     # --- audit --------------------------------------------------------------------------
 
