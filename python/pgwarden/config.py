@@ -632,6 +632,19 @@ class Settings(BaseSettings):
     startup_timeout_seconds: float = Field(
         default=30.0, gt=0, description="Time a client has to complete startup and authentication."
     )
+    max_client_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Sessions the gateway holds open at once, all workers together; more are "
+        "refused with FATAL 53300 (docs/operations.md). Unset: bounded by file descriptors "
+        "and PostgreSQL's max_connections only.",
+    )
+    max_connections_per_identity: int | None = Field(
+        default=None,
+        ge=1,
+        description="Sessions one caller (issuer and identity name) holds open at once, all "
+        "workers together; more are refused with FATAL 53300. Unset: no such limit.",
+    )
     memory_trim_seconds: float = Field(
         default=10.0,
         ge=0,

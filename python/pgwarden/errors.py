@@ -23,6 +23,8 @@ INVALID_PASSWORD: Final = "28P01"
 # Class 42 - Syntax Error or Access Rule Violation
 SYNTAX_ERROR: Final = "42601"
 INSUFFICIENT_PRIVILEGE: Final = "42501"
+# Class 53: insufficient resources
+TOO_MANY_CONNECTIONS: Final = "53300"
 # Class 57 - Operator Intervention
 ADMIN_SHUTDOWN: Final = "57P01"
 # Class XX - Internal Error

@@ -22,6 +22,7 @@ from pgwarden.client_auth import ClientAuthenticator, StaticPasswordAuthenticato
 from pgwarden.config import Settings
 from pgwarden.hooks import ClientEventHook, SessionObserver
 from pgwarden.session import Session
+from pgwarden.session_limits import SessionLedger
 from pgwarden.statement_log import StatementLog
 
 if TYPE_CHECKING:
@@ -43,9 +44,15 @@ class Gateway:
         cancel_forwarder: CancelForwarder | None = None,
         authenticator: ClientAuthenticator | None = None,
         client_event_hook: ClientEventHook | None = None,
+        ledger: SessionLedger | None = None,
     ) -> None:
         self.settings = settings
         self.worker_index = worker_index
+        # Sessions counted against max_client_connections / max_connections_per_identity:
+        # shared with the other workers when the supervisor made it, else this process's.
+        self.ledger = ledger if ledger is not None else SessionLedger.for_settings(settings)
+        if self.ledger is not None:
+            self.ledger.worker_index = worker_index
         self.server_tls: ssl.SSLContext | None = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             self.server_tls = tls.server_context(settings.tls_cert_file, settings.tls_key_file)

@@ -26,6 +26,7 @@ from pgwarden.cancel import CancelForwarder
 from pgwarden.config import Settings
 from pgwarden.gateway import Gateway
 from pgwarden.memory import HeapTrimmer, raise_open_file_limit
+from pgwarden.session_limits import SessionLedger
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ async def serve(
     cancel_forwarder: CancelForwarder | None = None,
     on_ready: Callable[[], None] | None = None,
     gateway: Gateway | None = None,
+    ledger: SessionLedger | None = None,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
     """Serve until a stop signal, then drain: the coroutine a worker process runs.
@@ -125,7 +127,9 @@ async def serve(
     until then, reopens the statement log.
     """
     if gateway is None:
-        gateway = Gateway(settings, worker_index=worker_index, cancel_forwarder=cancel_forwarder)
+        gateway = Gateway(
+            settings, worker_index=worker_index, cancel_forwarder=cancel_forwarder, ledger=ledger
+        )
     # The SIGHUP handler is in place before the statement log opens its file: a rotation
     # can never fall between the two unnoticed.
     with (
@@ -235,6 +239,7 @@ def run_worker(
     worker_index: int = 0,
     runtime_dir: Path | None = None,
     on_ready: Callable[[], None] | None = None,
+    ledger: SessionLedger | None = None,
 ) -> None:
     """Run one gateway process's event loop until it has drained.
 
@@ -264,6 +269,7 @@ def run_worker(
             worker_index=worker_index,
             cancel_forwarder=forwarder,
             on_ready=on_ready,
+            ledger=ledger,
             stop_signals=stop_signals,
         )
 

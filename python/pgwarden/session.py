@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from pgwarden.policy.mask_check import MaskScope
     from pgwarden.policy.mask_watch import MaskKey
     from pgwarden.policy.rules import Mask
+    from pgwarden.session_limits import Admission
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Session:
         self._sock_handed_over = False  # once True, the client transport owns the socket
         self._client: PgStream | None = None
         self._upstream: upstream.UpstreamConnection | None = None
+        self._admission: Admission | None = None  # counted by the gateway's session ledger
         self._relay: Relay | None = None
         self._startup_scope: anyio.CancelScope | None = None
         self._pending_end: tuple[str, str] | None = None
@@ -240,6 +242,9 @@ class Session:
             self.identity = await gateway.authenticator.authenticate(auth_request)
         except AuthError as exc:
             raise GatewayError(exc.sqlstate, exc.message) from exc
+        if gateway.ledger is not None:
+            # Counted from here to the session's end; past a limit, FATAL 53300.
+            self._admission = gateway.ledger.admit(self.identity)
         return request
 
     async def _ask_password(self) -> str:
@@ -422,6 +427,9 @@ class Session:
         client.abort()
 
     async def _cleanup(self) -> None:
+        if self._admission is not None and self.gateway.ledger is not None:
+            self.gateway.ledger.release(self._admission)
+            self._admission = None
         if self._observed and self.gateway.session_observer is not None:
             self.gateway.session_observer.session_ended(self)
         relay = self._relay

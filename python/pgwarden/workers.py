@@ -24,6 +24,7 @@ from pathlib import Path
 from pgwarden.cancel import default_runtime_dir, ensure_runtime_dir
 from pgwarden.config import Settings
 from pgwarden.server import bind_listeners, format_address, run_worker
+from pgwarden.session_limits import SessionLedger
 from pgwarden.signals import GATEWAY_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,12 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(
-    settings: Settings, index: int, port: int, runtime_dir: Path, ready_fd: int | None
+    settings: Settings,
+    index: int,
+    port: int,
+    runtime_dir: Path,
+    ready_fd: int | None,
+    ledger: SessionLedger | None,
 ) -> int:
     # A SIGHUP forwarded before this worker's loop handles it must not end the worker (its
     # default action); the statement log it has yet to open is opened by its current name.
@@ -65,7 +71,14 @@ def _worker_main(
             os.write(ready_fd, bytes([index]))
 
     try:
-        run_worker(settings, listeners, worker_index=index, runtime_dir=runtime_dir, on_ready=ready)
+        run_worker(
+            settings,
+            listeners,
+            worker_index=index,
+            runtime_dir=runtime_dir,
+            on_ready=ready,
+            ledger=ledger,
+        )
     except Exception:
         log.exception("worker %d failed", index)
         return 1
@@ -81,6 +94,8 @@ class _Supervisor:
         self.started_at: dict[int, float] = {}  # worker index -> start time
         self.stopping = False
         self.close_in_child: list[int] = []  # supervisor-only descriptors
+        # Made before any worker is forked, so that they all share it.
+        self.ledger = SessionLedger.for_settings(settings, runtime_dir / "sessions.lock")
 
     def spawn(self, index: int, ready_fd: int | None) -> None:
         sys.stdout.flush()
@@ -92,7 +107,9 @@ class _Supervisor:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             try:
-                code = _worker_main(self.settings, index, self.port, self.runtime_dir, ready_fd)
+                code = _worker_main(
+                    self.settings, index, self.port, self.runtime_dir, ready_fd, self.ledger
+                )
             finally:
                 logging.shutdown()
                 os._exit(code)
@@ -151,8 +168,8 @@ def supervise(settings: Settings) -> int:
         for sock in reservation:
             sock.close()
         with contextlib.suppress(OSError):
-            for leftover in runtime_dir.glob("cancel-*.sock"):
-                leftover.unlink()
+            for leftover in [*runtime_dir.glob("cancel-*.sock"), runtime_dir / "sessions.lock"]:
+                leftover.unlink(missing_ok=True)
             runtime_dir.rmdir()
 
 
@@ -202,6 +219,8 @@ def _supervise_loop(supervisor: _Supervisor) -> int:
                 log.debug("worker %d stopped (status %d)", index, code)
                 continue
             log.error("worker %d exited unexpectedly (status %d); restarting", index, code)
+            if supervisor.ledger is not None:
+                supervisor.ledger.forget_worker(index)  # its sessions ended with it
             elapsed = time.monotonic() - supervisor.started_at.get(index, 0.0)
             delay = _RESTART_BACKOFF_SECONDS if elapsed < _RESTART_BACKOFF_SECONDS else 0.0
             pending_restarts[index] = time.monotonic() + delay
