@@ -8,6 +8,7 @@ guard, session deadlines), and the set of live sessions that shutdown drains.  T
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -56,6 +57,10 @@ class Gateway:
         self.server_tls: ssl.SSLContext | None = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             self.server_tls = tls.server_context(settings.tls_cert_file, settings.tls_key_file)
+            with contextlib.suppress(ValueError):  # loaded above: only the description
+                _, warning = tls.describe_certificate(settings.tls_cert_file)
+                if warning is not None:
+                    log.warning("%s", warning)
         self.cancel_forwarder = cancel_forwarder
         self.cancels = CancelRegistry(worker_index, cancel_forwarder)
         self.statement_log = (
@@ -111,6 +116,28 @@ class Gateway:
             statement_checks.insert(0, role_guard.check_statement)
             function_checks.insert(0, role_guard.check_function_call)
         return StatementGate(statement_checks, function_checks)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: load ``tls_cert_file`` / ``tls_key_file`` again (a renewed certificate).
+        Handshakes from now on use it; open sessions keep the one they were made with.  A
+        pair that does not load leaves the current one in place."""
+        cert_file, key_file = self.settings.tls_cert_file, self.settings.tls_key_file
+        if cert_file is None or key_file is None:
+            return
+        try:
+            context = tls.server_context(cert_file, key_file)
+            described, warning = tls.describe_certificate(cert_file)
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.error(
+                "TLS certificate %s not reloaded, clients keep getting the current one: %s",
+                cert_file,
+                exc,
+            )
+            return
+        self.server_tls = context
+        log.info("TLS certificate reloaded from %s: %s", cert_file, described)
+        if warning is not None:
+            log.warning("%s", warning)
 
     def reload_policy(self) -> None:
         """SIGHUP: read the statement policy again (kept as it is when the file is broken).

@@ -181,13 +181,15 @@ async def serve(
 
 
 async def _reopen_on_hangup(gateway: Gateway, hangups: AsyncIterator[signal.Signals]) -> None:
-    """SIGHUP: reopen the statement log by its name (after logrotate renamed the file), and
-    read the statement policy file again.
+    """SIGHUP: reopen the statement log by its name (after logrotate renamed the file), load
+    the TLS certificate and key files again (a renewed certificate), and read the statement
+    policy file again.
 
-    Settings are not re-read: the listeners, TLS contexts, identity issuers and upstream
-    credentials they describe are built once at start-up, so a changed file needs a restart.
+    Settings are not re-read: the listeners, identity issuers and upstream credentials they
+    describe are built once at start-up, so a changed file needs a restart.
     """
     async for _ in hangups:
+        gateway.reload_tls()
         gateway.reload_policy()
         statement_log = gateway.statement_log
         if statement_log is not None and statement_log.request_reopen():

@@ -11,7 +11,7 @@ import datetime
 import ipaddress
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 ALPN_POSTGRESQL = "postgresql"
 
@@ -44,6 +44,32 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     # Renegotiation is a DoS vector and PostgreSQL disables it too.
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     return ctx
+
+
+#: A certificate closer than this to its expiry gets a warning when it is loaded.
+EXPIRY_WARNING: Final = datetime.timedelta(days=14)
+
+
+def describe_certificate(cert_file: Path) -> tuple[str, str | None]:
+    """The first certificate of a PEM chain, for the log: (subject, expiry and SHA-256
+    fingerprint, the one to compare with what a client saw; a warning when it has expired
+    or expires within :data:`EXPIRY_WARNING`)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    expires = cert.not_valid_after_utc
+    text = (
+        f"{cert.subject.rfc4514_string()}, expires {expires.strftime('%Y-%m-%d %H:%M:%S UTC')}, "
+        f"SHA-256 {cert.fingerprint(hashes.SHA256()).hex()}"
+    )
+    left = expires - datetime.datetime.now(datetime.UTC)
+    warning = None
+    if left <= datetime.timedelta(0):
+        warning = f"the TLS certificate in {cert_file} has expired: clients that verify it fail"
+    elif left < EXPIRY_WARNING:
+        warning = f"the TLS certificate in {cert_file} expires in {left.days} day(s)"
+    return text, warning
 
 
 def upstream_context(mode: str, ca_file: Path | None) -> ssl.SSLContext | None:
