@@ -1,19 +1,18 @@
-"""What a worker process does about its own memory: sessions' memory given back after
-they end, and an open-file limit that fits two sockets per session.
+"""What a worker process does about its own memory: the heap that ended sessions freed
+given back to the system, and an open-file limit that fits two sockets per session.
 
-**Ended sessions.**  A session's objects form reference cycles (the session and its relay,
-each transport and its protocol, uvloop's TLS protocol and its transport), so they, and
-the OpenSSL state a TLS session holds (about 30 KiB), are freed only by Python's cyclic
-garbage collector, whose full collections grow rarer as a process holds more objects.
-What is freed stays resident in glibc's heap besides.  Measured (300 TLS sessions through
-one worker, opened and closed 16 times): the worker grew from 43 to 125 MiB with no
-plateau, while one ``gc.collect()`` found 32 unreachable objects per ended session and
-``malloc_trim(0)`` afterwards brought the worker back to 33 MiB.  So every
-``memory_trim_seconds``, when sessions have ended since the last look, the worker runs a
-full collection and then ``malloc_trim(0)`` (glibc only).  The objects the worker made
-before it served (modules, settings, the policy) are frozen out of the collector's scans
-at start (``gc.freeze()``), so a collection walks only what sessions made: a few
-milliseconds rather than about 20.
+**Freed heap.**  glibc's ``malloc`` keeps the pages of freed memory resident, and sessions
+that come and go (a TLS session's OpenSSL state is about 30 KiB) leave its heap
+fragmented, so that later sessions do not reuse all of it: 300 TLS sessions opened and
+closed again and again through one worker made it grow round after round (44 to 58 MiB
+in 8 rounds, and on).  So every ``memory_trim_seconds``, when sessions have ended since
+the last look, the worker calls ``malloc_trim(0)`` (glibc only; elsewhere nothing is
+done), which takes well under a millisecond to a few, and the worker stays level.
+
+(A session's own objects are freed as soon as it ends, by reference counting: the
+session lets go of its relay, the one reference cycle between them.  Before it did, an
+ended session's objects, OpenSSL state included, waited for a full garbage collection,
+and a worker grew from 43 to 125 MiB in 16 such rounds.)
 
 **Open files.**  Each session holds two sockets (client and upstream).  A soft limit of
 1,024 (a common default) would refuse the 500th session with "too many open files"; the
@@ -23,7 +22,6 @@ worker raises its soft limit to the hard limit at start, as far as 1,048,576.
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
 import resource
 import time
@@ -52,8 +50,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class HeapTrimmer:
-    """Collects ended sessions' objects and gives the freed heap back to the system (see
-    the module)."""
+    """Gives the heap that ended sessions freed back to the system (see the module)."""
 
     def __init__(self, interval_seconds: float, sessions_ended: Callable[[], int]) -> None:
         self.interval_seconds = interval_seconds
@@ -63,23 +60,18 @@ class HeapTrimmer:
         self.trims = 0
 
     def trim_if_sessions_ended(self) -> bool:
-        """Collects and trims when a session ended since the last call; True if it did."""
+        """Trims when a session ended since the last call; True if it did."""
         ended = self._sessions_ended()
-        if ended == self._seen:
+        if ended == self._seen or self._trim is None:
             return False
         self._seen = ended
         started = time.perf_counter()
-        collected = gc.collect()
-        collect_ms = (time.perf_counter() - started) * 1000
-        released = self._trim(0) if self._trim is not None else 0
+        released = self._trim(0)
         self.trims += 1
         log.debug(
-            "%d ended session(s) so far: %d unreachable object(s) collected in %.1f ms, "
-            "heap trimmed in %.1f ms (%s)",
+            "%d ended session(s) so far: heap trimmed in %.1f ms (%s)",
             ended,
-            collected,
-            collect_ms,
-            (time.perf_counter() - started) * 1000 - collect_ms,
+            (time.perf_counter() - started) * 1000,
             "memory released" if released else "nothing to release",
         )
         return True
@@ -87,18 +79,13 @@ class HeapTrimmer:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        # What exists now lives as long as the process: out of every later collection
-        # (until the trimmer stops: a process that goes on, a test's, collects it again).
-        gc.freeze()
-        try:
-            task_status.started()
-            if self._trim is None:
-                log.debug("no malloc_trim in this C library: freed heap is left to the allocator")
-            while True:
-                await anyio.sleep(self.interval_seconds)
-                self.trim_if_sessions_ended()
-        finally:
-            gc.unfreeze()
+        task_status.started()
+        if self._trim is None:
+            log.debug("no malloc_trim in this C library: freed heap is left to the allocator")
+            return
+        while True:
+            await anyio.sleep(self.interval_seconds)
+            self.trim_if_sessions_ended()
 
 
 def raise_open_file_limit() -> tuple[int, int]:

@@ -460,3 +460,6 @@ class Session:
                     )
                 except Exception as exc:
                     log.debug("session %s: cancel after termination failed: %s", self.id, exc)
+        # The relay points back at this session: let go of it, so that both go when their
+        # last reference does rather than at the next full garbage collection.
+        self._relay = None
