@@ -83,8 +83,8 @@ STATEMENT = "SELECT aid, filler FROM pgbench_accounts WHERE aid = 1"
 OPEN_CONCURRENCY = 32
 KIB = 1024
 #: Wait after the sessions close before measuring: longer than pgwarden's default
-#: ``memory_trim_seconds`` (10), after which a worker has collected and trimmed what
-#: ended sessions left.
+#: ``memory_trim_seconds`` (10), after which a worker has given back the heap that
+#: ended sessions freed.
 AFTER_CLOSE_SECONDS = 12.0
 
 

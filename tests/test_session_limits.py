@@ -66,6 +66,18 @@ def test_one_identity_past_its_limit_is_refused_and_others_go_on(
     assert wait_until(lambda: _connects(gateway), 5)
 
 
+def test_a_login_that_fails_after_it_was_counted_gives_its_place_back(
+    start_gateway: StartGateway, sessions: ExitStack
+) -> None:
+    """Counted once authenticated, a session the server then refuses (no such database)
+    must not keep its place."""
+    gateway = start_gateway({"max_connections_per_identity": 1})
+    for _ in range(3):
+        assert refused(gateway, database="no_such_database").sqlstate == "3D000"
+    held = sessions.enter_context(gateway.connect(autocommit=True))
+    assert held.execute("select 1").fetchone() == (1,)
+
+
 def _connects(gateway: GatewayProcess) -> bool:
     try:
         with gateway.connect(autocommit=True) as conn:
