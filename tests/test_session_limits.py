@@ -19,12 +19,23 @@ from harness import (
     CLIENT_USER,
     OTHER_CLIENT_PASSWORD,
     OTHER_CLIENT_USER,
+    TEST_DATABASE,
     GatewayProcess,
     StartGateway,
     wait_until,
 )
+from identity_support import (
+    ANALYST_ROLE,
+    AUDIENCE,
+    client_tls,
+    create_identity_roles,
+    identity_settings,
+    token_dsn,
+)
 from pgwarden.client_auth import Identity
 from pgwarden.errors import GatewayError
+from pgwarden.identity.dev_issuer import DevIssuer
+from pgwarden.pgcluster import TemporaryCluster
 from pgwarden.session_limits import SLOTS, SessionLedger
 from test_workers import worker_pids
 
@@ -130,6 +141,35 @@ def _still_serves(conn: psycopg.Connection[Any]) -> bool:
         return False
 
 
+def test_a_mapping_rule_limits_the_sessions_of_each_identity_it_matches(
+    start_gateway: StartGateway, cluster: TemporaryCluster, sessions: ExitStack
+) -> None:
+    """Token identities: the limit counts one caller (issuer and subject) however it
+    names itself at login, and each identity the rule matches has its own."""
+    create_identity_roles(cluster)
+    with DevIssuer(audience=AUDIENCE) as issuer:
+        rules = [
+            {
+                "name": "agents",
+                "groups": ["agents"],
+                "roles": [ANALYST_ROLE],
+                "databases": [TEST_DATABASE],
+                "max_connections": 2,
+            }
+        ]
+        gateway = start_gateway(identity_settings(issuer, rules=rules))
+        alice = issuer.mint("u-alice", email="alice@example.com", groups=["agents"])
+        for user in ("someone", "u-alice"):
+            sessions.enter_context(psycopg.connect(token_dsn(gateway, alice, user=user)))
+        error = refused(gateway, user="other-name", password=alice, ssl=client_tls())
+        assert error.sqlstate == "53300"
+        assert "too many connections for identity" in str(error)
+        assert "(at most 2 at once)" in str(error)
+        bob = issuer.mint("u-bob", email="bob@example.com", groups=["agents"])
+        for _ in range(2):
+            sessions.enter_context(psycopg.connect(token_dsn(gateway, bob)))
+
+
 def test_the_ledger_reuses_the_places_of_identities_gone() -> None:
     """Identities come and go: a worker's table keeps counting after many more distinct
     callers than it has slots, and refuses (fails closed) only when that many are open."""
@@ -144,7 +184,7 @@ def test_the_ledger_reuses_the_places_of_identities_gone() -> None:
         assert ledger.open_sessions() == 0
     same = Identity(name="agent")
     kept = [ledger.admit(same), ledger.admit(same)]
-    with pytest.raises(GatewayError, match='too many connections for identity "agent"'):
+    with pytest.raises(GatewayError, match='too many connections for identity "agent" '):
         ledger.admit(same)
     ledger.release(kept[0])
     assert ledger.open_sessions(same) == 1

@@ -40,6 +40,8 @@ class Identity:
     expires_at: float | None = None
     grant: str | None = None
     withheld_params: frozenset[str] = frozenset()
+    #: Sessions this identity may hold open at once (its mapping rule's ``max_connections``).
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,13 @@ class RoleRule(BaseModel):
         default_factory=lambda: ["*"],
         description="Databases these roles may open (`*`: any).",
     )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Sessions each identity this rule matches may hold open at once, all "
+        "workers together (FATAL 53300 past it); with max_connections_per_identity, the "
+        "lower applies.",
+    )
 
     @model_validator(mode="after")
     def _allow_has_roles(self) -> RoleRule:

@@ -43,9 +43,9 @@ _REGION: Final = _TOTAL.size + SLOTS * _SLOT.size
 
 
 def identity_key(identity: Identity) -> str:
-    """What one caller is, for counting: its issuer (tokens) and its name."""
-    issuer = identity.attributes.get("issuer", "")
-    return f"{issuer}\0{identity.name}"
+    """What one caller is, for counting: its token's issuer and subject, or its name."""
+    attributes = identity.attributes
+    return f"{attributes.get('issuer', '')}\0{attributes.get('subject') or identity.name}"
 
 
 def _hash(key: str) -> int:
@@ -69,7 +69,8 @@ class SessionLedger:
     ) -> SessionLedger | None:
         """The ledger ``settings`` ask for (for all their workers), or None without limits."""
         limits = (settings.max_client_connections, settings.max_connections_per_identity)
-        if limits == (None, None):
+        rules = settings.identity.rules if settings.identity is not None else []
+        if limits == (None, None) and all(rule.max_connections is None for rule in rules):
             return None
         return cls(
             settings.workers,
@@ -134,11 +135,13 @@ class SessionLedger:
                     mine += _SLOT.unpack_from(self._map, found)[1]
             if self.max_total is not None and total >= self.max_total:
                 raise GatewayError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
-            if self.max_per_identity is not None and mine >= self.max_per_identity:
+            limits = [self.max_per_identity, identity.max_connections]
+            limit = min((n for n in limits if n is not None), default=None)
+            if limit is not None and mine >= limit:
                 raise GatewayError(
                     errors.TOO_MANY_CONNECTIONS,
                     f'too many connections for identity "{identity.name}" '
-                    f"(max_connections_per_identity is {self.max_per_identity})",
+                    f"(at most {limit} at once)",
                 )
             region = self.worker_index * _REGION
             slot = self._find(region, key_hash, insert=True)

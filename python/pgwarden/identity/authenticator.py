@@ -142,6 +142,7 @@ class OidcAuthenticator:
             expires_at=expires_at,
             grant=grant_id,
             withheld_params=withheld,
+            max_connections=decision.max_connections,
         )
 
     def _refused(self, request: AuthRequest, exc: Refusal, who: TokenIdentity | None) -> None:

@@ -41,6 +41,7 @@ class RoleDecision:
     database: str
     rule: str | None  # name (or index) of the rule that allowed it
     grant: Grant | None  # the grant that allowed it
+    max_connections: int | None = None  # the matching rule's limit on open sessions
 
 
 def _any_match(value: str | None, patterns: Sequence[str], *, fold: bool = False) -> bool:
@@ -133,9 +134,13 @@ class RoleMapper:
                     f"role {requested_role!r} is not allowed for this identity",
                     rule=matched[0] if matched else None,
                 )
+        # The rule the identity matched limits its sessions, whatever offer wins.
+        limit = matched[1].max_connections if matched is not None else None
         for role, databases, rule_name, grant in offers:
             if _allows_database(databases, database):
-                return RoleDecision(role=role, database=database, rule=rule_name, grant=grant)
+                return RoleDecision(
+                    role=role, database=database, rule=rule_name, grant=grant, max_connections=limit
+                )
         raise MappingRefused(
             "database_not_allowed",
             f"database {database!r} is not allowed for this identity",
