@@ -188,6 +188,30 @@ action = "allow"
         parse_policy(b'[[rule]]\nname = "r"\naction = "deny"\ntables = [\'public."T"\']\n')
 
 
+def test_function_patterns_deny_in_any_letter_case_and_allow_exactly() -> None:
+    policy = """
+[[rule]]
+name = "no file reads"
+functions = ["PG_READ_FILE"]
+action = "deny"
+[[rule]]
+name = "reports"
+statements = ["read"]
+functions = ["count", "report_*"]
+action = "allow"
+"""
+    for sql in ["select pg_read_file('x')", "select \"pg_read_file\"('x')"]:
+        assert _decide(policy, sql).rule == "no file reads", sql
+    assert _decide(policy, "select count(*), report_total(1) from t").allowed
+    # "Report_total" (quoted) is another function than report_total: not covered.
+    assert not _decide(policy, 'select "Report_total"(1)').allowed
+    for pattern in ("pg_catalog.pg_read_file", '\\"Count\\"'):
+        with pytest.raises(PolicyError, match="without schema or quotes"):
+            parse_policy(
+                f'[[rule]]\nname = "r"\naction = "deny"\nfunctions = ["{pattern}"]\n'.encode()
+            )
+
+
 def test_default_allow_and_fast_path_calls() -> None:
     policy = 'default = "allow"\n[[rule]]\nname = "no code"\nstatements = ["code"]\naction = "deny"'
     engine = PolicyEngine(parse_policy(policy.encode()))

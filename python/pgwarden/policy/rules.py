@@ -110,8 +110,9 @@ class Rule(Named):
     )
     functions: tuple[str, ...] | None = Field(
         default=None,
-        description="Functions called, by name (glob patterns); unset: whatever is called. "
-        "A deny rule matches when any call matches, an allow rule when every one does.",
+        description="Functions called, by name without schema (glob patterns); unset: "
+        "whatever is called. A deny rule matches when any call matches (in any letter case), "
+        "an allow rule when every one does (exactly).",
     )
     message: str | None = Field(
         default=None, description="A hint added to the error of a statement this rule refuses."
@@ -125,6 +126,19 @@ class Rule(Named):
                 raise ValueError(
                     f"{pattern!r}: table patterns are globs over names as the catalog "
                     'stores them, without quotes (public.Customer for public."Customer")'
+                )
+        return value
+
+    @field_validator("functions")
+    @classmethod
+    def _functions(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for pattern in value or ():
+            if '"' in pattern or "." in pattern or not pattern:
+                # A call is known by its last name only (an unqualified one resolves through
+                # the caller's search_path): a schema in the pattern would never match.
+                raise ValueError(
+                    f"{pattern!r}: function patterns are globs over a function's name, "
+                    "without schema or quotes (pg_read_file, not pg_catalog.pg_read_file)"
                 )
         return value
 
@@ -159,7 +173,7 @@ class Rule(Named):
             return False
         return self.functions is None or _covered(
             [
-                any(fnmatchcase(f.lower(), p.lower()) for p in self.functions)
+                any(function_matches(f, p, deny=not every) for p in self.functions)
                 for f in statement.functions
             ],
             every,
@@ -169,6 +183,15 @@ class Rule(Named):
 def _covered(hits: list[bool], every: bool) -> bool:
     """An allow rule needs every relation (or call) matched, a deny rule any one."""
     return all(hits) if every else any(hits)
+
+
+def function_matches(function: str, pattern: str, *, deny: bool) -> bool:
+    """Whether a function the statement calls (its name as the catalog has it: unquoted
+    names folded to lower case) matches a pattern: exactly for an allow rule, whatever the
+    letter case for a deny rule (``PG_READ_FILE`` in a deny rule refuses pg_read_file)."""
+    if deny:
+        return fnmatchcase(function.lower(), pattern.lower())
+    return fnmatchcase(function, pattern)
 
 
 def table_matches(table: str, pattern: str, *, deny: bool) -> bool:
