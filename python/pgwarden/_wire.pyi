@@ -253,6 +253,10 @@ class SessionCodec:
     @property
     def audit_dropped(self) -> int:
         """Audit records this session could not store (relaxed audit only)."""
+    @property
+    def counters(self) -> tuple[int, int, int]:
+        """``(statements, client bytes, server bytes)`` relayed so far: Query, Execute and
+        FunctionCall messages, and the bytes received from each side."""
 
 # --- audit spool -------------------------------------------------------------------
 

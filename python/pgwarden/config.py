@@ -652,6 +652,11 @@ class Settings(BaseSettings):
         description="Sessions one caller (issuer and identity name) holds open at once, all "
         "workers together; more are refused with FATAL 53300. Unset: no such limit.",
     )
+    metrics_listen: str | None = Field(
+        default=None,
+        description="host:port where worker 0 serves Prometheus metrics at /metrics (every "
+        "worker's figures and the audit trail's; docs/operations.md); unset: no endpoint.",
+    )
     memory_trim_seconds: float = Field(
         default=10.0,
         ge=0,
@@ -667,6 +672,16 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Gateway log verbosity (logs go to stderr)."
     )
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port (127.0.0.1:9187, [::1]:9187)")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

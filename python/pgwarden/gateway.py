@@ -22,6 +22,7 @@ from pgwarden.cancel import CancelForwarder, CancelRegistry
 from pgwarden.client_auth import ClientAuthenticator, StaticPasswordAuthenticator
 from pgwarden.config import Settings
 from pgwarden.hooks import ClientEventHook, SessionObserver
+from pgwarden.metrics import MetricsBoard, WorkerMetrics
 from pgwarden.session import Session
 from pgwarden.session_limits import SessionLedger
 from pgwarden.statement_log import StatementLog
@@ -46,6 +47,7 @@ class Gateway:
         authenticator: ClientAuthenticator | None = None,
         client_event_hook: ClientEventHook | None = None,
         ledger: SessionLedger | None = None,
+        metrics_board: MetricsBoard | None = None,
     ) -> None:
         self.settings = settings
         self.worker_index = worker_index
@@ -54,6 +56,9 @@ class Gateway:
         self.ledger = ledger if ledger is not None else SessionLedger.for_settings(settings)
         if self.ledger is not None:
             self.ledger.worker_index = worker_index
+        # Figures for metrics_listen: on a board the supervisor shares, or this process's.
+        board = metrics_board if metrics_board is not None else MetricsBoard.for_settings(settings)
+        self.metrics = WorkerMetrics(board, self, worker_index) if board is not None else None
         self.server_tls: ssl.SSLContext | None = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             self.server_tls = tls.server_context(settings.tls_cert_file, settings.tls_key_file)

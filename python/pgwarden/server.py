@@ -26,6 +26,7 @@ from pgwarden.cancel import CancelForwarder
 from pgwarden.config import Settings
 from pgwarden.gateway import Gateway
 from pgwarden.memory import HeapTrimmer, raise_open_file_limit
+from pgwarden.metrics import MetricsBoard, MetricsServer
 from pgwarden.session_limits import SessionLedger
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ async def serve(
     on_ready: Callable[[], None] | None = None,
     gateway: Gateway | None = None,
     ledger: SessionLedger | None = None,
+    metrics_board: MetricsBoard | None = None,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
     """Serve until a stop signal, then drain: the coroutine a worker process runs.
@@ -128,7 +130,11 @@ async def serve(
     """
     if gateway is None:
         gateway = Gateway(
-            settings, worker_index=worker_index, cancel_forwarder=cancel_forwarder, ledger=ledger
+            settings,
+            worker_index=worker_index,
+            cancel_forwarder=cancel_forwarder,
+            ledger=ledger,
+            metrics_board=metrics_board,
         )
     # The SIGHUP handler is in place before the statement log opens its file: a rotation
     # can never fall between the two unnoticed.
@@ -146,6 +152,10 @@ async def serve(
                 await services.start(gateway.identity.run)
             if gateway.mask_watch is not None:
                 await services.start(gateway.mask_watch.run)
+            if gateway.metrics is not None:
+                await services.start(gateway.metrics.run)
+                if worker_index == 0:
+                    await services.start(MetricsServer(gateway.metrics.board, settings).serve)
             if settings.memory_trim_seconds > 0:
                 trimmer = HeapTrimmer(settings.memory_trim_seconds, lambda: gateway.sessions_ended)
                 await services.start(trimmer.run)
@@ -242,6 +252,7 @@ def run_worker(
     runtime_dir: Path | None = None,
     on_ready: Callable[[], None] | None = None,
     ledger: SessionLedger | None = None,
+    metrics_board: MetricsBoard | None = None,
 ) -> None:
     """Run one gateway process's event loop until it has drained.
 
@@ -272,6 +283,7 @@ def run_worker(
             cancel_forwarder=forwarder,
             on_ready=on_ready,
             ledger=ledger,
+            metrics_board=metrics_board,
             stop_signals=stop_signals,
         )
 

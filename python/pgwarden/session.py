@@ -128,6 +128,11 @@ class Session:
         else:
             self.terminate(errors.ADMIN_SHUTDOWN, errors.ADMIN_SHUTDOWN_MESSAGE)
 
+    @property
+    def relay(self) -> Relay | None:
+        """The session's relay while it runs (None before, and once the session ended)."""
+        return self._relay
+
     def send_to_client(self, data: bytes) -> None:
         """Write protocol messages to the client during the relay (for event hooks)."""
         if self._relay is not None:
@@ -183,6 +188,8 @@ class Session:
             except GatewayError as exc:
                 log.info("session %s: refused: %s", self.id, exc)
                 self._audit_refused(exc.sqlstate, exc.message)
+                if self.gateway.metrics is not None:
+                    self.gateway.metrics.connection_refused(exc.sqlstate)
                 observer = self.gateway.session_observer
                 if observer is not None:
                     observer.session_refused(self, exc)
@@ -369,6 +376,8 @@ class Session:
         self._client = None
         self._upstream = None
         log.debug("session %s: relaying for %s", self.id, self.identity)
+        if gateway.metrics is not None:
+            gateway.metrics.session_started()
         if gateway.session_observer is not None:
             self._observed = True
             gateway.session_observer.session_started(self)
@@ -435,6 +444,12 @@ class Session:
         relay = self._relay
         if relay is not None:
             relay.flush_records()  # Relay.wait() already closed or aborted both transports
+            if self.gateway.metrics is not None:
+                self.gateway.metrics.session_ended(relay.codec.counters)
+            # The relay points back at this session: let go of it, so that both go when
+            # their last reference does rather than at the next full garbage collection
+            # (and the metrics count its figures as ended, not as open, from here on).
+            self._relay = None
         else:
             if self._upstream is not None:
                 self._upstream.stream.abort()
@@ -460,6 +475,3 @@ class Session:
                     )
                 except Exception as exc:
                     log.debug("session %s: cancel after termination failed: %s", self.id, exc)
-        # The relay points back at this session: let go of it, so that both go when their
-        # last reference does rather than at the next full garbage collection.
-        self._relay = None

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pgwarden.cancel import default_runtime_dir, ensure_runtime_dir
 from pgwarden.config import Settings
+from pgwarden.metrics import MetricsBoard
 from pgwarden.server import bind_listeners, format_address, run_worker
 from pgwarden.session_limits import SessionLedger
 from pgwarden.signals import GATEWAY_SIGNALS
@@ -48,6 +49,7 @@ def _worker_main(
     runtime_dir: Path,
     ready_fd: int | None,
     ledger: SessionLedger | None,
+    metrics_board: MetricsBoard | None,
 ) -> int:
     # A SIGHUP forwarded before this worker's loop handles it must not end the worker (its
     # default action); the statement log it has yet to open is opened by its current name.
@@ -78,6 +80,7 @@ def _worker_main(
             runtime_dir=runtime_dir,
             on_ready=ready,
             ledger=ledger,
+            metrics_board=metrics_board,
         )
     except Exception:
         log.exception("worker %d failed", index)
@@ -96,6 +99,7 @@ class _Supervisor:
         self.close_in_child: list[int] = []  # supervisor-only descriptors
         # Made before any worker is forked, so that they all share it.
         self.ledger = SessionLedger.for_settings(settings, runtime_dir / "sessions.lock")
+        self.metrics_board = MetricsBoard.for_settings(settings)
 
     def spawn(self, index: int, ready_fd: int | None) -> None:
         sys.stdout.flush()
@@ -108,7 +112,13 @@ class _Supervisor:
                     os.close(fd)
             try:
                 code = _worker_main(
-                    self.settings, index, self.port, self.runtime_dir, ready_fd, self.ledger
+                    self.settings,
+                    index,
+                    self.port,
+                    self.runtime_dir,
+                    ready_fd,
+                    self.ledger,
+                    self.metrics_board,
                 )
             finally:
                 logging.shutdown()
@@ -221,6 +231,8 @@ def _supervise_loop(supervisor: _Supervisor) -> int:
             log.error("worker %d exited unexpectedly (status %d); restarting", index, code)
             if supervisor.ledger is not None:
                 supervisor.ledger.forget_worker(index)  # its sessions ended with it
+            if supervisor.metrics_board is not None:
+                supervisor.metrics_board.forget_worker(index)
             elapsed = time.monotonic() - supervisor.started_at.get(index, 0.0)
             delay = _RESTART_BACKOFF_SECONDS if elapsed < _RESTART_BACKOFF_SECONDS else 0.0
             pending_restarts[index] = time.monotonic() + delay

@@ -244,4 +244,11 @@ impl SessionCodec {
     fn server_bytes_owed(&self) -> usize {
         self.inner.server_bytes_owed()
     }
+
+    /// `(statements, client bytes, server bytes)` relayed so far.
+    #[getter]
+    fn counters(&self) -> (u64, u64, u64) {
+        let c = self.inner.counters();
+        (c.statements, c.client_bytes, c.server_bytes)
+    }
 }

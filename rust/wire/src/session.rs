@@ -73,6 +73,18 @@ pub struct SessionCodec {
     /// The portal the client's last message described (Describe of a portal), if it was
     /// one: an Execute of it right after needs no Describe from the gateway.
     described_portal: Option<Box<[u8]>>,
+    counters: Counters,
+}
+
+/// What a session has relayed so far, for the gateway's metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Statements the client sent: Query, Execute and FunctionCall messages (a Query with
+    /// several statements counts once, as one round trip).
+    pub statements: u64,
+    /// Bytes received from the client and from the server.
+    pub client_bytes: u64,
+    pub server_bytes: u64,
 }
 
 impl SessionCodec {
@@ -98,7 +110,13 @@ impl SessionCodec {
             emit_client_events: config.client_events,
             max_param_bytes: config.max_param_bytes,
             described_portal: None,
+            counters: Counters::default(),
         }
+    }
+
+    /// What the session has relayed so far.
+    pub fn counters(&self) -> Counters {
+        self.counters
     }
 
     /// Installs (or removes) the DataRow rewrite hook.
@@ -118,6 +136,7 @@ impl SessionCodec {
         self.client_out.reset();
         self.client_events.clear();
         self.clock.reset();
+        self.counters.client_bytes += input.len() as u64;
         let mut handler = ClientHandler {
             tracker: &mut self.tracker,
             names: &mut self.names,
@@ -127,6 +146,7 @@ impl SessionCodec {
             max_param_bytes: self.max_param_bytes,
             masking: self.masker.is_some(),
             described_portal: &mut self.described_portal,
+            statements: &mut self.counters.statements,
         };
         let r = self
             .client
@@ -151,6 +171,7 @@ impl SessionCodec {
         self.server_out.reset();
         self.server_events.clear();
         self.clock.reset();
+        self.counters.server_bytes += input.len() as u64;
         // Messages are held (explicit forwarding) for a masker, or while a refused
         // statement's answer is due: it is replaced.
         let holding = self.masker.is_some() || self.tracker.refusals_pending();
@@ -243,6 +264,7 @@ struct ClientHandler<'a> {
     /// A row masker needs the text each Describe and Execute refers to.
     masking: bool,
     described_portal: &'a mut Option<Box<[u8]>>,
+    statements: &'a mut u64,
 }
 
 impl ClientHandler<'_> {
@@ -258,6 +280,12 @@ impl ClientHandler<'_> {
         start: usize,
         end: usize,
     ) -> Result<Option<Vec<u8>>> {
+        if matches!(
+            tag,
+            frontend::tag::QUERY | frontend::tag::EXECUTE | frontend::tag::FUNCTION_CALL
+        ) {
+            *self.statements += 1;
+        }
         match self.forwarded(tag, body, start, end) {
             Ok(replacement) => Ok(replacement),
             Err(e @ WireError::Malformed { .. }) => match refusal::non_utf8_statement(tag, body) {

@@ -1026,3 +1026,30 @@ fn the_gateways_describe_answers_nodata_and_errors_as_the_execute_would() {
     let records = String::from_utf8(codec.take_records()).unwrap();
     assert!(records.contains("34000"), "{records}");
 }
+
+#[test]
+fn counters_count_statements_and_bytes_in_any_chunking() {
+    for config in [SessionConfig::default(), recording()] {
+        let mut codec = SessionCodec::new(config);
+        let client = cat(&[
+            query("SELECT 1; SELECT 2"),
+            parse("s", "SELECT $1"),
+            bind("", "s", &[], &[Some(b"7")]),
+            execute("", 0),
+            sync(),
+            function_call(1598, &[]),
+            copy_data(b"ignored"),
+        ]);
+        let server = cat(&[command_complete("SELECT 1"), ready(b'I')]);
+        // One byte at a time: a message counts once, when it is whole.
+        let pieces: Vec<&[u8]> = client.chunks(1).collect();
+        let mut c = Outcome::default();
+        feed_client_chunks(&mut codec, &pieces, &mut c);
+        let mut s = Outcome::default();
+        feed_server_chunks(&mut codec, &[&server], &mut s);
+        let counters = codec.counters();
+        assert_eq!(counters.statements, 3, "Query, Execute, FunctionCall");
+        assert_eq!(counters.client_bytes, client.len() as u64);
+        assert_eq!(counters.server_bytes, server.len() as u64);
+    }
+}
