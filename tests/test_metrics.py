@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +17,16 @@ import psycopg
 import pydantic
 import pytest
 
-from harness import GatewayProcess, StartGateway, find_free_port, wait_until
+from harness import (
+    GatewayLauncher,
+    GatewayProcess,
+    StartGateway,
+    find_free_port,
+    gateway_command,
+    gateway_environment,
+    settings_env,
+    wait_until,
+)
 from pgwarden.config import Settings
 
 POLICY = """
@@ -124,3 +135,24 @@ def _refused_login(gateway: GatewayProcess) -> None:
 def test_a_metrics_address_that_is_not_host_port_is_refused(listen: str) -> None:
     with pytest.raises(pydantic.ValidationError, match="is not host:port"):
         Settings(metrics_listen=listen)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_metrics_address_in_use_stops_the_gateway_with_the_reason(
+    gateway_launcher: GatewayLauncher, workers: int
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = {**gateway_launcher.default_settings(), "workers": workers}
+        settings["metrics_listen"] = listen
+        result = subprocess.run(
+            gateway_command("serve"),
+            env=gateway_environment(settings_env(settings)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot serve metrics on {listen}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

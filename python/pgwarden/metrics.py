@@ -17,10 +17,12 @@ pays nothing for them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import mmap
 import os
+import socket
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -244,68 +246,69 @@ def split_address(listen: str) -> tuple[str, int]:
     return host, number
 
 
-_MAX_REQUEST_HEAD: Final = 8192
 _REQUEST_TIMEOUT: Final = 5.0
 _EXPOSITION: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def bind_metrics(listen: str) -> socket.socket:
+    """The metrics endpoint's listening socket, bound before the event loop starts: an
+    address in use is a clear start-up error (OSError naming it)."""
+    host, port = split_address(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve metrics on {listen}: {exc.strerror}") from exc
 
 
 class MetricsServer:
     """``GET /metrics`` over HTTP/1.1, one request per connection (worker 0)."""
 
-    def __init__(self, board: MetricsBoard, settings: Settings) -> None:
+    def __init__(self, board: MetricsBoard, settings: Settings, sock: socket.socket) -> None:
         self.board = board
         self.settings = settings
+        self.sock = sock
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        host, port = split_address(self.board.listen)
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-        async with listener:
+        server = await asyncio.start_server(self._answer, sock=self.sock)
+        async with server:
             log.info("metrics on http://%s/metrics", self.board.listen)
             task_status.started()
-            await listener.serve(self._answer)
+            await server.serve_forever()
 
-    async def _answer(self, stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            head = b""
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
             try:
-                with anyio.fail_after(_REQUEST_TIMEOUT):
-                    while b"\r\n\r\n" not in head and len(head) < _MAX_REQUEST_HEAD:
-                        head += await stream.receive(4096)
-            except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                async with asyncio.timeout(_REQUEST_TIMEOUT):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-                await self._send(stream, 405, "method not allowed\n", "text/plain")
-                return
-            if parts[1].split("?", 1)[0] != "/metrics":
-                await self._send(stream, 404, "not found: try /metrics\n", "text/plain")
-                return
-            body = await anyio.to_thread.run_sync(render, self.board, self.settings)
-            await self._send(
-                stream,
-                200,
-                body,
-                "text/plain; version=0.0.4; charset=utf-8",
-                head=parts[0] == "HEAD",
-            )
+                await _send(writer, 405, "method not allowed\n", "text/plain")
+            elif parts[1].split("?", 1)[0] != "/metrics":
+                await _send(writer, 404, "not found: try /metrics\n", "text/plain")
+            else:
+                body = await anyio.to_thread.run_sync(render, self.board, self.settings)
+                await _send(writer, 200, body, _EXPOSITION, head=parts[0] == "HEAD")
+        except OSError:
+            pass  # the scraper went away
+        finally:
+            writer.close()
 
-    @staticmethod
-    async def _send(
-        stream: anyio.abc.SocketStream,
-        status: int,
-        body: str,
-        content_type: str,
-        *,
-        head: bool = False,
-    ) -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[status]
-        data = body.encode()
-        response = (
+
+async def _send(
+    writer: asyncio.StreamWriter, status: int, body: str, content_type: str, *, head: bool = False
+) -> None:
+    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[status]
+    data = body.encode()
+    writer.write(
+        (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
-        ).encode() + (b"" if head else data)
-        with contextlib.suppress(anyio.BrokenResourceError, OSError):
-            await stream.send(response)
+        ).encode()
+        + (b"" if head else data)
+    )
+    await writer.drain()

@@ -26,7 +26,7 @@ from pgwarden.cancel import CancelForwarder
 from pgwarden.config import Settings
 from pgwarden.gateway import Gateway
 from pgwarden.memory import HeapTrimmer, raise_open_file_limit
-from pgwarden.metrics import MetricsBoard, MetricsServer
+from pgwarden.metrics import MetricsBoard, MetricsServer, bind_metrics
 from pgwarden.session_limits import SessionLedger
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ async def serve(
     gateway: Gateway | None = None,
     ledger: SessionLedger | None = None,
     metrics_board: MetricsBoard | None = None,
+    metrics_socket: socket.socket | None = None,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
     """Serve until a stop signal, then drain: the coroutine a worker process runs.
@@ -154,8 +155,9 @@ async def serve(
                 await services.start(gateway.mask_watch.run)
             if gateway.metrics is not None:
                 await services.start(gateway.metrics.run)
-                if worker_index == 0:
-                    await services.start(MetricsServer(gateway.metrics.board, settings).serve)
+                if metrics_socket is not None:
+                    endpoint = MetricsServer(gateway.metrics.board, settings, metrics_socket)
+                    await services.start(endpoint.serve)
             if settings.memory_trim_seconds > 0:
                 trimmer = HeapTrimmer(settings.memory_trim_seconds, lambda: gateway.sessions_ended)
                 await services.start(trimmer.run)
@@ -270,6 +272,12 @@ def run_worker(
     # it (before the loop starts, and after it removed its handler on the way out).  A file
     # opened after an ignored SIGHUP is opened by its current name anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Worker 0 serves the metrics; bound here, so that an address in use stops it at once.
+    metrics_socket = (
+        bind_metrics(settings.metrics_listen)
+        if settings.metrics_listen is not None and worker_index == 0
+        else None
+    )
     previous, soft = raise_open_file_limit()
     if soft != previous:
         log.debug("open-file limit raised from %d to %d", previous, soft)
@@ -284,6 +292,7 @@ def run_worker(
             on_ready=on_ready,
             ledger=ledger,
             metrics_board=metrics_board,
+            metrics_socket=metrics_socket,
             stop_signals=stop_signals,
         )
 
@@ -291,6 +300,8 @@ def run_worker(
         anyio.run(main, backend=backend, backend_options=options)
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if metrics_socket is not None:
+            metrics_socket.close()
 
 
 def run(settings: Settings) -> int:

@@ -82,6 +82,9 @@ def _worker_main(
             ledger=ledger,
             metrics_board=metrics_board,
         )
+    except OSError as exc:  # an address in use (the metrics endpoint), and the like
+        log.error("worker %d: %s", index, exc)
+        return 1
     except Exception:
         log.exception("worker %d failed", index)
         return 1
