@@ -1,9 +1,11 @@
 """How many sessions the gateway holds open, in all and per identity, across its workers.
 
 ``max_client_connections`` bounds the sessions of the whole gateway, and
-``max_connections_per_identity`` those of one caller: an agent that opens connections in a
-loop gets ``FATAL 53300`` from the gateway instead of taking every backend PostgreSQL has
-(``max_connections``) from everyone else.  A session counts from the moment its caller is
+``max_connections_per_identity`` (or the ``max_connections`` of the identity mapping rule
+a caller matched, the lower of the two) those of one caller, known by its token's issuer
+and subject: an agent that opens connections in a loop gets ``FATAL 53300`` from the
+gateway instead of taking every backend PostgreSQL has (``max_connections``) from
+everyone else.  A session counts from the moment its caller is
 authenticated until it ends; connections still in TLS or authentication do not (they are
 bounded by ``startup_timeout_seconds``).
 
