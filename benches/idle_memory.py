@@ -294,7 +294,10 @@ def report(results: list[Result]) -> str:
             per = r.per_session
             ratio = ""
             if bouncer is not None and r.target not in (DIRECT, PGBOUNCER):
-                ratio = f"{per.pss / max(bouncer.per_session.pss, 1):,.1f}x"
+                # Below half a KiB per session pgbouncer's growth is within its preallocated
+                # slabs (a few hundred sessions): no ratio to speak of.
+                base = bouncer.per_session.pss
+                ratio = f"{per.pss / base:,.1f}x" if base >= KIB // 2 else "n/a"
             lines.append(
                 f"{r.target + (' (server)' if r.target == DIRECT else ''):<17} "
                 + " ".join(
