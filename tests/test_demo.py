@@ -8,11 +8,12 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from harness import gateway_command, gateway_environment, run_tool
+from harness import gateway_command, gateway_environment, run_tool, wait_until
 
 
 @pytest.mark.slow
@@ -72,6 +73,11 @@ def test_demo_walkthrough() -> None:
             env,
         )
         assert result.stdout.strip() == "****", result.stdout
+        # The metrics endpoint counts what the walkthrough did (published once a second):
+        # the DROP, the read around the mask and the role change were refused.
+        url = re.search(r"curl -s (http://\S+/metrics)", text)
+        assert url, text
+        assert wait_until(lambda: _refused_statements(url.group(1)) >= 3, 10)
         directory = log_path.parent
     finally:
         process.send_signal(signal.SIGINT)
@@ -79,3 +85,11 @@ def test_demo_walkthrough() -> None:
     assert process.returncode == 0, rest
     assert "cleaned up" in rest
     assert not directory.exists()
+
+
+def _refused_statements(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        scrape = response.read().decode()
+    found = re.search(r'^pgwarden_statements_refused_total\{worker="0"\} (\d+)$', scrape, re.M)
+    assert found, scrape
+    return int(found.group(1))

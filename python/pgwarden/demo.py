@@ -147,6 +147,7 @@ class DemoEnvironment:
 
     cluster: TemporaryCluster
     gateway_port: int
+    metrics_port: int = field(default_factory=lambda: find_free_port("127.0.0.1"))
     upstream_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     issuer: DevIssuer | None = None
     client_token: str = ""
@@ -299,6 +300,7 @@ def gateway_config(env: DemoEnvironment) -> dict[str, object]:
         "tls_key_file": env.tls_key_file,
         "statement_log": str(env.statement_log),
         "policy_file": str(env.policy_file),
+        "metrics_listen": f"127.0.0.1:{env.metrics_port}",
         "audit": {
             "directory": str(env.audit_dir),
             "exporter": "console",
@@ -326,6 +328,8 @@ def gateway_config(env: DemoEnvironment) -> dict[str, object]:
                     "groups": [DEMO_GROUP],
                     "roles": [UPSTREAM_ROLE],
                     "databases": [DEMO_DATABASE],
+                    # One caller cannot take every backend: past it, FATAL 53300.
+                    "max_connections": 10,
                 }
             ],
             "roles": [{"name": UPSTREAM_ROLE, "password_file": str(env.upstream_password_file)}],
@@ -504,6 +508,10 @@ by the console exporter, one JSON span per line; an OTLP endpoint in production)
     tail -f {env.audit_spans}
     pgwarden audit verify {env.audit_dir} --config {env.config_file}
     pgwarden replay SESSION_ID --config {env.config_file}    (pgwarden.session.id of a span)
+
+Prometheus metrics (sessions, statements, refusals, bytes, the audit backlog):
+
+    curl -s http://127.0.0.1:{env.metrics_port}/metrics | grep -v '^#'
 
 Gateway config: {env.config_file}
 Gateway log:    {env.gateway_log}
