@@ -175,6 +175,16 @@ class IssuerSettings(BaseModel):
         return self.hs_secret.get_secret_value().encode() if self.hs_secret is not None else None
 
 
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) as ``(host, port)``; ValueError when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port (127.0.0.1:9187, [::1]:9187)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
 class RoleRule(BaseModel):
     """A role-mapping rule: conditions on the identity, and the roles and databases it gets."""
 
@@ -676,11 +686,8 @@ class Settings(BaseSettings):
     @field_validator("metrics_listen")
     @classmethod
     def _metrics_listen(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-            raise ValueError(f"{value!r} is not host:port (127.0.0.1:9187, [::1]:9187)")
+        if value is not None:
+            split_host_port(value)
         return value
 
     @model_validator(mode="after")

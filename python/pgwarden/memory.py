@@ -57,24 +57,21 @@ class HeapTrimmer:
         self._sessions_ended = sessions_ended
         self._seen = sessions_ended()
         self._trim = _malloc_trim()
-        self.trims = 0
 
-    def trim_if_sessions_ended(self) -> bool:
-        """Trims when a session ended since the last call; True if it did."""
+    def trim_if_sessions_ended(self) -> None:
+        """Trims when a session ended since the last call."""
         ended = self._sessions_ended()
         if ended == self._seen or self._trim is None:
-            return False
+            return
         self._seen = ended
         started = time.perf_counter()
         released = self._trim(0)
-        self.trims += 1
         log.debug(
             "%d ended session(s) so far: heap trimmed in %.1f ms (%s)",
             ended,
             (time.perf_counter() - started) * 1000,
             "memory released" if released else "nothing to release",
         )
-        return True
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

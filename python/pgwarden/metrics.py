@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import anyio.abc
 
-from pgwarden.config import Settings
+from pgwarden.config import Settings, split_host_port
+from pgwarden.statement_gate import StatementGate
 
 if TYPE_CHECKING:
     from pgwarden.gateway import Gateway
@@ -130,7 +131,7 @@ class WorkerMetrics:
             for i, value in enumerate(relay.codec.counters):
                 live[i] += value
         hook = self.gateway.client_event_hook
-        refused = getattr(hook, "refused", 0)
+        refused = hook.refused if isinstance(hook, StatementGate) else 0
         statements, client_bytes, server_bytes = (
             a + b for a, b in zip(live, self._ended, strict=True)
         )
@@ -138,7 +139,7 @@ class WorkerMetrics:
             open_sessions,
             self.sessions_total,
             statements,
-            refused if isinstance(refused, int) else 0,
+            refused,
             client_bytes,
             server_bytes,
             _resident_bytes(),
@@ -233,19 +234,6 @@ def _audit_lines(settings: Settings) -> list[str]:
     return lines
 
 
-def split_address(listen: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port``) as a pair; ValueError when it is not one."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{listen!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    number = int(port)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"{listen!r}: port out of range")
-    return host, number
-
-
 _REQUEST_TIMEOUT: Final = 5.0
 _EXPOSITION: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -253,7 +241,7 @@ _EXPOSITION: Final = "text/plain; version=0.0.4; charset=utf-8"
 def bind_metrics(listen: str) -> socket.socket:
     """The metrics endpoint's listening socket, bound before the event loop starts: an
     address in use is a clear start-up error (OSError naming it)."""
-    host, port = split_address(listen)
+    host, port = split_host_port(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family)
